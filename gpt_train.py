@@ -19,9 +19,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -289,6 +289,22 @@ def get_tokenizer():
     )
 
 
+def encode_documents(texts: list[str], tokenizer=None, num_threads: int | None = None) -> np.ndarray:
+    """Token ids of several documents as one uint16 stream, each followed by <|endoftext|>.
+    <|endoftext|> inside a text separates documents too; no other special token is recognised."""
+    tokenizer = tokenizer or get_tokenizer()
+    docs = [d for t in texts for d in t.split(EOT_TOKEN) if d]
+    encoded = tokenizer.encode_ordinary_batch(docs, num_threads=num_threads or os.cpu_count() or 1)
+    eot = tokenizer.eot_token
+    out = np.empty(sum(len(e) + 1 for e in encoded), dtype=np.uint16)  # GPT-2's 50257 ids fit in 16 bits
+    i = 0
+    for e in encoded:
+        out[i : i + len(e)] = e
+        out[i + len(e)] = eot
+        i += len(e) + 1
+    return out
+
+
 def text_to_token_ids(text: str, tokenizer) -> torch.Tensor:
     return torch.tensor(tokenizer.encode(text, allowed_special={EOT_TOKEN})).unsqueeze(0)  # (1, T)
 
@@ -339,7 +355,8 @@ def create_dataloader(text_or_dataset, batch_size=4, context_length=256, stride=
     ds = text_or_dataset
     if isinstance(ds, str):
         ds = TokenWindowDataset.from_text(ds, tokenizer or get_tokenizer(), context_length, stride)
-    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, num_workers=num_workers,
+    # An empty dataset gets an (empty) sequential loader, so the loss functions can say what is wrong.
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle and len(ds) > 0, drop_last=drop_last, num_workers=num_workers,
                       generator=torch.Generator().manual_seed(seed))
 
 
@@ -583,6 +600,22 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on the 2-D matrices (linear weights and the tied embedding) only; biases and
+    LayerNorm gains/shifts are not decayed, as in GPT-2/3 training. The position embedding is 2-D and
+    decayed too, like nanoGPT."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # tied weights appear once
+    decay = [p for p in params.values() if p.dim() >= 2]
+    no_decay = [p for p in params.values() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_adamw(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95),
+               device: torch.device | None = None) -> torch.optim.AdamW:
+    fused = device is not None and device.type == "cuda"  # one kernel for all params: faster on GPU
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused or None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -909,6 +942,106 @@ def train_model(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Bat
     if hooks.checkpoint and state.step > 0:
         hooks.checkpoint(state)  # at the end, on a signal, and (last good weights) after bad steps
     return state
+
+
+def restore_training(ckpt: dict, model: nn.Module, optimizer=None, sampler: BatchSampler | None = None,
+                     load_optimizer: Callable[[dict], None] | None = None) -> TrainState:
+    """Put model, optimizer, data position and RNGs back to where the checkpoint left them."""
+    raw = unwrap_model(model)
+    check_config_matches(ckpt["config"], raw.cfg)
+    raw.load_state_dict(ckpt["model"])
+    if optimizer is not None and ckpt.get("optimizer") is not None:
+        try:
+            (load_optimizer or optimizer.load_state_dict)(ckpt["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"the checkpoint's optimizer state does not fit this optimizer ({str(e)[:100]}); "
+                                  "resume with the optimizer settings the run was started with")
+    if sampler is not None and ckpt.get("data") is not None:
+        sampler.load_state_dict(ckpt["data"])
+    restore_rng_state(ckpt["rng"])
+    return TrainState(step=ckpt["step"], tokens_seen=ckpt["tokens_seen"], history=ckpt["history"])
+
+
+def _main_printer(runtime: Runtime) -> Callable[[str], None]:
+    """print() on the main rank that does not break a live tqdm bar; silence on the others."""
+    if not runtime.is_main:
+        return lambda *a, **k: None
+    from tqdm.auto import tqdm
+    return tqdm.write
+
+
+def run_training(model: nn.Module, optimizer, runtime: Runtime, tcfg: TrainConfig,
+                 train_data: TokenWindowDataset, val_data: TokenWindowDataset | None, *, batch_size: int,
+                 seed: int, run_dir, keep_last: int = 3, resume: str | None = None, lr_fn=None,
+                 eval_iter: int = 10, sample_prompt: str = "Every effort moves you", sample_tokens: int = 50,
+                 log_sinks=(), extra: dict | None = None, save_optimizer=None, load_optimizer=None,
+                 peak_flops: float | None = None, on_resume: Callable[[dict], None] | None = None) -> dict:
+    """Everything around the loop that both scripts share: deterministic batches, resume, eval,
+    sampling, checkpoints, and the losses JSON + plot at the end. `model` may be DDP/compile-wrapped."""
+    raw = unwrap_model(model)
+    run_dir = Path(run_dir)
+    say = _main_printer(runtime)
+    batches = BatchSampler(train_data, batch_size, seed, runtime.rank, runtime.world_size)
+    manager = CheckpointManager(run_dir, keep_last, runtime.is_main)
+    state = TrainState()
+    if resume:
+        path = manager.latest() if resume == "auto" else Path(resume)
+        if path is None:
+            say(f"no checkpoint in {run_dir} yet: starting from scratch")
+        else:
+            ckpt = load_checkpoint(path)
+            state = restore_training(ckpt, raw, optimizer, batches, load_optimizer)
+            if on_resume:
+                on_resume(ckpt)
+            say(f"resumed from {path} at step {state.step} ({state.tokens_seen:,} tokens seen)")
+    if state.step >= tcfg.max_steps:
+        say(f"nothing to do: the run is already at step {state.step} of {tcfg.max_steps}")
+
+    eval_model = model.module if hasattr(model, "no_sync") else model  # evaluation needs no gradient sync
+    train_eval = create_dataloader(train_data, batch_size, shuffle=False, drop_last=True)
+    val_eval = create_dataloader(val_data, batch_size, shuffle=False, drop_last=False) if val_data is not None else None
+
+    def evaluate(st: TrainState):
+        if val_eval is None:
+            return
+        tl, vl = evaluate_model(eval_model, train_eval, val_eval, runtime.device, eval_iter, runtime.autocast())
+        st.record_eval(tl, vl)
+        say(f"eval step {st.step}: train loss {tl:.4f} | val loss {vl:.4f}")
+        for sink in log_sinks:
+            sink({"step": st.step, "val_loss": vl, "train_eval_loss": tl}, None)
+
+    tokenizer = get_tokenizer()
+
+    def sample(st: TrainState):
+        generate_and_print_sample(raw, tokenizer, runtime.device, sample_prompt, sample_tokens,
+                                  printer=lambda t: say(f"sample step {st.step}: {t}"))
+
+    saved: list[Path] = []
+
+    def checkpoint(st: TrainState):
+        if runtime.is_main:
+            opt_state = save_optimizer() if save_optimizer else None
+            ckpt = build_checkpoint(raw, optimizer, st, batches, extra, optimizer_state=opt_state)
+            saved.append(manager.save(ckpt))
+
+    hooks = TrainHooks(evaluate=evaluate, sample=sample, checkpoint=checkpoint, log=list(log_sinks))
+    if state.step == 0 and val_eval is not None and tcfg.eval_every:
+        evaluate(state)  # the starting point of the curve
+    state = train_model(model, optimizer, batches, runtime, tcfg, lr_fn, state, hooks, peak_flops)
+
+    result = {"state": state, "history": state.history, "checkpoint": saved[-1] if saved else None,
+              "run_dir": run_dir, "stop_reason": state.stop_reason}
+    if runtime.is_main:
+        h = state.history
+        result["losses"] = write_json(run_dir / "losses.json", h)
+        if h["step"]:
+            result["plot"] = plot_losses(h["step"], h["tokens_seen"], h["train_loss"], h["val_loss"],
+                                         run_dir / "loss_plot.png", val_steps=h["val_step"])
+        if saved:
+            say(f"checkpoint: {saved[-1]}")
+    if state.bad_steps >= tcfg.max_bad_steps:
+        raise UserError(f"training stopped: {state.stop_reason} (the last good weights are in {run_dir})")
+    return result
 
 
 def write_json(path, obj) -> Path:

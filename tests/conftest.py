@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny configs and corpora, and an offline environment for every test."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Nothing in the suite may wait on the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture
+def tiny_cfg():
+    import gpt_train as gt
+
+    return gt.get_config("debug", vocab_size=50257, context_length=16, emb_dim=32, n_heads=4, n_layers=2)
+
+
+@pytest.fixture(scope="session")
+def sample_books(tmp_path_factory):
+    """The four embedded Gutenberg books as raw files (exactly what --sample writes)."""
+    import prep_dataset
+
+    raw = tmp_path_factory.mktemp("raw")
+    paths = prep_dataset.write_embedded_sample(raw, log=lambda *a: None)
+    return raw, paths
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory, sample_books):
+    """A ~60 KB slice of a real cleaned book as a combined_1.txt folder: enough for a few hundred
+    debug-model windows, quick to tokenize."""
+    import prep_dataset
+
+    raw, paths = sample_books
+    text = prep_dataset.process_book(paths[0]).text
+    d = tmp_path_factory.mktemp("corpus")
+    (d / "combined_1.txt").write_text(text[:60000], encoding="utf-8")
+    return d
+
+
+def run_script(args, cwd, timeout=300, env_extra=None):
+    """Run one of the repo's scripts (args[0], relative to the repo root) as a user would."""
+    import subprocess
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
+    cmd = [sys.executable, str(ROOT / args[0]), *map(str, args[1:])]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

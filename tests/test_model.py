@@ -1,0 +1,163 @@
+import math
+
+import pytest
+import torch
+
+import gpt_train as gt
+
+GPT2_PARAMS = {  # tied parameter counts of OpenAI's GPT-2 checkpoints (biases included)
+    "124M": 124_439_808,
+    "355M": 354_823_168,
+    "774M": 774_030_080,
+    "1558M": 1_557_611_200,
+}
+
+
+@pytest.mark.parametrize("name,layers,dim,heads", [
+    ("124M", 12, 768, 12), ("355M", 24, 1024, 16), ("774M", 36, 1280, 20), ("1558M", 48, 1600, 25)])
+def test_gpt2_presets_shapes_and_counts(name, layers, dim, heads):
+    cfg = gt.get_config(name)
+    assert (cfg.n_layers, cfg.emb_dim, cfg.n_heads, cfg.context_length, cfg.vocab_size) == (layers, dim, heads, 1024, 50257)
+    with torch.device("meta"):  # no memory is spent on weights
+        model = gt.GPTModel(cfg)
+        logits = model(torch.zeros(2, 7, dtype=torch.long))
+    assert logits.shape == (2, 7, 50257)
+    counts = gt.count_parameters(model)
+    assert counts["tied"] == GPT2_PARAMS[name]
+    assert counts["untied"] == GPT2_PARAMS[name] + 50257 * dim
+    assert counts["non_embedding"] == GPT2_PARAMS[name] - 50257 * dim - 1024 * dim
+    assert model.lm_head.weight is model.wte.weight
+
+
+def test_untied_head_is_a_separate_matrix():
+    cfg = gt.get_config("debug", tie_embeddings=False)
+    model = gt.GPTModel(cfg)
+    assert model.lm_head.weight is not model.wte.weight
+    counts = gt.count_parameters(model)
+    assert counts["untied"] == sum(p.numel() for p in model.parameters())
+
+
+def test_aliases_and_bad_configs():
+    assert gt.get_config("gpt2-medium").n_layers == 24
+    with pytest.raises(gt.UserError, match="unknown model preset"):
+        gt.get_config("huge")
+    with pytest.raises(gt.UserError, match="not divisible"):
+        gt.get_config("debug", emb_dim=30, n_heads=4)
+
+
+def test_residual_projection_init_is_scaled():
+    torch.manual_seed(0)
+    cfg = gt.get_config("debug", emb_dim=256, n_heads=4, n_layers=8)
+    model = gt.GPTModel(cfg)
+    std = model.h[0].attn.c_proj.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(16)) < 0.001
+    assert abs(model.h[0].attn.c_attn.weight.std().item() - 0.02) < 0.002
+
+
+def test_too_long_input_is_refused(tiny_cfg):
+    model = gt.GPTModel(tiny_cfg)
+    with pytest.raises(ValueError, match="context_length"):
+        model(torch.zeros(1, tiny_cfg.context_length + 1, dtype=torch.long))
+
+
+def test_sdpa_and_explicit_attention_agree(tiny_cfg):
+    torch.manual_seed(0)
+    model = gt.GPTModel(tiny_cfg).eval()
+    x = torch.randint(0, tiny_cfg.vocab_size, (3, tiny_cfg.context_length))
+    flash = model(x)
+    model.set_flash(False)
+    explicit = model(x)
+    torch.testing.assert_close(flash, explicit, atol=1e-5, rtol=1e-5)
+    # and gradients
+    model.set_flash(True)
+    loss_a = gt.calc_loss_batch(x[:, :-1], x[:, 1:], model, "cpu")
+    ga = torch.autograd.grad(loss_a, model.h[0].attn.c_attn.weight)[0]
+    model.set_flash(False)
+    loss_b = gt.calc_loss_batch(x[:, :-1], x[:, 1:], model, "cpu")
+    gb = torch.autograd.grad(loss_b, model.h[0].attn.c_attn.weight)[0]
+    torch.testing.assert_close(ga, gb, atol=1e-6, rtol=1e-4)
+
+
+def test_attention_is_causal(tiny_cfg):
+    torch.manual_seed(0)
+    model = gt.GPTModel(tiny_cfg).eval()
+    x = torch.randint(0, tiny_cfg.vocab_size, (1, 10))
+    y = x.clone()
+    y[0, 7:] = (y[0, 7:] + 1) % tiny_cfg.vocab_size  # change only the future
+    torch.testing.assert_close(model(x)[0, :7], model(y)[0, :7])
+
+
+# Recorded from this model with torch 2.13 on CPU; a change here means init, attention or sampling changed.
+EXPECTED_GREEDY = [10452] * 6
+EXPECTED_SAMPLED = [30891, 34377, 49235, 259, 19855, 10933]
+
+
+def test_seeded_tiny_model_generates_fixed_tokens(tiny_cfg):
+    torch.manual_seed(123)
+    model = gt.GPTModel(tiny_cfg).eval()
+    tok = gt.get_tokenizer()
+    idx = gt.text_to_token_ids("Every effort moves you", tok)
+    out = gt.generate(model, idx, max_new_tokens=6)
+    assert out[0, :4].tolist() == [6109, 3626, 6100, 345]
+    assert out[0, 4:].tolist() == EXPECTED_GREEDY
+    g = torch.Generator().manual_seed(7)
+    sampled = gt.generate(model, idx, max_new_tokens=6, temperature=1.0, top_k=50, generator=g)
+    assert sampled[0, 4:].tolist() == EXPECTED_SAMPLED
+
+
+def test_generate_top_k_and_eos(tiny_cfg):
+    torch.manual_seed(0)
+    model = gt.GPTModel(tiny_cfg).eval()
+    idx = torch.tensor([[1, 2, 3]])
+    # With top_k=1, sampling at any temperature is greedy decoding.
+    greedy = gt.generate(model, idx, 5)
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(gt.generate(model, idx, 5, temperature=5.0, top_k=1, generator=g), greedy)
+    # Generation stops (without appending it) when the end-of-text id comes up.
+    eos_first = gt.generate(model, idx, 5, eos_id=int(greedy[0, 3]))
+    assert eos_first.shape[1] == 3
+    # Long prompts are cropped to the context.
+    long = torch.randint(0, 100, (1, tiny_cfg.context_length + 5))
+    assert gt.generate(model, long, 2).shape[1] == tiny_cfg.context_length + 7
+
+
+def test_tiny_model_overfits_a_short_text(tiny_cfg):
+    torch.manual_seed(0)
+    tok = gt.get_tokenizer()
+    text = "The quick brown fox jumps over the lazy dog. " * 20
+    loader = gt.create_dataloader(text, batch_size=4, context_length=tiny_cfg.context_length, tokenizer=tok)
+    model = gt.GPTModel(tiny_cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    start = gt.calc_loss_loader(loader, model, "cpu")
+    for _ in range(20):
+        for x, y in loader:
+            loss = gt.calc_loss_batch(x, y, model, "cpu")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    end = gt.calc_loss_loader(loader, model, "cpu")
+    assert start > 10.0
+    assert end < 1.0
+
+
+def test_empty_loader_is_an_error(tiny_cfg):
+    loader = gt.create_dataloader("too short", batch_size=2, context_length=tiny_cfg.context_length)
+    assert len(loader) == 0
+    with pytest.raises(gt.UserError, match="empty data loader"):
+        gt.calc_loss_loader(loader, gt.GPTModel(tiny_cfg), "cpu")
+
+
+def test_weight_decay_groups(tiny_cfg):
+    model = gt.GPTModel(tiny_cfg)
+    decay, no_decay = gt.param_groups(model, 0.1)
+    assert all(p.dim() == 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
+    assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    n_unique = len({id(p) for p in model.parameters()})
+    assert len(decay["params"]) + len(no_decay["params"]) == n_unique  # the tied matrix counted once
+    assert any(p is model.wte.weight for p in decay["params"])
+    assert any(p is model.ln_f.weight for p in no_decay["params"])
+
+
+def test_plot_losses_writes_png(tmp_path):
+    path = gt.plot_losses([1, 2, 3], [10, 20, 30], [3.0, 2.0, 1.5], [3.1, 2.5], tmp_path / "p.png", val_steps=[1, 3])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,105 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, run_script
+
+import gpt_train as gt
+import pretraining_simple
+
+DEBUG = ["--model", "debug", "--batch_size", "4", "--eval_iter", "2", "--no-progress", "--seed", "1"]
+
+
+def test_script_end_to_end(small_corpus, tmp_path):
+    out = tmp_path / "run"
+    r = run_script(["pretraining_simple.py", "--debug", "--data_dir", small_corpus, "--output_dir", out,
+                    "--no-progress"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "eval step 10: train loss" in r.stdout and "sample step 10: Every effort moves you" in r.stdout
+    assert "final sample: Every effort moves you" in r.stdout
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("step ")]
+    assert len(lines) == 4 and lines[-1].startswith("step      20/20 | loss ")
+    for field in ("| lr ", "| grad_norm ", "| tok/s ", "| ms/step "):
+        assert field in lines[0]
+    assert (out / "loss_plot.png").read_bytes()[:4] == b"\x89PNG"
+    losses = json.loads((out / "losses.json").read_text())
+    assert losses["step"] == list(range(1, 21)) and len(losses["train_loss"]) == 20
+    assert losses["val_step"] == [0, 10, 20]
+    ckpt = gt.load_checkpoint(out / "ckpt_00000020.pt")
+    assert ckpt["step"] == 20 and ckpt["config"]["n_layers"] == 2 and ckpt["optimizer"]["state"]
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in ckpt["model"])
+
+
+def test_validation_loss_falls(small_corpus, tmp_path):
+    res = pretraining_simple.main(["--data_dir", str(small_corpus), "--output_dir", str(tmp_path), *DEBUG,
+                                   "--max_steps", "60", "--lr", "3e-3", "--eval_freq", "30", "--print_sample_iter", "0",
+                                   "--log_every", "30"])
+    val = res["history"]["val_loss"]
+    assert len(val) == 3 and val[0] > 10.5 and val[-1] < val[0] - 2.0
+
+
+def test_resume_continues_bit_identically(small_corpus, tmp_path):
+    common = ["--data_dir", str(small_corpus), *DEBUG, "--drop_rate", "0.1", "--eval_freq", "5",
+              "--print_sample_iter", "0", "--log_every", "1"]
+    full = pretraining_simple.main([*common, "--output_dir", str(tmp_path / "a"), "--max_steps", "12"])
+    first = pretraining_simple.main([*common, "--output_dir", str(tmp_path / "b"), "--max_steps", "7"])
+    assert first["state"].step == 7
+    resumed = pretraining_simple.main([*common, "--output_dir", str(tmp_path / "b"), "--max_steps", "12",
+                                       "--resume", "auto"])
+    assert resumed["state"].step == 12
+    assert resumed["history"]["step"] == list(range(1, 13))
+    assert resumed["history"]["train_loss"] == full["history"]["train_loss"]  # bit-identical, dropout on
+    a = gt.load_checkpoint(tmp_path / "a" / "ckpt_00000012.pt")["model"]
+    b = gt.load_checkpoint(tmp_path / "b" / "ckpt_00000012.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_other_model(small_corpus, tmp_path):
+    pretraining_simple.main(["--data_dir", str(small_corpus), "--output_dir", str(tmp_path), *DEBUG, "--max_steps", "2",
+                             "--eval_freq", "0", "--print_sample_iter", "0"])
+    with pytest.raises(gt.CheckpointError, match=r"different model config: .*n_layers=2 \(model: 4\)"):
+        pretraining_simple.main(["--data_dir", str(small_corpus), "--output_dir", str(tmp_path), *DEBUG,
+                                 "--max_steps", "4", "--resume", str(tmp_path / "ckpt_00000002.pt"),
+                                 "--model", "small"])
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(small_corpus, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "pretraining_simple.py"), "--data_dir", str(small_corpus),
+                             "--output_dir", str(out), *DEBUG, "--max_steps", "100000", "--log_every", "1",
+                             "--eval_freq", "0", "--print_sample_iter", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:
+        if line.startswith("step       3/"):
+            break
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "SIGINT received" in stderr
+    saved = sorted(out.glob("ckpt_*.pt"))
+    assert len(saved) == 1
+    step = gt.load_checkpoint(saved[0])["step"]
+    assert 3 <= step < 100000
+
+
+def test_bad_data_dir_is_one_line_error(tmp_path):
+    r = run_script(["pretraining_simple.py", "--data_dir", tmp_path / "none", "--debug"], cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error: --data_dir") and "Traceback" not in r.stderr
+    (tmp_path / "short").mkdir()
+    (tmp_path / "short" / "combined_1.txt").write_text("Far too short.")
+    r = run_script(["pretraining_simple.py", "--data_dir", tmp_path / "short", "--debug"], cwd=tmp_path)
+    assert r.returncode == 2 and "error:" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_corrupt_checkpoint_is_refused_and_left_alone(small_corpus, tmp_path):
+    bad = tmp_path / "ckpt_00000005.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    r = run_script(["pretraining_simple.py", "--data_dir", small_corpus, "--output_dir", tmp_path, "--debug",
+                    "--resume", bad], cwd=tmp_path)
+    assert r.returncode == 2 and "corrupt or truncated" in r.stderr and "Traceback" not in r.stderr
+    assert bad.read_bytes() == b"not a checkpoint at all"
