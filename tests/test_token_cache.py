@@ -1,0 +1,204 @@
+import json
+
+import numpy as np
+import pytest
+
+import gpt_train as gt
+import token_cache as tc
+
+
+def _docs(n, seed=0):
+    rng = np.random.default_rng(seed)
+    words = "the quick brown fox jumps over a lazy dog while seven wizards box jovially".split()
+    return [f"Document {i}: " + " ".join(rng.choice(words, size=int(rng.integers(20, 200)))) for i in range(n)]
+
+
+@pytest.fixture
+def corpora(tmp_path):
+    """The same documents as .jsonl (column text), .parquet (column body) and .txt files."""
+    import pandas as pd
+
+    docs = _docs(400)
+    (tmp_path / "j").mkdir()
+    with open(tmp_path / "j" / "part.jsonl", "w") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d, "meta": 1}) + "\n")
+    (tmp_path / "p").mkdir()
+    pd.DataFrame({"body": docs}).to_parquet(tmp_path / "p" / "part.parquet")
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "combined_1.txt").write_text("<|endoftext|>".join(docs[:200]))
+    (tmp_path / "t" / "combined_2.txt").write_text("<|endoftext|>".join(docs[200:]))
+    return tmp_path, docs
+
+
+@pytest.mark.parametrize("kind,column", [("j", "text"), ("p", "body"), ("t", "text")])
+def test_cache_matches_direct_tokenization(corpora, kind, column):
+    root, docs = corpora
+    src = tc.resolve_source(str(root / kind), text_column=column)
+    m = tc.build_cache(src, root / f"cache_{kind}", val_fraction=0.25, shard_tokens=3000, progress=False, log=print)
+    direct = gt.encode_documents(docs)
+    assert m["complete"] and m["documents"] == 400
+    assert m["train_tokens"] + m["val_tokens"] == len(direct) == m["tokens_consumed"]
+    assert m["tokenizer"] == "gpt2" and m["tokenizer_hash"] == gt.tokenizer_fingerprint()
+    cache = tc.load_cache(root / f"cache_{kind}", src)
+    assert all(isinstance(a, np.memmap) and a.dtype == np.uint16 for a in cache.train + cache.val)
+    assert [len(a) for a in cache.train] == [s["tokens"] for s in m["shards"]["train"]]
+    assert all(len(a) == 3000 for a in cache.train[:-1])
+    # Val is every 4th block of 4096 tokens, train the rest: together, in order, the direct stream.
+    train, val = np.concatenate(cache.train), np.concatenate(cache.val)
+    B = tc.VAL_BLOCK_TOKENS
+    blocks = [direct[i : i + B] for i in range(0, len(direct), B)]
+    assert np.array_equal(val, np.concatenate(blocks[0::4]))
+    assert np.array_equal(train, np.concatenate([b for i, b in enumerate(blocks) if i % 4]))
+    assert set(json.loads((root / f"cache_{kind}" / "manifest.json").read_text())) >= {
+        "source", "tokenizer_hash", "shards", "documents", "train_tokens", "val_tokens"}
+
+
+def test_max_tokens_caps_the_stream(corpora):
+    root, _ = corpora
+    src = tc.resolve_source(str(root / "j"))
+    m = tc.build_cache(src, root / "c", max_tokens=10000, shard_tokens=4000, val_fraction=0.5, progress=False)
+    assert m["tokens_consumed"] == 10000 == m["train_tokens"] + m["val_tokens"]
+    with pytest.raises(gt.UserError, match="max_tokens=10000, this run asks for 20000"):
+        tc.build_cache(src, root / "c", max_tokens=20000, val_fraction=0.5, progress=False)
+
+
+def test_interrupted_build_resumes_to_an_identical_cache(corpora, monkeypatch):
+    root, _ = corpora
+    src = tc.resolve_source(str(root / "j"))
+    kw = dict(val_fraction=0.25, shard_tokens=2000, batch_docs=16, progress=False)
+    tc.build_cache(src, root / "full", **kw)
+    real = tc._atomic_write_bytes
+    calls = {"n": 0}
+
+    def crash_on_fourth_shard(path, data):
+        if path.suffix == ".bin":
+            calls["n"] += 1
+            if calls["n"] == 4:
+                path.with_name(path.name + ".partial").write_bytes(data[:10])  # half-written junk
+                raise KeyboardInterrupt
+        real(path, data)
+
+    monkeypatch.setattr(tc, "_atomic_write_bytes", crash_on_fourth_shard)
+    with pytest.raises(KeyboardInterrupt):
+        tc.build_cache(src, root / "part", **kw)
+    monkeypatch.setattr(tc, "_atomic_write_bytes", real)
+    m = json.loads((root / "part" / "manifest.json").read_text())
+    assert not m["complete"] and m["shards_written"] == 3
+    with pytest.raises(gt.UserError, match="incomplete"):
+        tc.load_cache(root / "part")
+    logs = []
+    tc.build_cache(src, root / "part", **kw, log=logs.append)
+    assert any("resuming" in line for line in logs)
+    full = {p.name: p.read_bytes() for p in (root / "full").iterdir()}
+    part = {p.name: p.read_bytes() for p in (root / "part").iterdir() if not p.name.endswith(".partial")}
+    assert full.keys() == part.keys()
+    assert all(full[k] == part[k] for k in full)
+
+
+def test_cache_from_other_source_or_tokenizer_is_refused(corpora):
+    root, _ = corpora
+    src = tc.resolve_source(str(root / "j"))
+    tc.build_cache(src, root / "c", progress=False, val_fraction=0.25)
+    other = tc.resolve_source(str(root / "t"))
+    with pytest.raises(gt.UserError, match="was built from .* not from"):
+        tc.build_cache(other, root / "c", progress=False, val_fraction=0.25)
+    m = json.loads((root / "c" / "manifest.json").read_text())
+    m["tokenizer_hash"] = "0123456789abcdef"
+    (root / "c" / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(gt.UserError, match="another tokenizer"):
+        tc.load_cache(root / "c", src)
+
+
+def test_truncated_shard_is_named(corpora):
+    root, _ = corpora
+    src = tc.resolve_source(str(root / "j"))
+    m = tc.build_cache(src, root / "c", progress=False, shard_tokens=3000, val_fraction=0.25)
+    victim = root / "c" / m["shards"]["train"][1]["name"]
+    victim.write_bytes(victim.read_bytes()[:100])
+    with pytest.raises(gt.UserError, match=f"shard .*{victim.name} is truncated or corrupt: 100 bytes"):
+        tc.load_cache(root / "c", src)
+
+
+def test_clear_errors_for_bad_sources(corpora, tmp_path):
+    root, _ = corpora
+    with pytest.raises(gt.UserError, match="no text column 'content'.*--text_column"):
+        tc.build_cache(tc.resolve_source(str(root / "j"), text_column="content"), tmp_path / "x", progress=False)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(gt.UserError, match="empty"):
+        tc.build_cache(tc.resolve_source(str(empty)), tmp_path / "y", progress=False)
+    with pytest.raises(gt.UserError, match="no subset 'cosmo'"):
+        tc.resolve_source("smollm:cosmo")
+    with pytest.raises(gt.UserError, match="python-edu.*blob ids"):
+        tc.resolve_source("smollm:python-edu")
+    with pytest.raises(gt.UserError, match="neither smollm:SUBSET nor an existing"):
+        tc.resolve_source(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(gt.UserError, match="one positive weight per subset"):
+        tc.resolve_source("smollm:cosmopedia-v2,fineweb-edu-dedup", data_mix="1")
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("hello")
+    with pytest.raises(gt.UserError, match="too few for a training split"):
+        tc.build_cache(tc.resolve_source(str(tiny)), tmp_path / "z", progress=False)
+
+
+def test_hub_offline_is_a_one_line_error(tmp_path):
+    with pytest.raises(gt.UserError, match="could not stream HuggingFaceTB/smollm-corpus/cosmopedia-v2.*local"):
+        tc.build_cache(tc.resolve_source("smollm:cosmopedia-v2"), tmp_path / "c", progress=False)
+
+
+def test_hub_mix_path_with_local_streams(tmp_path, monkeypatch):
+    """The real streaming code (column selection, interleaving, max_tokens) on local stand-ins for the hub."""
+    from datasets import load_dataset
+
+    files = {}
+    for name, prefix, extra in (("cosmopedia-v2", "COSMO", {"prompt": "p", "audience": "a"}),
+                                ("fineweb-edu-dedup", "FINE", {"id": "x", "metadata": {"score": 3}})):
+        path = tmp_path / f"{name}.jsonl"
+        with open(path, "w") as f:
+            for i in range(500):
+                f.write(json.dumps({"text": f"{prefix} {i} " + "words " * 30, **extra}) + "\n")
+        files[name] = path
+    monkeypatch.setattr(tc, "open_hub_subset",
+                        lambda s: load_dataset("json", data_files=str(files[s]), split="train", streaming=True))
+    src = tc.resolve_source("smollm:cosmopedia-v2,fineweb-edu-dedup", data_mix="3,1", seed=7)
+    assert src.weights == [0.75, 0.25]
+    docs = [d.split()[0] for _, d in zip(range(400), tc.iter_documents(src))]
+    share = docs.count("COSMO") / len(docs)
+    assert 0.65 < share < 0.85
+    assert docs == [d.split()[0] for _, d in zip(range(400), tc.iter_documents(src))]  # seeded: reproducible
+    m = tc.build_cache(src, tmp_path / "c", max_tokens=12000, val_fraction=0.25, progress=False)
+    assert m["tokens_consumed"] == 12000 and m["source"]["kind"] == "hub"
+    cache = tc.load_cache(tmp_path / "c", src)
+    assert sum(map(len, cache.train)) + sum(map(len, cache.val)) == 12000
+
+
+def test_sampler_deterministic_rank_disjoint_and_resumable(corpora):
+    root, _ = corpora
+    src = tc.resolve_source(str(root / "j"))
+    tc.build_cache(src, root / "c", progress=False, shard_tokens=3000, val_fraction=0.25)
+    cache = tc.load_cache(root / "c", src)
+    ds = gt.TokenWindowDataset(cache.train, context_length=32)
+
+    def windows(sampler, n):
+        return [tuple(map(tuple, sampler.next()[0].tolist())) for _ in range(n)]
+
+    a, b = gt.BatchSampler(ds, 4, seed=3), gt.BatchSampler(ds, 4, seed=3)
+    assert windows(a, 10) == windows(b, 10)
+    r0, r1 = gt.BatchSampler(ds, 4, seed=3, rank=0, world_size=2), gt.BatchSampler(ds, 4, seed=3, rank=1, world_size=2)
+    w0, w1 = windows(r0, 8), windows(r1, 8)
+    flat0 = {w for batch in w0 for w in batch}
+    flat1 = {w for batch in w1 for w in batch}
+    assert not flat0 & flat1  # disjoint across ranks
+    single = windows(gt.BatchSampler(ds, 4, seed=3), 16)
+    assert single[0::2] == w0 and single[1::2] == w1  # rank r takes global batch 2k + r
+    c = gt.BatchSampler(ds, 4, seed=3)
+    windows(c, 5)
+    state = c.state_dict()
+    expected = windows(c, 5)
+    d = gt.BatchSampler(ds, 4, seed=3)
+    d.load_state_dict(state)
+    assert windows(d, 5) == expected
+    # Inputs and targets are the same window shifted by one token.
+    x, y = gt.BatchSampler(ds, 2, seed=0).next()
+    assert np.array_equal(x[:, 1:].numpy(), y[:, :-1].numpy())
