@@ -945,7 +945,8 @@ def train_model(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Bat
 
 
 def restore_training(ckpt: dict, model: nn.Module, optimizer=None, sampler: BatchSampler | None = None,
-                     load_optimizer: Callable[[dict], None] | None = None) -> TrainState:
+                     load_optimizer: Callable[[dict], None] | None = None, rank: int = 0,
+                     world_size: int = 1) -> TrainState:
     """Put model, optimizer, data position and RNGs back to where the checkpoint left them."""
     raw = unwrap_model(model)
     check_config_matches(ckpt["config"], raw.cfg)
@@ -958,7 +959,9 @@ def restore_training(ckpt: dict, model: nn.Module, optimizer=None, sampler: Batc
                                   "resume with the optimizer settings the run was started with")
     if sampler is not None and ckpt.get("data") is not None:
         sampler.load_state_dict(ckpt["data"])
-    restore_rng_state(ckpt["rng"])
+    per_rank = ckpt.get("rng_per_rank")
+    # Each DDP rank gets its own RNG stream back when the world size is unchanged.
+    restore_rng_state(per_rank[rank] if per_rank and len(per_rank) == world_size else ckpt["rng"])
     return TrainState(step=ckpt["step"], tokens_seen=ckpt["tokens_seen"], history=ckpt["history"])
 
 
@@ -974,7 +977,7 @@ def run_training(model: nn.Module, optimizer, runtime: Runtime, tcfg: TrainConfi
                  train_data: TokenWindowDataset, val_data: TokenWindowDataset | None, *, batch_size: int,
                  seed: int, run_dir, keep_last: int = 3, resume: str | None = None, lr_fn=None,
                  eval_iter: int = 10, sample_prompt: str = "Every effort moves you", sample_tokens: int = 50,
-                 log_sinks=(), extra: dict | None = None, save_optimizer=None, load_optimizer=None,
+                 log_sinks=(), extra: dict | Callable[[], dict] | None = None, save_optimizer=None, load_optimizer=None,
                  peak_flops: float | None = None, on_resume: Callable[[dict], None] | None = None) -> dict:
     """Everything around the loop that both scripts share: deterministic batches, resume, eval,
     sampling, checkpoints, and the losses JSON + plot at the end. `model` may be DDP/compile-wrapped."""
@@ -990,9 +993,9 @@ def run_training(model: nn.Module, optimizer, runtime: Runtime, tcfg: TrainConfi
             say(f"no checkpoint in {run_dir} yet: starting from scratch")
         else:
             ckpt = load_checkpoint(path)
-            state = restore_training(ckpt, raw, optimizer, batches, load_optimizer)
             if on_resume:
                 on_resume(ckpt)
+            state = restore_training(ckpt, raw, optimizer, batches, load_optimizer, runtime.rank, runtime.world_size)
             say(f"resumed from {path} at step {state.step} ({state.tokens_seen:,} tokens seen)")
     if state.step >= tcfg.max_steps:
         say(f"nothing to do: the run is already at step {state.step} of {tcfg.max_steps}")
@@ -1019,9 +1022,17 @@ def run_training(model: nn.Module, optimizer, runtime: Runtime, tcfg: TrainConfi
     saved: list[Path] = []
 
     def checkpoint(st: TrainState):
+        rngs = None
+        if runtime.world_size > 1:  # every rank's RNG goes into the checkpoint, gathered on rank 0
+            import torch.distributed as dist
+            rngs = [None] * runtime.world_size if runtime.is_main else None
+            dist.gather_object(capture_rng_state(), rngs, dst=0)
         if runtime.is_main:
             opt_state = save_optimizer() if save_optimizer else None
-            ckpt = build_checkpoint(raw, optimizer, st, batches, extra, optimizer_state=opt_state)
+            ckpt = build_checkpoint(raw, optimizer, st, batches, extra() if callable(extra) else extra,
+                                    optimizer_state=opt_state)
+            if rngs:
+                ckpt["rng_per_rank"] = rngs
             saved.append(manager.save(ckpt))
 
     hooks = TrainHooks(evaluate=evaluate, sample=sample, checkpoint=checkpoint, log=list(log_sinks))

@@ -1,0 +1,211 @@
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import gpt_train as gt
+import pretraining_advanced as adv
+from conftest import ROOT, run_script
+
+
+@pytest.fixture
+def base(small_corpus, tmp_path):
+    """Flags for a debug-model run on the small local corpus, its cache in tmp."""
+    return ["--data", str(small_corpus), "--cache_dir", str(tmp_path / "cache"), "--val_fraction", "0.2",
+            "--model", "debug", "--batch_size", "4", "--warmup_steps", "3", "--lr", "2e-3", "--eval_iters", "2",
+            "--no-progress", "--log_every", "1", "--seed", "5"]
+
+
+def test_cosine_schedule_boundaries():
+    lr = lambda s: adv.cosine_lr(s, 1e-3, 1e-4, warmup_steps=10, max_steps=110)
+    assert lr(0) == pytest.approx(1e-4)  # warmup starts at lr / warmup_steps, not 0
+    assert lr(9) == pytest.approx(1e-3)
+    assert lr(10) == pytest.approx(1e-3)  # peak right after warmup
+    assert lr(60) == pytest.approx(5.5e-4)  # half way down the cosine
+    assert lr(110) == pytest.approx(1e-4) and lr(500) == pytest.approx(1e-4)
+    values = [lr(s) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_clipping_caps_the_update_and_logs_the_preclip_norm(tiny_cfg, small_corpus):
+    torch.manual_seed(0)
+    model = gt.GPTModel(tiny_cfg)
+    ds = gt.TokenWindowDataset(gt.encode_documents([(small_corpus / "combined_1.txt").read_text()]), 16)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    tcfg = gt.TrainConfig(max_steps=1, max_grad_norm=0.05, progress=False)
+    state = gt.train_model(model, opt, gt.BatchSampler(ds, 4), gt.setup_runtime("cpu"), tcfg)
+    delta = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
+    assert state.history["grad_norm"][0] > 0.5  # the norm before clipping
+    assert delta.item() == pytest.approx(0.05, rel=1e-3)  # SGD lr=1 moves by exactly the clipped gradient
+
+
+def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_cfg, small_corpus, tmp_path, capsys):
+    class Flaky(gt.GPTModel):
+        poison_calls = {3, 5, 6, 7}
+
+        def forward(self, idx):
+            self.calls = getattr(self, "calls", 0) + 1
+            out = super().forward(idx)
+            return out * float("nan") if self.training and self.calls in self.poison_calls else out
+
+    torch.manual_seed(0)
+    model = Flaky(tiny_cfg)
+    ds = gt.TokenWindowDataset(gt.encode_documents([(small_corpus / "combined_1.txt").read_text()]), 16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tcfg = gt.TrainConfig(max_steps=20, progress=False, max_bad_steps=3, log_every=1)
+    with pytest.raises(gt.UserError, match="3 non-finite losses in a row"):
+        gt.run_training(model, opt, gt.setup_runtime("cpu"), tcfg, ds, None, batch_size=4, seed=0, run_dir=tmp_path)
+    out = capsys.readouterr()
+    assert "non-finite loss at step 3; update skipped (1/3 in a row)" in out.out + out.err
+    ckpt = gt.load_checkpoint(tmp_path / "ckpt_00000003.pt")  # the last good step, saved
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_training_logs_and_resumes_bit_identically(base, tmp_path):
+    full = adv.main([*base, "--run_dir", str(tmp_path / "a"), "--max_steps", "10", "--drop_rate", "0.1",
+                     "--eval_every", "4"])
+    part = adv.main([*base, "--run_dir", str(tmp_path / "b"), "--max_steps", "10", "--drop_rate", "0.1",
+                     "--eval_every", "4", "--save_every", "4", "--keep_last", "2"])
+    assert sorted(p.name for p in (tmp_path / "b").glob("ckpt_*.pt")) == ["ckpt_00000008.pt", "ckpt_00000010.pt"]
+    assert part["history"]["train_loss"] == full["history"]["train_loss"]
+    # Interrupt: delete everything after step 4 to simulate a preemption there, then resume.
+    run = tmp_path / "c"
+    adv.main([*base, "--run_dir", str(run), "--max_steps", "10", "--drop_rate", "0.1", "--eval_every", "4",
+              "--save_every", "4", "--keep_last", "0"])
+    for p in run.glob("ckpt_*.pt"):
+        if p.name != "ckpt_00000004.pt":
+            p.unlink()
+    resumed = adv.main([*base, "--run_dir", str(run), "--max_steps", "10", "--drop_rate", "0.1", "--eval_every", "4",
+                        "--resume", "auto"])
+    assert resumed["history"]["step"] == list(range(1, 11))
+    assert resumed["history"]["train_loss"] == full["history"]["train_loss"]
+    assert resumed["history"]["lr"] == full["history"]["lr"]
+    log = (run / "train.log").read_text().splitlines()
+    assert log[0].startswith("# run started") and '"versions"' in log[1] and '"git"' in log[1]
+    steps = [ln for ln in log if ln.startswith("step ")]
+    assert steps[0].startswith("step       1/10 | loss ") and " | grad_norm " in steps[0] and " | ms/step " in steps[0]
+
+
+def test_resume_after_sigterm_is_bit_identical(base, tmp_path):
+    full = adv.main([*base, "--run_dir", str(tmp_path / "a"), "--max_steps", "12"])
+    run = tmp_path / "b"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "pretraining_advanced.py"), *base, "--run_dir", str(run),
+                             "--max_steps", "12"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for line in proc.stdout:
+        if line.startswith("step       4/12"):
+            proc.terminate()  # SIGTERM, as a cluster scheduler sends on preemption
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "SIGTERM received" in err
+    stopped_at = gt.load_checkpoint(gt.CheckpointManager(run).latest())["step"]
+    assert 4 <= stopped_at < 12
+    resumed = adv.main([*base, "--run_dir", str(run), "--max_steps", "12", "--resume", "auto"])
+    assert resumed["history"]["train_loss"] == full["history"]["train_loss"]
+
+
+def test_bf16_autocast_and_explicit_attention(base, tmp_path):
+    flash = adv.main([*base, "--run_dir", str(tmp_path / "f"), "--max_steps", "3"])
+    explicit = adv.main([*base, "--run_dir", str(tmp_path / "e"), "--max_steps", "3", "--no-flash"])
+    for a, b in zip(flash["history"]["train_loss"], explicit["history"]["train_loss"]):
+        assert a == pytest.approx(b, abs=1e-4)
+    bf16 = adv.main([*base, "--run_dir", str(tmp_path / "b"), "--max_steps", "3", "--dtype", "bf16"])
+    losses = bf16["history"]["train_loss"]
+    assert all(math.isfinite(x) for x in losses)
+    assert losses[0] == pytest.approx(flash["history"]["train_loss"][0], abs=0.05)
+
+
+def test_compile_runs_a_few_steps(base, tmp_path):
+    res = adv.main([*base, "--run_dir", str(tmp_path / "c"), "--max_steps", "3", "--compile", "--eval_every", "0"])
+    assert res["state"].step == 3 and all(math.isfinite(x) for x in res["history"]["train_loss"])
+    ckpt = gt.load_checkpoint(res["checkpoint"])
+    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+
+
+def test_galore_trains_and_resumes_bit_identically(base, tmp_path):
+    g = ["--optimizer", "galore", "--galore_rank", "8", "--galore_update_proj_gap", "3"]
+    full = adv.main([*base, *g, "--run_dir", str(tmp_path / "a"), "--max_steps", "8"])
+    adv.main([*base, *g, "--run_dir", str(tmp_path / "b"), "--max_steps", "4"])
+    ckpt = gt.load_checkpoint(tmp_path / "b" / "ckpt_00000004.pt")
+    projectors = [s["projector"] for s in ckpt["optimizer"]["state"].values() if "projector" in s]
+    assert projectors and all(p["rank"] == 8 and p["ortho_matrix"] is not None for p in projectors)
+    resumed = adv.main([*base, *g, "--run_dir", str(tmp_path / "b"), "--max_steps", "8", "--resume", "auto"])
+    assert resumed["history"]["train_loss"] == full["history"]["train_loss"]
+    adamw = adv.main([*base, "--run_dir", str(tmp_path / "c"), "--max_steps", "1"])
+    assert full["optimizer_state_bytes"] < adamw["optimizer_state_bytes"]
+    with pytest.raises(gt.CheckpointError, match="--optimizer galore"):
+        adv.main([*base, "--run_dir", str(tmp_path / "b"), "--max_steps", "9", "--resume", "auto"])
+
+
+def test_total_batch_tokens_sets_accumulation(base, tmp_path):
+    res = adv.main([*base, "--run_dir", str(tmp_path), "--max_steps", "1", "--total_batch_tokens", str(4 * 32 * 3)])
+    assert res["grad_accum"] == 3 and res["tokens_per_step"] == 384
+    with pytest.raises(gt.UserError, match="not a multiple"):
+        adv.main([*base, "--run_dir", str(tmp_path), "--max_steps", "1", "--total_batch_tokens", "100"])
+
+
+def test_wandb_offline_and_tensorboard_files(base, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert adv.wandb_mode() == "offline" or (tmp_path / ".netrc").exists()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run = tmp_path / "run"
+    res = adv.main([*base, "--run_dir", str(run), "--max_steps", "4", "--wandb", "--tensorboard", "--eval_every", "2"])
+    offline = list((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 1 and res["wandb_run_id"] in offline[0].name
+    assert list(offline[0].glob("*.wandb"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert {"train/loss", "train/lr", "train/grad_norm", "eval/val_loss"} <= set(acc.Tags()["scalars"])
+    tb_losses = [e.value for e in acc.Scalars("train/loss")]
+    assert tb_losses == pytest.approx(res["history"]["train_loss"], rel=1e-6)
+    assert gt.load_checkpoint(res["checkpoint"])["extra"]["wandb_run_id"] == res["wandb_run_id"]
+
+
+def test_bad_checkpoints_are_refused(base, tmp_path):
+    adv.main([*base, "--run_dir", str(tmp_path / "a"), "--max_steps", "2"])
+    ckpt = tmp_path / "a" / "ckpt_00000002.pt"
+    with pytest.raises(gt.CheckpointError, match=r"different model config: .*n_layers=2 \(model: 3\)"):
+        adv.main([*base, "--run_dir", str(tmp_path / "a"), "--max_steps", "4", "--n_layers", "3", "--resume", str(ckpt)])
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    r = run_script(["pretraining_advanced.py", *base, "--run_dir", tmp_path / "x", "--max_steps", "4",
+                    "--resume", corrupt], cwd=tmp_path)
+    assert r.returncode == 2 and "corrupt or truncated" in r.stderr and "Traceback" not in r.stderr
+    # --resume auto skips a damaged newest file and takes the last good one.
+    (tmp_path / "a" / "ckpt_00000003.pt").write_bytes(b"garbage")
+    assert gt.CheckpointManager(tmp_path / "a").latest().name == "ckpt_00000002.pt"
+
+
+def test_prepare_only_builds_the_cache(base, tmp_path):
+    res = adv.main([*base, "--run_dir", str(tmp_path / "r"), "--prepare_only"])
+    assert res["manifest"]["complete"] and (tmp_path / "cache" / "manifest.json").exists()
+    assert not (tmp_path / "r").exists()
+
+
+def test_torchrun_two_ranks_match_single_process(base, tmp_path):
+    flags = [*base, "--max_steps", "4", "--eval_every", "0", "--device", "cpu"]
+    single = adv.main([*flags, "--run_dir", str(tmp_path / "single"), "--grad_accum", "2"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                        str(ROOT / "pretraining_advanced.py"), *flags, "--run_dir", str(tmp_path / "ddp")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "weights identical on all 2 ranks: True" in r.stdout
+    assert r.stdout.count("step       1/4 |") == 1  # rank 0 alone logs
+    ddp = json.loads((tmp_path / "ddp" / "losses.json").read_text())
+    assert ddp["train_loss"] == pytest.approx(single["history"]["train_loss"], abs=1e-5)
+    a = gt.load_checkpoint(tmp_path / "ddp" / "ckpt_00000004.pt")
+    b = gt.load_checkpoint(single["checkpoint"])
+    assert not any(k.startswith("module.") for k in a["model"])
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4)
+    assert len(a["rng_per_rank"]) == 2
