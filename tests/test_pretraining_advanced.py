@@ -6,10 +6,10 @@ import sys
 
 import pytest
 import torch
+from conftest import ROOT, run_script
 
 import gpt_train as gt
 import pretraining_advanced as adv
-from conftest import ROOT, run_script
 
 
 @pytest.fixture

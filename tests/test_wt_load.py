@@ -1,0 +1,175 @@
+import json
+
+import pytest
+import torch
+from conftest import run_script
+
+import gpt_train as gt
+import pretraining_simple
+import wt_load
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_model(tmp_path, zero_qkv_bias=False, tied=True, fmt="safetensors"):
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=32, vocab_size=50257,
+                                  tie_word_embeddings=tied)
+    m = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():  # GPT-2 initialises biases and LayerNorms to constants: make them all random
+            p.add_(torch.randn_like(p) * 0.02)
+        if zero_qkv_bias:
+            for block in m.transformer.h:
+                block.attn.c_attn.bias.zero_()
+    d = tmp_path / f"hf_{fmt}_{zero_qkv_bias}_{tied}"
+    m.save_pretrained(d)
+    if fmt == "bin":  # the legacy format: a pickled state dict
+        torch.save(m.state_dict(), d / "pytorch_model.bin")
+        (d / "model.safetensors").unlink()
+    return m, d
+
+
+IDS = torch.tensor([[15496, 11, 995, 13, 1649, 257, 640, 612, 373, 257, 1110, 286, 262, 1913, 290, 6958]])
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+@pytest.mark.parametrize("zero_qkv_bias", [False, True])
+def test_hf_weights_load_with_identical_logits(tmp_path, fmt, zero_qkv_bias):
+    ref, d = hf_model(tmp_path, zero_qkv_bias, fmt=fmt)
+    ours = wt_load.load_hf(str(d))
+    assert ours.cfg.n_layers == 2 and ours.cfg.emb_dim == 64 and ours.cfg.context_length == 32
+    assert ours.lm_head.weight is ours.wte.weight
+    with torch.no_grad():
+        diff = (ours(IDS) - ref(IDS).logits).abs().max().item()
+    assert diff <= 1e-5
+
+
+def test_untied_hf_head_loads(tmp_path):
+    ref, d = hf_model(tmp_path, tied=False)
+    ours = wt_load.load_hf(str(d))
+    assert not ours.cfg.tie_embeddings
+    with torch.no_grad():
+        assert (ours(IDS) - ref(IDS).logits).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("qkv_bias", [True, False])
+def test_export_loads_in_transformers_with_identical_logits(tmp_path, qkv_bias):
+    torch.manual_seed(1)
+    ours = gt.GPTModel(gt.get_config("debug", emb_dim=64, n_heads=4, qkv_bias=qkv_bias)).eval()
+    out = wt_load.export_hf(ours, tmp_path / "hf")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    ref = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert (ours(IDS[:, :16]) - ref(IDS[:, :16]).logits).abs().max().item() <= 1e-5
+
+
+def test_greedy_generation_matches_transformers(tmp_path):
+    ref, d = hf_model(tmp_path)
+    ours = wt_load.load_hf(str(d))
+    prompt = IDS[:, :5]
+    mine = gt.generate(ours, prompt, max_new_tokens=12)
+    theirs = ref.generate(prompt, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(prompt),
+                          pad_token_id=50256, eos_token_id=None)
+    assert mine.tolist() == theirs.tolist()
+
+
+def test_training_checkpoint_exports_and_reloads(small_corpus, tmp_path):
+    res = pretraining_simple.main(["--data_dir", str(small_corpus), "--output_dir", str(tmp_path / "run"), "--debug",
+                                   "--max_steps", "3", "--no-progress"])
+    ckpt = res["checkpoint"]
+    model, _ = wt_load.load_ours(ckpt)
+    hf_dir = wt_load.export_hf(model, tmp_path / "hf")
+    ref = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    x = IDS[:, :10]
+    with torch.no_grad():
+        assert (model(x) - ref(x).logits).abs().max().item() <= 1e-5
+    # round trip: HF folder -> our checkpoint -> same weights
+    back = wt_load.load_hf(str(hf_dir))
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in model.state_dict().items())
+    # weights-only export: smaller, no optimizer, same logits
+    st = wt_load.export_safetensors(model, tmp_path / "w.safetensors", gt.load_checkpoint(ckpt))
+    assert st.stat().st_size < ckpt.stat().st_size / 2
+    again, meta = wt_load.load_ours(st)
+    assert meta["step"] == 3
+    with torch.no_grad():
+        assert torch.equal(again(x), model(x))
+
+
+def test_cli_round_trip_and_inspect(tmp_path):
+    _, d = hf_model(tmp_path)
+    r = run_script(["wt_load.py", "from-hf", d, tmp_path / "ours.pt"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = run_script(["wt_load.py", "inspect", tmp_path / "ours.pt", "--json"], cwd=tmp_path)
+    info = json.loads(r.stdout)
+    assert info["config"]["n_layers"] == 2 and info["step"] == 0 and info["optimizer_state"] == "none"
+    assert info["parameters"] == sum(p.numel() for p in wt_load.load_hf(str(d)).parameters())
+    r = run_script(["wt_load.py", "to-hf", tmp_path / "ours.pt", tmp_path / "back"], cwd=tmp_path)
+    assert r.returncode == 0 and (tmp_path / "back" / "model.safetensors").exists()
+    r = run_script(["wt_load.py", "generate", tmp_path / "ours.pt", "--max_new_tokens", "3"], cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("Every effort moves you")
+    for cmd in ("inspect", "from-hf", "to-hf", "to-safetensors", "from-openai", "generate"):
+        assert run_script(["wt_load.py", cmd, "--help"], cwd=tmp_path).returncode == 0
+
+
+def test_init_from_pretrained_weights(tmp_path, small_corpus):
+    _, d = hf_model(tmp_path)
+    ours = wt_load.load_hf(str(d))
+    model = gt.GPTModel(gt.get_config("debug", emb_dim=64, n_heads=4))
+    wt_load.init_weights(model, str(d))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ours.state_dict().items())
+    with pytest.raises(gt.CheckpointError, match=r"--init_from .* different model config: emb_dim=64 \(model: 32\)"):
+        wt_load.init_weights(gt.GPTModel(gt.get_config("debug")), str(d))
+
+
+def test_bad_inputs(tmp_path):
+    def err(args):
+        r = run_script(["wt_load.py", *args], cwd=tmp_path)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        return r.stderr
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    assert "config.json lacks vocab_size" in err(["from-hf", tmp_path / "empty", tmp_path / "o.pt"])
+    _, d = hf_model(tmp_path)
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text((d / "config.json").read_text())
+    assert "has no weights" in err(["from-hf", tmp_path / "noweights", tmp_path / "o.pt"])
+    assert "unknown GPT-2 size 'gpt5'" in err(["from-hf", "gpt5", tmp_path / "o.pt"])
+    assert "could not get openai-community/gpt2" in err(["from-hf", "gpt2", tmp_path / "o.pt"])
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "config.json").write_text((d / "config.json").read_text())
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * 64)
+    assert "corrupt" in err(["from-hf", corrupt, tmp_path / "o.pt"])
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    cfg = json.loads((d / "config.json").read_text())
+    (wrong / "config.json").write_text(json.dumps({**cfg, "n_embd": 128}))
+    (wrong / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes())
+    assert "tensor 'wte.weight' has shape (50257, 64), the model expects (50257, 128)" in err(
+        ["from-hf", wrong, tmp_path / "o.pt"])
+    assert "corrupt or truncated" in err(["to-hf", d / "config.json", tmp_path / "x"])
+    assert "no gpt_config metadata" in err(["inspect", d / "model.safetensors"])
+    (tmp_path / "openai").mkdir()
+    (tmp_path / "openai" / "hparams.json").write_text("{}")
+    assert "tensorflow" in err(["from-openai", tmp_path / "openai", tmp_path / "o.pt"])
+    assert not (tmp_path / "o.pt").exists() and not (tmp_path / "x").exists()
+    r = run_script(["wt_load.py", "from-hf", d, tmp_path / "ours.pt"], cwd=tmp_path)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    assert "already exists" in err(["to-hf", tmp_path / "ours.pt", tmp_path / "taken"])
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+def test_advanced_script_init_from_hf_dir(tmp_path, small_corpus):
+    import pretraining_advanced as adv
+
+    _, d = hf_model(tmp_path)
+    res = adv.main(["--data", str(small_corpus), "--cache_dir", str(tmp_path / "cache"), "--val_fraction", "0.2",
+                    "--model", "debug", "--emb_dim", "64", "--n_heads", "4", "--batch_size", "2", "--max_steps", "1",
+                    "--lr", "0", "--min_lr", "0", "--no-progress", "--run_dir", str(tmp_path / "run"), "--init_from", str(d)])
+    trained = gt.load_checkpoint(res["checkpoint"])["model"]
+    ref = wt_load.load_hf(str(d)).state_dict()
+    assert all(torch.equal(trained[k], ref[k]) for k in ref)  # lr 0: the weights are GPT-2's, unchanged

@@ -1,0 +1,371 @@
+"""Pretrained GPT-2 weights in, our checkpoints out.
+
+    python wt_load.py inspect runs/simple/ckpt_00000200.pt
+    python wt_load.py from-hf openai-community/gpt2 gpt2.pt        # or a local HF dir, or gpt2-medium ...
+    python wt_load.py from-openai models/124M gpt2.pt              # OpenAI's TF checkpoint (needs tensorflow)
+    python wt_load.py to-hf runs/simple/ckpt_00000200.pt hf_out/   # loads in transformers.GPT2LMHeadModel
+    python wt_load.py to-safetensors runs/simple/ckpt_00000200.pt model.safetensors
+    python wt_load.py generate gpt2.pt --prompt "Every effort moves you"
+
+Our GPTModel uses Hugging Face's GPT-2 parameter names (minus `transformer.`), with nn.Linear where
+GPT-2 has Conv1D, so converting is a rename plus a transpose of four matrices per block.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+import gpt_train as gt
+
+HF_SIZES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
+            "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
+# GPT-2 stores these as Conv1D weights, (in, out); nn.Linear wants (out, in).
+CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face format in
+
+
+def config_from_hf(hf: dict) -> gt.GPTConfig:
+    missing = [k for k in ("vocab_size", "n_embd", "n_head", "n_layer") if k not in hf]
+    if missing:
+        raise gt.UserError(f"config.json lacks {', '.join(missing)}; it is not a GPT-2 config")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise gt.UserError(f"config.json has activation_function={act!r}; only GPT-2's tanh GELU (gelu_new) is supported")
+    return gt.GPTConfig(vocab_size=hf["vocab_size"], context_length=hf.get("n_positions", hf.get("n_ctx", 1024)),
+                        emb_dim=hf["n_embd"], n_heads=hf["n_head"], n_layers=hf["n_layer"], drop_rate=0.0,
+                        qkv_bias=True, tie_embeddings=hf.get("tie_word_embeddings", True))
+
+
+def resolve_hf_dir(source: str) -> Path:
+    """A local HF GPT-2 dir, or a hub id / size name downloaded (config + weights only) through huggingface_hub."""
+    p = Path(source)
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise gt.UserError(f"{source} is a file; from-hf needs a Hugging Face model folder or hub id")
+    repo = HF_SIZES.get(source, source)
+    if "/" not in repo:
+        raise gt.UserError(f"unknown GPT-2 size {source!r}: use one of {', '.join(HF_SIZES)}, a hub id like "
+                           "openai-community/gpt2, or a local folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo, allow_patterns=["config.json", "model.safetensors"]))
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise gt.UserError(f"could not get {repo} from the Hugging Face hub ({msg}); without network, download it "
+                           "elsewhere and pass the local folder")
+
+
+def read_hf_state_dict(hf_dir: Path) -> dict[str, torch.Tensor]:
+    for name in WEIGHT_FILES:
+        path = hf_dir / name
+        if not path.is_file():
+            continue
+        try:
+            if name.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                return load_file(str(path))
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise gt.UserError(f"{path} is corrupt or not a weights file ({str(e).strip()[:100]})")
+    raise gt.UserError(f"{hf_dir} has no weights ({' or '.join(WEIGHT_FILES)})")
+
+
+def hf_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in sd.items():
+        k = k.removeprefix("transformer.")
+        if k.endswith((".attn.bias", ".attn.masked_bias")):  # causal-mask buffers, not weights
+            continue
+        out[k] = v.t().contiguous() if k.endswith(CONV1D_SUFFIXES) else v
+    return out
+
+
+def load_into(model: gt.GPTModel, sd: dict[str, torch.Tensor], source: str) -> None:
+    """Copy weights into the model, naming the first tensor that is missing or has the wrong shape."""
+    own = model.state_dict()
+    if model.cfg.tie_embeddings:
+        sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+    for k, v in own.items():
+        if k == "lm_head.weight" and model.cfg.tie_embeddings:
+            continue
+        if k not in sd:
+            raise gt.UserError(f"{source} has no tensor {k!r} that the model needs (config mismatch?)")
+        if tuple(sd[k].shape) != tuple(v.shape):
+            raise gt.UserError(f"{source}: tensor {k!r} has shape {tuple(sd[k].shape)}, the model expects "
+                               f"{tuple(v.shape)}; use the matching --model / config")
+    extra = sorted(set(sd) - set(own))
+    if extra:
+        raise gt.UserError(f"{source} has tensor {extra[0]!r} that the model does not (config mismatch?)")
+    with torch.no_grad():
+        for k, v in own.items():
+            if k in sd:
+                v.copy_(sd[k])
+
+
+def load_hf(source: str) -> gt.GPTModel:
+    hf_dir = resolve_hf_dir(source)
+    cfg_path = hf_dir / "config.json"
+    if not cfg_path.is_file():
+        raise gt.UserError(f"{hf_dir} has no config.json; it is not a Hugging Face GPT-2 folder")
+    try:
+        hf_cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise gt.UserError(f"{cfg_path} is not valid JSON ({e})")
+    cfg = config_from_hf(hf_cfg)
+    sd = hf_to_ours(read_hf_state_dict(hf_dir))
+    model = gt.GPTModel(cfg)
+    load_into(model, sd, str(hf_dir))
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# OpenAI's original TensorFlow checkpoint
+
+
+def load_openai(ckpt_dir: str) -> gt.GPTModel:
+    d = Path(ckpt_dir)
+    if not (d / "hparams.json").is_file():
+        raise gt.UserError(f"{d} has no hparams.json; it is not an OpenAI GPT-2 checkpoint folder")
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise gt.UserError("reading OpenAI's TensorFlow checkpoint needs tensorflow (pip install tensorflow-cpu); "
+                           "or use the Hugging Face format: python wt_load.py from-hf gpt2 OUT")
+    hp = json.loads((d / "hparams.json").read_text())
+    cfg = gt.GPTConfig(vocab_size=hp["n_vocab"], context_length=hp["n_ctx"], emb_dim=hp["n_embd"], n_heads=hp["n_head"],
+                       n_layers=hp["n_layer"], qkv_bias=True)
+    ckpt = tf.train.latest_checkpoint(str(d))
+    if ckpt is None:
+        raise gt.UserError(f"{d} has hparams.json but no model.ckpt.* files")
+
+    def var(name):
+        return torch.from_numpy(tf.train.load_variable(ckpt, name).squeeze())
+
+    sd = {"wte.weight": var("model/wte"), "wpe.weight": var("model/wpe"),
+          "ln_f.weight": var("model/ln_f/g"), "ln_f.bias": var("model/ln_f/b")}
+    for i in range(cfg.n_layers):
+        for ours, theirs in (("ln_1", "ln_1"), ("ln_2", "ln_2")):
+            sd[f"h.{i}.{ours}.weight"] = var(f"model/h{i}/{theirs}/g")
+            sd[f"h.{i}.{ours}.bias"] = var(f"model/h{i}/{theirs}/b")
+        for layer in ("attn/c_attn", "attn/c_proj", "mlp/c_fc", "mlp/c_proj"):
+            key = f"h.{i}.{layer.replace('/', '.')}"
+            sd[f"{key}.weight"] = var(f"model/h{i}/{layer}/w").t().contiguous()  # stored (in, out)
+            sd[f"{key}.bias"] = var(f"model/h{i}/{layer}/b")
+    model = gt.GPTModel(cfg)
+    load_into(model, sd, str(d))
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Our checkpoints
+
+
+def load_ours(path) -> tuple[gt.GPTModel, dict]:
+    """A GPTModel from a training checkpoint (.pt) or a weights-only .safetensors export."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+                sd = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:
+            raise gt.CheckpointError(f"{path} is corrupt or not a safetensors file ({str(e).strip()[:100]})")
+        if "gpt_config" not in meta:
+            raise gt.CheckpointError(f"{path} has no gpt_config metadata; it was not exported by wt_load.py")
+        ckpt = {"config": json.loads(meta["gpt_config"]), "model": sd, "step": int(meta.get("step", 0)),
+                "tokens_seen": int(meta.get("tokens_seen", 0))}
+    else:
+        ckpt = gt.load_checkpoint(path)
+    model = gt.GPTModel(gt.GPTConfig.from_dict(ckpt["config"]))
+    load_into(model, ckpt["model"], str(path))
+    return model.eval(), ckpt
+
+
+def load_any(source: str) -> gt.GPTModel:
+    """Weights from a GPT-2 size name, hub id, HF folder, OpenAI folder, our checkpoint or export."""
+    p = Path(source)
+    if p.is_file():
+        return load_ours(p)[0]
+    if p.is_dir() and (p / "hparams.json").is_file():
+        return load_openai(source)
+    return load_hf(source)
+
+
+def init_weights(model: gt.GPTModel, source: str) -> None:
+    """--init_from: copy pretrained weights (not optimizer or step) into a freshly built model."""
+    src = load_any(source)
+    gt.check_config_matches(src.cfg.to_dict(), model.cfg, source=f"--init_from {source}")
+    load_into(model, src.state_dict(), source)
+
+
+def save_from_model(model: gt.GPTModel, out, source: str) -> Path:
+    state = gt.TrainState()
+    return gt.save_checkpoint(out, gt.build_checkpoint(model, None, state, extra={"converted_from": source}))
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+
+
+def ours_to_hf(model: gt.GPTModel) -> dict[str, torch.Tensor]:
+    out = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight":
+            if model.cfg.tie_embeddings:
+                continue  # transformers re-ties it to wte
+            out[k] = v.contiguous()
+            continue
+        out[f"transformer.{k}"] = (v.t() if k.endswith(CONV1D_SUFFIXES) else v).contiguous()
+    if not model.cfg.qkv_bias:  # GPT-2 always has the bias: a zero one is the same function
+        for i in range(model.cfg.n_layers):
+            out[f"transformer.h.{i}.attn.c_attn.bias"] = torch.zeros(3 * model.cfg.emb_dim)
+    return out
+
+
+def hf_config(cfg: gt.GPTConfig) -> dict:
+    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "activation_function": "gelu_new",
+            "vocab_size": cfg.vocab_size, "n_positions": cfg.context_length, "n_ctx": cfg.context_length,
+            "n_embd": cfg.emb_dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": None,
+            "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "resid_pdrop": cfg.drop_rate,
+            "embd_pdrop": cfg.drop_rate, "attn_pdrop": cfg.drop_rate, "scale_attn_weights": True,
+            "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": 50256, "eos_token_id": 50256,
+            "torch_dtype": "float32"}
+
+
+def _fresh_output(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise gt.UserError(f"{out} already exists and is not an empty folder; pick a new output folder")
+
+
+def export_hf(model: gt.GPTModel, out_dir) -> Path:
+    """A Hugging Face GPT-2 folder (config.json + model.safetensors), written to a temp folder and
+    renamed into place, so a failure leaves nothing half-written."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    _fresh_output(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(hf_config(model.cfg), indent=2))
+        save_file(ours_to_hf(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def export_safetensors(model: gt.GPTModel, out, ckpt: dict | None = None) -> Path:
+    """Weights only (no optimizer state), our names, the config in the metadata."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()
+          if not (k == "lm_head.weight" and model.cfg.tie_embeddings)}
+    meta = {"gpt_config": json.dumps(model.cfg.to_dict()), "step": str((ckpt or {}).get("step", 0)),
+            "tokens_seen": str((ckpt or {}).get("tokens_seen", 0))}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file(sd, str(tmp), metadata=meta)
+    os.replace(tmp, out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Inspect and CLI
+
+
+def describe_checkpoint(path) -> dict:
+    path = Path(path)
+    model, ckpt = load_ours(path)
+    counts = gt.count_parameters(model)
+    opt = ckpt.get("optimizer")
+    opt_desc = "none"
+    if opt:
+        kinds = sorted({k for s in opt["state"].values() for k in s})
+        opt_desc = f"{len(opt['state'])} parameter states ({', '.join(kinds)})" if opt["state"] else "empty"
+    extra = ckpt.get("extra", {})
+    return {"path": str(path), "size_mb": round(path.stat().st_size / 2**20, 2), "config": ckpt["config"],
+            "step": ckpt.get("step", 0), "tokens_seen": ckpt.get("tokens_seen", 0), "parameters": counts["tied"],
+            "optimizer_state": opt_desc, "optimizer": extra.get("optimizer", "adamw" if opt else None),
+            "data_position": (ckpt.get("data") or {}).get("position"), "script": extra.get("script"),
+            "wandb_run_id": extra.get("wandb_run_id")}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("inspect", help="print what a checkpoint holds", formatter_class=fmt)
+    s.add_argument("path", help="a checkpoint (.pt) or weights export (.safetensors)")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s = sub.add_parser("from-hf", help="Hugging Face GPT-2 (folder, hub id or size name) -> our checkpoint",
+                       formatter_class=fmt)
+    s.add_argument("source", help=f"HF folder, hub id, or one of {', '.join(HF_SIZES)}")
+    s.add_argument("out", help="checkpoint file to write (.pt)")
+    s = sub.add_parser("from-openai", help="OpenAI's TF checkpoint folder -> our checkpoint", formatter_class=fmt)
+    s.add_argument("source", help="folder with hparams.json and model.ckpt.*")
+    s.add_argument("out", help="checkpoint file to write (.pt)")
+    s = sub.add_parser("to-hf", help="our checkpoint -> Hugging Face GPT-2 folder", formatter_class=fmt)
+    s.add_argument("checkpoint", help="a training checkpoint (.pt) of either script")
+    s.add_argument("out_dir", help="new folder for config.json + model.safetensors")
+    s = sub.add_parser("to-safetensors", help="our checkpoint -> weights-only .safetensors", formatter_class=fmt)
+    s.add_argument("checkpoint", help="a training checkpoint (.pt)")
+    s.add_argument("out", help=".safetensors file to write")
+    s = sub.add_parser("generate", help="generate text from any weights this tool reads", formatter_class=fmt)
+    s.add_argument("source", help="checkpoint, .safetensors, HF folder or GPT-2 size name")
+    s.add_argument("--prompt", default="Every effort moves you", help="text to continue")
+    s.add_argument("--max_new_tokens", type=int, default=50, help="tokens to generate")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    s.add_argument("--top_k", type=int, default=None, help="sample from the k most likely tokens")
+    s.add_argument("--seed", type=int, default=123, help="sampling seed")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.command == "inspect":
+        info = describe_checkpoint(args.path)
+        if args.json:
+            print(json.dumps(info, indent=2))
+        else:
+            for k, v in info.items():
+                print(f"{k:>15}: {json.dumps(v) if isinstance(v, dict) else v}")
+        return info
+    if args.command in ("from-hf", "from-openai"):
+        model = load_hf(args.source) if args.command == "from-hf" else load_openai(args.source)
+        out = save_from_model(model, args.out, args.source)
+        print(f"wrote {out} ({gt.count_parameters(model)['tied'] / 1e6:.1f}M parameters)")
+        return out
+    if args.command == "generate":
+        model = load_any(args.source)
+        torch.manual_seed(args.seed)
+        return gt.generate_and_print_sample(model, gt.get_tokenizer(), "cpu", args.prompt, args.max_new_tokens,
+                                            args.temperature, args.top_k, args.seed)
+    model, ckpt = load_ours(args.checkpoint)
+    out = export_hf(model, args.out_dir) if args.command == "to-hf" else export_safetensors(model, args.out, ckpt)
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    gt.run_cli(main)
