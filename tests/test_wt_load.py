@@ -156,7 +156,7 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "openai" / "hparams.json").write_text("{}")
     assert "tensorflow" in err(["from-openai", tmp_path / "openai", tmp_path / "o.pt"])
     assert not (tmp_path / "o.pt").exists() and not (tmp_path / "x").exists()
-    r = run_script(["wt_load.py", "from-hf", d, tmp_path / "ours.pt"], cwd=tmp_path)
+    assert run_script(["wt_load.py", "from-hf", d, tmp_path / "ours.pt"], cwd=tmp_path).returncode == 0
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
     assert "already exists" in err(["to-hf", tmp_path / "ours.pt", tmp_path / "taken"])
