@@ -17,6 +17,7 @@ import contextlib
 import hashlib
 import importlib.metadata
 import json
+import logging
 import math
 import os
 import subprocess
@@ -136,6 +137,7 @@ def cosine_lr(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps:
 def make_optimizer(model: torch.nn.Module, args, device: torch.device) -> torch.optim.Optimizer:
     if args.optimizer == "adamw":
         return gt.make_adamw(model, args.lr, args.weight_decay, (args.beta1, args.beta2), device)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # galore-torch imports it; its CPU notice is noise
     try:
         from galore_torch import GaLoreAdamW
     except ImportError as e:
