@@ -1,0 +1,179 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Inside a GPT training run
+#
+# A walk through a trained model with the project's own code: loss curves, the learning-rate
+# schedule, sampling, which tokens are hard, what one attention head looks at, and a small
+# learning-rate sweep. Open it as a notebook (Jupyter with jupytext, VS Code, PyCharm) or run it
+# headless: `python notebook.py` saves every figure as a PNG.
+#
+# Settings come from environment variables so the same file works in both worlds:
+# `NOTEBOOK_CHECKPOINT` (a checkpoint to study; default: train a small model for about a minute on the
+# embedded Gutenberg books), `NOTEBOOK_OUT` (figure folder, default `runs/notebook`), and
+# `NOTEBOOK_QUICK=1` (tiny settings, for tests).
+
+# %%
+import json
+import os
+import sys
+from pathlib import Path
+
+import matplotlib
+
+if "ipykernel" not in sys.modules:
+    matplotlib.use("Agg")  # headless: figures go to files
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+
+import gpt_train as gt
+import pretraining_advanced as adv
+import pretraining_simple
+
+QUICK = os.environ.get("NOTEBOOK_QUICK") == "1"
+CHECKPOINT = os.environ.get("NOTEBOOK_CHECKPOINT")
+OUT = Path(os.environ.get("NOTEBOOK_OUT", "runs/notebook"))
+OUT.mkdir(parents=True, exist_ok=True)
+tokenizer = gt.get_tokenizer()
+figures = []
+
+
+def save(fig, name):
+    path = OUT / f"{name}.png"
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    figures.append(path)
+    print(f"saved {path}")
+
+
+# %% [markdown]
+# ## 1. A model to look at
+# Either the checkpoint you point at, or a fresh one: the `small` preset trained for about a minute
+# (the `debug` preset for a few seconds when `NOTEBOOK_QUICK=1`) with `pretraining_simple.py`'s own main().
+
+# %%
+if CHECKPOINT is None:
+    quick_flags = ["--model", "debug", "--max_steps", "30", "--batch_size", "8", "--lr", "3e-3"]
+    small_flags = ["--model", "small", "--max_steps", "40", "--batch_size", "8", "--lr", "1e-3"]
+    run = pretraining_simple.main([*(quick_flags if QUICK else small_flags), "--output_dir", str(OUT / "train"),
+                                   "--eval_freq", "10", "--eval_iter", "3", "--print_sample_iter", "0",
+                                   "--no-progress", "--log_every", "10"])
+    CHECKPOINT = run["checkpoint"]
+ckpt = gt.load_checkpoint(CHECKPOINT)
+model = gt.GPTModel(gt.GPTConfig.from_dict(ckpt["config"]))
+model.load_state_dict(ckpt["model"])
+model.eval()
+print(f"{CHECKPOINT}: step {ckpt['step']}, {gt.count_parameters(model)['tied']:,} parameters")
+
+# %% [markdown]
+# ## 2. Train and validation loss
+# The checkpoint carries its own history: the loss of every step, and validation at each evaluation.
+
+# %%
+h = ckpt["history"]
+fig, ax = plt.subplots(figsize=(6, 3.5))
+ax.plot(h["step"], h["train_loss"], label="train (per step)")
+if h["val_loss"]:
+    ax.plot(h["val_step"], h["val_loss"], "o--", label="validation")
+ax.set(xlabel="step", ylabel="cross-entropy loss", title="loss curves")
+ax.legend()
+save(fig, "loss_curves")
+
+# %% [markdown]
+# ## 3. The learning-rate schedule `pretraining_advanced.py` would use
+# Parsed from the script's own flags, drawn from its own `cosine_lr`: linear warmup, then cosine decay.
+
+# %%
+flags = adv.build_parser().parse_args(["--lr", "6e-4", "--warmup_steps", "200", "--max_steps", "2000"])
+min_lr = flags.min_lr if flags.min_lr is not None else flags.lr / 10
+steps = range(flags.max_steps + 1)
+fig, ax = plt.subplots(figsize=(6, 3))
+ax.plot(steps, [adv.cosine_lr(s, flags.lr, min_lr, flags.warmup_steps, flags.max_steps) for s in steps])
+ax.set(xlabel="step", ylabel="learning rate", title="warmup + cosine (--lr 6e-4 --warmup_steps 200)")
+save(fig, "lr_schedule")
+
+# %% [markdown]
+# ## 4. Sampling: temperature and top-k
+# Temperature 0 is greedy; higher temperatures flatten the distribution, top-k cuts its tail.
+
+# %%
+prompt = "Holmes looked at me and said"
+for temperature, top_k in ((0.0, None), (0.7, 40), (1.0, 40), (1.5, None)):
+    text = gt.generate_and_print_sample(model, tokenizer, "cpu", prompt, max_new_tokens=25, temperature=temperature,
+                                        top_k=top_k, seed=1, printer=lambda t: None)
+    print(f"T={temperature:<4} top_k={top_k!s:<5} {text!r}")
+
+# %% [markdown]
+# ## 5. Which tokens are hard?
+# The loss of each next-token prediction on a passage: names and rare words cost the most.
+
+# %%
+passage = ("To Sherlock Holmes she is always the woman. I have seldom heard him mention her under any other name. "
+           "In his eyes she eclipses and predominates the whole of her sex.")
+ids = gt.text_to_token_ids(passage, tokenizer)[:, : model.cfg.context_length]
+with torch.no_grad():
+    logits = model(ids[:, :-1])
+per_token = F.cross_entropy(logits[0], ids[0, 1:], reduction="none")
+tokens = [tokenizer.decode([t]) for t in ids[0, 1:].tolist()]
+hardest = per_token.argsort(descending=True)[:8]
+print("hardest tokens:", [(tokens[i], round(per_token[i].item(), 2)) for i in hardest.tolist()])
+fig, ax = plt.subplots(figsize=(10, 3))
+ax.bar(range(len(tokens)), per_token.numpy())
+ax.set_xticks(range(len(tokens)), tokens, rotation=90, fontsize=7)
+ax.set(ylabel="loss (nats)", title=f"per-token loss, mean {per_token.mean():.2f}")
+save(fig, "per_token_loss")
+
+# %% [markdown]
+# ## 6. What one attention head looks at
+# Run the blocks up to layer `LAYER` and ask its attention for the weights (the explicit path computes
+# them; SDPA never materialises them). Each row is a query position; it can only look left.
+
+# %%
+LAYER, HEAD = model.cfg.n_layers - 1, 0
+ids = gt.text_to_token_ids("It was the best of times, it was the worst of times, it was the age of wisdom",
+                           tokenizer)[:, : model.cfg.context_length]
+with torch.no_grad():
+    x = model.wte(ids) + model.wpe(torch.arange(ids.shape[1]))
+    for block in model.h[:LAYER]:
+        x = block(x)
+    _, att = model.h[LAYER].attn(model.h[LAYER].ln_1(x), return_attn=True)
+labels = [tokenizer.decode([t]) for t in ids[0].tolist()]
+fig, ax = plt.subplots(figsize=(6, 6))
+ax.imshow(att[0, HEAD].numpy(), cmap="viridis")
+ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
+ax.set_yticks(range(len(labels)), labels, fontsize=7)
+ax.set(title=f"layer {LAYER}, head {HEAD}")
+save(fig, "attention_map")
+
+# %% [markdown]
+# ## 7. A small learning-rate sweep
+# The same short run at three learning rates, validation loss side by side.
+
+# %%
+sweep = {}
+for lr in (3e-4, 1e-3, 3e-3):
+    res = pretraining_simple.main(["--model", "debug", "--max_steps", "12" if QUICK else "60", "--batch_size", "8",
+                                   "--lr", str(lr), "--eval_freq", "4" if QUICK else "10", "--eval_iter", "2",
+                                   "--print_sample_iter", "0", "--save_ckpt_freq", "0", "--no-progress",
+                                   "--log_every", "1000", "--output_dir", str(OUT / f"sweep_lr{lr:g}")])
+    sweep[lr] = res["history"]
+fig, ax = plt.subplots(figsize=(6, 3.5))
+for lr, hist in sweep.items():
+    ax.plot(hist["val_step"], hist["val_loss"], "o-", label=f"lr {lr:g}")
+ax.set(xlabel="step", ylabel="validation loss", title="learning-rate sweep (debug model)")
+ax.legend()
+save(fig, "lr_sweep")
+
+# %%
+summary = {"checkpoint": str(CHECKPOINT), "figures": [str(p) for p in figures],
+           "final_val_loss": {f"{lr:g}": hist["val_loss"][-1] for lr, hist in sweep.items()}}
+(OUT / "summary.json").write_text(json.dumps(summary, indent=2))
+print(json.dumps(summary, indent=2))
