@@ -7,6 +7,9 @@ attention; and optimizer-state bytes of AdamW vs GaLore for 124M.
 """
 
 import argparse
+import json
+import subprocess
+import sys
 import types
 
 from _common import peak_memory_mb, print_table, reset_peak_memory, timed
@@ -63,8 +66,13 @@ def main(argv=None):
     p.add_argument("--context_length", type=int, default=256, help="sequence length for 124M")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="include torch.compile runs")
     p.add_argument("--galore", action=argparse.BooleanOptionalAction, default=True, help="include optimizer-state sizes")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     runtime = gt.setup_runtime(args.device, args.dtype)
+    if args.one:  # a single configuration, in this (fresh) process, as JSON: peak memory is its own
+        preset, bs, ctx, flash, compile_ = json.loads(args.one)
+        print(json.dumps(bench_step(preset, bs, ctx, runtime, flash, compile_, args.iters)))
+        return None
     print(f"device {runtime.device} ({torch.cuda.get_device_name() if runtime.device.type == 'cuda' else 'CPU'}), "
           f"{torch.get_num_threads()} threads, dtype {args.dtype}, torch {torch.__version__}")
     rows = []
@@ -72,7 +80,10 @@ def main(argv=None):
         for flash, compile_ in ((True, False), (False, False), (True, True)):
             if compile_ and not args.compile:
                 continue
-            rows.append(bench_step(preset, bs, ctx, runtime, flash, compile_, args.iters))
+            one = json.dumps([preset, bs, ctx, flash, compile_])
+            r = subprocess.run([sys.executable, __file__, "--one", one, "--device", args.device, "--dtype", args.dtype,
+                                "--iters", str(args.iters)], capture_output=True, text=True, check=True)
+            rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
             print(" | ".join(f"{k} {v}" for k, v in rows[-1].items()), flush=True)
     print()
     print_table(rows)
