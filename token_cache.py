@@ -16,6 +16,8 @@ from __future__ import annotations
 import glob
 import json
 import os
+import queue
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -165,12 +167,13 @@ def _open_stream(source: DataSource):
                                stopping_strategy="all_exhausted")
 
 
-def iter_documents(source: DataSource, skip: int = 0) -> Iterator[str]:
-    """The source's documents, after the first `skip`. Opening (and its errors) happens now, not lazily."""
+def iter_documents(source: DataSource, skip: int = 0, batch_size: int = 512) -> Iterator[list[str]]:
+    """The source's documents after the first `skip`, in lists of `batch_size` (batched iteration is ~10x
+    faster than row by row). Opening the source, and its errors, happen now, not lazily."""
     stream = _open_stream(source)
     if skip:
         stream = stream.skip(skip)
-    return (row["text"] or "" for row in stream)
+    return ([t or "" for t in batch["text"]] for batch in stream.iter(batch_size=batch_size))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,6 +198,7 @@ class _Builder:
     val_every: int  # one validation block every `val_every` blocks (the first block included)
     pending: np.ndarray = field(default_factory=lambda: np.empty(0, np.uint16))  # not yet routed
     bufs: dict = field(default_factory=lambda: {"train": [], "val": []})
+    buffered: dict = field(default_factory=lambda: {"train": 0, "val": 0})  # tokens in bufs, per split
 
     def feed(self, tokens: np.ndarray) -> None:
         self.pending = np.concatenate([self.pending, tokens]) if len(self.pending) else tokens
@@ -208,7 +212,8 @@ class _Builder:
         self.manifest["blocks_routed"] = j + 1
         split = "val" if j % self.val_every == 0 else "train"
         self.bufs[split].append(block)
-        if sum(len(b) for b in self.bufs[split]) >= self.shard_tokens:
+        self.buffered[split] += len(block)
+        if self.buffered[split] >= self.shard_tokens:
             self._flush(split, final=False)
 
     def _flush(self, split: str, final: bool) -> None:
@@ -220,8 +225,10 @@ class _Builder:
             _atomic_write_bytes(self.cache_dir / name, chunk.astype(np.uint16).tobytes())
             shards.append({"name": name, "tokens": int(len(chunk))})
             self.bufs[split] = [data] if len(data) else []
+            self.buffered[split] = len(data)
             self.save_progress()
         self.bufs[split] = [data] if len(data) else []
+        self.buffered[split] = len(data)
 
     def finish(self) -> None:
         if len(self.pending):
@@ -254,6 +261,7 @@ class _Builder:
         with np.load(self.cache_dir / self.manifest["carry"]) as z:
             self.pending = z["pending"]
             self.bufs = {k: ([z[k]] if len(z[k]) else []) for k in ("train", "val")}
+            self.buffered = {k: len(z[k]) for k in ("train", "val")}
 
 
 def _new_manifest(source: DataSource, max_tokens, val_fraction, shard_tokens) -> dict:
@@ -332,7 +340,7 @@ def build_cache(source: DataSource, cache_dir, *, max_tokens: int | None = None,
     _remove_unlisted_shards(cache_dir, manifest)
 
     tokenizer = gt.get_tokenizer()
-    docs = iter_documents(source, skip=manifest["rows_read"])
+    batches = _prefetch(iter_documents(source, skip=manifest["rows_read"], batch_size=batch_docs))
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -341,8 +349,8 @@ def build_cache(source: DataSource, cache_dir, *, max_tokens: int | None = None,
     t0, bytes_read, tokens_new = time.perf_counter(), 0, 0
     done = max_tokens is not None and manifest["tokens_consumed"] >= max_tokens
     while not done:
-        batch = [d for _, d in zip(range(batch_docs), docs)]
-        if not batch:
+        batch = next(batches, None)
+        if batch is None:
             break
         ids = gt.encode_documents(batch, tokenizer, num_threads=num_threads)
         manifest["rows_read"] += len(batch)
@@ -368,6 +376,27 @@ def build_cache(source: DataSource, cache_dir, *, max_tokens: int | None = None,
     log(f"cache {cache_dir}: {manifest['documents']:,} documents, {manifest['train_tokens']:,} train + "
         f"{manifest['val_tokens']:,} val tokens in {manifest['shards_written']} shard(s)")
     return manifest
+
+
+def _prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
+    """Produce items in a background thread, so reading and parsing the next batch of documents
+    overlaps with tokenizing this one (tiktoken releases the GIL). Errors surface in the consumer."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    end = object()
+
+    def produce():
+        try:
+            for item in iterator:
+                q.put(item)
+        except BaseException as e:  # handed to the consumer, raised there
+            q.put(e)
+        q.put(end)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while (item := q.get()) is not end:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 def _remove_unlisted_shards(cache_dir: Path, manifest: dict) -> None:
