@@ -677,12 +677,14 @@ def save_checkpoint(path, checkpoint: dict) -> Path:
     return path
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
+def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
+    """Load and validate a checkpoint. mmap=True maps tensor data instead of reading it: checking or
+    peeking at a large checkpoint then costs only its small header."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is corrupt or truncated and cannot be read ({first[:120]})")
@@ -743,7 +745,7 @@ class CheckpointManager:
         """The newest checkpoint that loads; a damaged newer file is skipped with a warning."""
         for path in reversed(self.list()):
             try:
-                load_checkpoint(path)
+                load_checkpoint(path, mmap=True)
                 return path
             except CheckpointError as e:
                 print(f"warning: skipping {e}", file=sys.stderr)
@@ -922,7 +924,8 @@ def train_model(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Bat
                 metrics = {"step": state.step, "max_steps": tcfg.max_steps, "loss": g_loss, "lr": lr,
                            "grad_norm": grad_norm, "tokens_seen": state.tokens_seen,
                            "tokens_per_sec": tokens_per_step / dt, "ms_per_step": 1000 * dt,
-                           "mfu": (flops_tok * tokens_per_step / dt / peak_flops) if peak_flops else None}
+                           # MFU per GPU: the step's FLOPs are spread over world_size devices.
+                           "mfu": (flops_tok * tokens_per_step / runtime.world_size / dt / peak_flops) if peak_flops else None}
                 line = format_log_line(metrics)
                 say(line)
                 for sink in hooks.log:
@@ -992,7 +995,7 @@ def run_training(model: nn.Module, optimizer, runtime: Runtime, tcfg: TrainConfi
         if path is None:
             say(f"no checkpoint in {run_dir} yet: starting from scratch")
         else:
-            ckpt = load_checkpoint(path)
+            ckpt = load_checkpoint(path, mmap=True)  # tensors are read once, as they are copied into place
             if on_resume:
                 on_resume(ckpt)
             state = restore_training(ckpt, raw, optimizer, batches, load_optimizer, runtime.rank, runtime.world_size)
@@ -1053,6 +1056,11 @@ def run_training(model: nn.Module, optimizer, runtime: Runtime, tcfg: TrainConfi
     if state.bad_steps >= tcfg.max_bad_steps:
         raise UserError(f"training stopped: {state.stop_reason} (the last good weights are in {run_dir})")
     return result
+
+
+def args_to_dict(args) -> dict:
+    """argparse flags as JSON-safe values, for checkpoints and run logs."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
 def write_json(path, obj) -> Path:

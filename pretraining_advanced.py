@@ -247,10 +247,6 @@ def library_versions() -> dict:
     return out
 
 
-def jsonable(args) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-
-
 class FileLog:
     """train.log in the run dir: a header with config, versions and git hash, then every log line."""
 
@@ -282,7 +278,7 @@ def start_wandb(args, run_id: str):
     except ImportError:
         raise gt.UserError("--wandb needs the wandb package: pip install -r requirements.txt")
     run = wandb.init(project=args.wandb_project, name=args.wandb_run_name or args.run_dir.name, id=run_id,
-                     resume="allow", dir=str(args.run_dir), config=jsonable(args), mode=wandb_mode())
+                     resume="allow", dir=str(args.run_dir), config=gt.args_to_dict(args), mode=wandb_mode())
 
     def sink(metrics: dict, line: str | None) -> None:
         run.log({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "step" and v is not None},
@@ -416,7 +412,7 @@ def train(args, rank: int, world: int, local_rank: int) -> dict:
     sinks, closers = [], []
     run_id = {"wandb": None}
     if is_main:
-        file_log = FileLog(args.run_dir / "train.log", {"args": jsonable(args), "model_config": cfg.to_dict(),
+        file_log = FileLog(args.run_dir / "train.log", {"args": gt.args_to_dict(args), "model_config": cfg.to_dict(),
                                                           "versions": library_versions(), "git": git_hash(),
                                                           "world_size": world, "grad_accum": grad_accum})
         sinks.append(file_log)
@@ -432,7 +428,7 @@ def train(args, rank: int, world: int, local_rank: int) -> dict:
     if args.resume:  # the W&B run id is needed before the run starts
         path = gt.CheckpointManager(args.run_dir).latest() if args.resume == "auto" else Path(args.resume)
         if path is not None:
-            run_id["wandb"] = gt.load_checkpoint(path).get("extra", {}).get("wandb_run_id")
+            run_id["wandb"] = gt.load_checkpoint(path, mmap=True).get("extra", {}).get("wandb_run_id")
     wandb_run = None
     if is_main and args.wandb:
         from wandb.sdk.lib.runid import generate_id
@@ -447,7 +443,7 @@ def train(args, rank: int, world: int, local_rank: int) -> dict:
         closers.append(writer.close)
 
     def extra_state() -> dict:
-        return {"script": "pretraining_advanced", "args": jsonable(args), "optimizer": args.optimizer,
+        return {"script": "pretraining_advanced", "args": gt.args_to_dict(args), "optimizer": args.optimizer,
                 "wandb_run_id": run_id["wandb"], "world_size": world,
                 "schedule": {"lr": args.lr, "min_lr": min_lr, "warmup_steps": args.warmup_steps, "max_steps": max_steps}}
 

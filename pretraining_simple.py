@@ -105,16 +105,12 @@ def main(argv=None) -> dict:
     result = gt.run_training(
         model, optimizer, runtime, tcfg, train_data, val_data, batch_size=args.batch_size, seed=args.seed,
         run_dir=args.output_dir, keep_last=args.keep_last, resume=args.resume, eval_iter=args.eval_iter,
-        sample_prompt=args.start_context, extra={"script": "pretraining_simple", "args": vars_for_ckpt(args)},
+        sample_prompt=args.start_context, extra={"script": "pretraining_simple", "args": gt.args_to_dict(args)},
     )
     result["sample"] = gt.generate_and_print_sample(
         gt.unwrap_model(model), gt.get_tokenizer(), runtime.device, args.start_context, 50,
         printer=lambda t: print(f"final sample: {t}"))
     return result
-
-
-def vars_for_ckpt(args: argparse.Namespace) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
 if __name__ == "__main__":
