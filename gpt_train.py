@@ -619,6 +619,58 @@ def make_adamw(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.
 
 
 # ----------------------------------------------------------------------------------------------
+# Progress
+
+
+class PlainProgress:
+    """What the toolkit uses when tqdm is not installed: the same calls, printing a plain progress
+    line to stderr every ~10% of the total (or every 100 updates when there is no total)."""
+
+    def __init__(self, iterable=None, total=None, initial=0, desc="progress", **_):
+        self.iterable, self.total, self.n, self.desc = iterable, total, initial, desc
+        self.t0, self.every = time.perf_counter(), max(1, (total or 1000) // 10)
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            self.update(1)
+
+    def update(self, k: int = 1) -> None:
+        before, self.n = self.n, self.n + k
+        if self.n // self.every != before // self.every or self.n == self.total:
+            rate = self.n / max(time.perf_counter() - self.t0, 1e-9)
+            of = f"/{self.total}" if self.total else ""
+            print(f"{self.desc}: {self.n}{of} ({rate:,.1f}/s)", file=sys.stderr)
+
+    def set_postfix(self, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    write = staticmethod(print)
+
+
+def progress_bar(iterable=None, **kwargs):
+    """A tqdm bar (rate and ETA) when tqdm is installed, plain progress lines otherwise."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return PlainProgress(iterable, **kwargs)
+    return tqdm(iterable, **kwargs)
+
+
+def progress_write(line: str) -> None:
+    """print() that does not break a live progress bar."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        print(line)
+    else:
+        tqdm.write(line)
+
+
+# ----------------------------------------------------------------------------------------------
 # Checkpoints
 
 CHECKPOINT_FORMAT = "gpt-train-checkpoint/1"
@@ -652,15 +704,16 @@ def restore_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path, checkpoint: dict) -> Path:
-    """Write atomically: a temp file in the same directory, fsync, rename, fsync the directory.
-    A crash at any point leaves either the old file or the complete new one."""
+def atomic_write(path, write: Callable) -> Path:
+    """Write a file atomically: `write(f)` fills a temp file in the same directory, which is fsynced
+    and renamed over `path` (then the directory is fsynced). A crash at any point leaves either the old
+    file or the complete new one, never a torn one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -675,6 +728,10 @@ def save_checkpoint(path, checkpoint: dict) -> Path:
         finally:
             os.close(dfd)
     return path
+
+
+def save_checkpoint(path, checkpoint: dict) -> Path:
+    return atomic_write(path, lambda f: torch.save(checkpoint, f))
 
 
 def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
@@ -858,10 +915,9 @@ def train_model(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Bat
 
     bar = None
     if tcfg.progress and runtime.is_main:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=tcfg.max_steps, initial=state.step, unit="step", dynamic_ncols=True,
-                   bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]{postfix}")
-    say = bar.write if bar is not None else print
+        bar = progress_bar(total=tcfg.max_steps, initial=state.step, unit="step", dynamic_ncols=True, desc="training",
+                           bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]{postfix}")
+    say = progress_write
 
     def at(every: int) -> bool:
         return every > 0 and state.step % every == 0
@@ -969,11 +1025,8 @@ def restore_training(ckpt: dict, model: nn.Module, optimizer=None, sampler: Batc
 
 
 def _main_printer(runtime: Runtime) -> Callable[[str], None]:
-    """print() on the main rank that does not break a live tqdm bar; silence on the others."""
-    if not runtime.is_main:
-        return lambda *a, **k: None
-    from tqdm.auto import tqdm
-    return tqdm.write
+    """progress_write on the main rank, silence on the others."""
+    return progress_write if runtime.is_main else (lambda *a, **k: None)
 
 
 def run_training(model: nn.Module, optimizer, runtime: Runtime, tcfg: TrainConfig,
@@ -1064,13 +1117,7 @@ def args_to_dict(args) -> dict:
 
 
 def write_json(path, obj) -> Path:
-    """Atomic JSON write (temp + rename), so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
 
 
 def run_cli(main: Callable[[], object]) -> None:

@@ -13,7 +13,6 @@ import argparse
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 import urllib.error
@@ -22,7 +21,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpt_train import EOT_TOKEN, UserError, run_cli
+from gpt_train import EOT_TOKEN, UserError, atomic_write, progress_bar, run_cli
 
 DEFAULT_RAW_DIR = Path("data/gutenberg_raw")
 DEFAULT_CLEAN_DIR = Path("data/gutenberg_clean")
@@ -202,9 +201,7 @@ def download_books(book_ids, data_dir: Path, mirror: str = DEFAULT_MIRROR, retri
             try:
                 with urllib.request.urlopen(url, timeout=timeout) as resp:
                     data = resp.read()
-                tmp = dest.with_name(dest.name + ".part")
-                tmp.write_bytes(data)
-                os.replace(tmp, dest)
+                atomic_write(dest, lambda f, data=data: f.write(data))
                 got.append(dest)
                 log(f"downloaded {url} ({len(data) / 1024:.0f} KB)")
                 break
@@ -272,19 +269,6 @@ def write_embedded_sample(data_dir: Path, log=print) -> list[Path]:
 # The pipeline
 
 
-def _progress(iterable, total: int, desc: str):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # plain progress lines when tqdm is missing
-        def plain():
-            for i, item in enumerate(iterable, 1):
-                if i == total or i % max(1, total // 10) == 0:
-                    print(f"{desc}: {i}/{total}", file=sys.stderr)
-                yield item
-        return plain()
-    return tqdm(iterable, total=total, desc=desc, unit="book")
-
-
 def prepare(data_dir: Path, output_dir: Path, max_size_mb: float = 500.0, workers: int | None = None,
             log=print) -> dict:
     """Clean and combine every book under data_dir; returns the summary."""
@@ -301,9 +285,10 @@ def prepare(data_dir: Path, output_dir: Path, max_size_mb: float = 500.0, worker
     workers = workers or min(len(paths), os.cpu_count() or 1)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            results = list(_progress(pool.map(process_book, paths, chunksize=1), len(paths), "cleaning"))
+            results = list(progress_bar(pool.map(process_book, paths, chunksize=1), total=len(paths), desc="cleaning",
+                                        unit="book"))
     else:
-        results = [process_book(p) for p in _progress(paths, len(paths), "cleaning")]
+        results = [process_book(p) for p in progress_bar(paths, total=len(paths), desc="cleaning", unit="book")]
     kept = [r for r in results if r.text]
     summary = {
         "books_read": len(kept),

@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log_every", type=int, default=10, help="log line every N steps")
     g.add_argument("--eval_every", type=int, default=500, help="validation loss every N steps (0: only at the end)")
     g.add_argument("--eval_iters", type=int, default=20, help="validation batches per evaluation")
-    g.add_argument("--sample_every", type=int, default=0, help="print a text sample every N steps (0: never)")
+    g.add_argument("--sample_every", type=int, default=1000, help="print a text sample every N steps (0: never)")
     g.add_argument("--sample_prompt", default="Every effort moves you", help="prompt for samples")
     g.add_argument("--max_bad_steps", type=int, default=3, help="stop after this many non-finite losses in a row")
     g.add_argument("--wandb", action=BOOL, default=False, help="log to Weights & Biases (offline without an API key)")

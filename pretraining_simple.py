@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val_fraction", type=float, default=0.1, help="share of each file held out for validation")
     p.add_argument("--seed", type=int, default=123, help="random seed (init, batch order, dropout)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--init_from", default=None,
+                   help="start from pretrained weights only: gpt2, gpt2-medium, ..., a HF GPT-2 folder or a checkpoint "
+                        "(the --model preset must match them)")
     p.add_argument("--resume", default=None, help="checkpoint to continue from, or 'auto' for the newest in --output_dir")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     return p
@@ -94,6 +97,11 @@ def main(argv=None) -> dict:
           f"{batches_per_epoch} batches per epoch, {max_steps} steps")
 
     model = gt.GPTModel(cfg)
+    if args.init_from:
+        import wt_load
+
+        wt_load.init_weights(model, args.init_from)
+        print(f"initialised weights from {args.init_from}")
     counts = gt.count_parameters(model)
     print(f"model: {args.model} ({counts['tied'] / 1e6:.1f}M parameters, {counts['non_embedding'] / 1e6:.1f}M "
           f"non-embedding), device {runtime.device}")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import glob
 import json
-import os
 import queue
 import threading
 import time
@@ -180,13 +179,8 @@ def iter_documents(source: DataSource, skip: int = 0, batch_size: int = 512) -> 
 # Building the cache
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _write_shard(path: Path, tokens: np.ndarray) -> None:
+    gt.atomic_write(path, lambda f: f.write(tokens.astype(np.uint16).tobytes()))
 
 
 @dataclass
@@ -222,7 +216,7 @@ class _Builder:
             chunk, data = data[: self.shard_tokens], data[self.shard_tokens :]
             shards = self.manifest["shards"][split]
             name = f"{split}_{len(shards):06d}.bin"
-            _atomic_write_bytes(self.cache_dir / name, chunk.astype(np.uint16).tobytes())
+            _write_shard(self.cache_dir / name, chunk)
             shards.append({"name": name, "tokens": int(len(chunk))})
             self.bufs[split] = [data] if len(data) else []
             self.buffered[split] = len(data)
@@ -246,14 +240,12 @@ class _Builder:
         m["shards_written"] = len(m["shards"]["train"]) + len(m["shards"]["val"])
         carry_name = f"carry_{m['shards_written']:06d}_{m['blocks_routed']}.npz"
         arrays = {k: (np.concatenate(v) if v else np.empty(0, np.uint16)) for k, v in self.bufs.items()}
-        tmp = self.cache_dir / f".{carry_name}.tmp.npz"
-        np.savez(tmp, pending=self.pending, **arrays)
-        os.replace(tmp, self.cache_dir / carry_name)
+        gt.atomic_write(self.cache_dir / carry_name, lambda f: np.savez(f, pending=self.pending, **arrays))
         old = m.get("carry")
         m["carry"] = carry_name
         m["train_tokens"] = sum(s["tokens"] for s in m["shards"]["train"])
         m["val_tokens"] = sum(s["tokens"] for s in m["shards"]["val"])
-        _atomic_write_bytes(self.cache_dir / MANIFEST, json.dumps(m, indent=2).encode())
+        gt.write_json(self.cache_dir / MANIFEST, m)
         if old and old != carry_name:
             (self.cache_dir / old).unlink(missing_ok=True)
 
@@ -343,8 +335,7 @@ def build_cache(source: DataSource, cache_dir, *, max_tokens: int | None = None,
     batches = _prefetch(iter_documents(source, skip=manifest["rows_read"], batch_size=batch_docs))
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=max_tokens, initial=manifest["tokens_consumed"], unit="tok", unit_scale=True,
+        bar = gt.progress_bar(total=max_tokens, initial=manifest["tokens_consumed"], unit="tok", unit_scale=True,
                    desc="tokenizing", dynamic_ncols=True)
     t0, bytes_read, tokens_new = time.perf_counter(), 0, 0
     done = max_tokens is not None and manifest["tokens_consumed"] >= max_tokens

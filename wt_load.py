@@ -276,18 +276,14 @@ def export_hf(model: gt.GPTModel, out_dir) -> Path:
 
 def export_safetensors(model: gt.GPTModel, out, ckpt: dict | None = None) -> Path:
     """Weights only (no optimizer state), our names, the config in the metadata."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(out)
     sd = {k: v.contiguous() for k, v in model.state_dict().items()
           if not (k == "lm_head.weight" and model.cfg.tie_embeddings)}
     meta = {"gpt_config": json.dumps(model.cfg.to_dict()), "step": str((ckpt or {}).get("step", 0)),
             "tokens_seen": str((ckpt or {}).get("tokens_seen", 0))}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(sd, str(tmp), metadata=meta)
-    os.replace(tmp, out)
-    return out
+    return gt.atomic_write(out, lambda f: f.write(save(sd, metadata=meta)))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -224,3 +224,18 @@ def test_download_offline_is_a_clear_error(tmp_path):
         pd.download_books([1], tmp_path, mirror="http://127.0.0.1:9", retries=2, backoff=0.01, timeout=2,
                           log=lambda *a: None)
     assert not list(tmp_path.iterdir())
+
+
+def test_plain_progress_lines_without_tqdm(tmp_path, small_corpus):
+    shadow = tmp_path / "shadow" / "tqdm"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('tqdm hidden by the test')\n")
+    env = {"PYTHONPATH": f"{tmp_path / 'shadow'}:{Path(pd.__file__).parent}"}
+    r = run_script(["prep_dataset.py", "--sample", "--data_dir", tmp_path / "raw", "--output_dir", tmp_path / "out"],
+                   cwd=tmp_path, env_extra=env)
+    assert r.returncode == 0, r.stderr
+    assert "cleaning: 4/4" in r.stderr
+    r = run_script(["pretraining_simple.py", "--debug", "--data_dir", small_corpus, "--output_dir", tmp_path / "run"],
+                   cwd=tmp_path, env_extra=env)
+    assert r.returncode == 0, r.stderr
+    assert "training: 20/20" in r.stderr and "step      20/20 | loss" in r.stdout

@@ -68,21 +68,20 @@ def test_interrupted_build_resumes_to_an_identical_cache(corpora, monkeypatch):
     src = tc.resolve_source(str(root / "j"))
     kw = dict(val_fraction=0.25, shard_tokens=2000, batch_docs=16, progress=False)
     tc.build_cache(src, root / "full", **kw)
-    real = tc._atomic_write_bytes
+    real = tc._write_shard
     calls = {"n": 0}
 
-    def crash_on_fourth_shard(path, data):
-        if path.suffix == ".bin":
-            calls["n"] += 1
-            if calls["n"] == 4:
-                path.with_name(path.name + ".partial").write_bytes(data[:10])  # half-written junk
-                raise KeyboardInterrupt
-        real(path, data)
+    def crash_on_fourth_shard(path, tokens):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            path.with_name(f".{path.name}.tmp").write_bytes(tokens.tobytes()[:10])  # a torn temp file
+            raise KeyboardInterrupt
+        real(path, tokens)
 
-    monkeypatch.setattr(tc, "_atomic_write_bytes", crash_on_fourth_shard)
+    monkeypatch.setattr(tc, "_write_shard", crash_on_fourth_shard)
     with pytest.raises(KeyboardInterrupt):
         tc.build_cache(src, root / "part", **kw)
-    monkeypatch.setattr(tc, "_atomic_write_bytes", real)
+    monkeypatch.setattr(tc, "_write_shard", real)
     m = json.loads((root / "part" / "manifest.json").read_text())
     assert not m["complete"] and m["shards_written"] == 3
     with pytest.raises(gt.UserError, match="incomplete"):
@@ -91,7 +90,7 @@ def test_interrupted_build_resumes_to_an_identical_cache(corpora, monkeypatch):
     tc.build_cache(src, root / "part", **kw, log=logs.append)
     assert any("resuming" in line for line in logs)
     full = {p.name: p.read_bytes() for p in (root / "full").iterdir()}
-    part = {p.name: p.read_bytes() for p in (root / "part").iterdir() if not p.name.endswith(".partial")}
+    part = {p.name: p.read_bytes() for p in (root / "part").iterdir()}  # the torn temp file is gone too
     assert full.keys() == part.keys()
     assert all(full[k] == part[k] for k in full)
 

@@ -173,3 +173,14 @@ def test_advanced_script_init_from_hf_dir(tmp_path, small_corpus):
     trained = gt.load_checkpoint(res["checkpoint"])["model"]
     ref = wt_load.load_hf(str(d)).state_dict()
     assert all(torch.equal(trained[k], ref[k]) for k in ref)  # lr 0: the weights are GPT-2's, unchanged
+
+
+def test_simple_script_init_from_our_checkpoint(tmp_path, small_corpus):
+    torch.manual_seed(3)
+    model = gt.GPTModel(gt.get_config("debug"))
+    ckpt = wt_load.save_from_model(model, tmp_path / "init.pt", "test")
+    res = pretraining_simple.main(["--data_dir", str(small_corpus), "--output_dir", str(tmp_path / "run"), "--debug",
+                                   "--max_steps", "1", "--lr", "0", "--weight_decay", "0", "--no-progress",
+                                   "--init_from", str(ckpt)])
+    trained = gt.load_checkpoint(res["checkpoint"])["model"]
+    assert all(torch.equal(trained[k], v) for k, v in model.state_dict().items())
