@@ -346,10 +346,7 @@ def train(args, rank: int, world: int, local_rank: int) -> dict:
     is_main = rank == 0
     say = print if is_main else (lambda *a, **k: None)
     barrier = dist.barrier if world > 1 else None
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = "bf16" if torch.cuda.is_available() and args.device != "cpu" and torch.cuda.is_bf16_supported() else "fp32"
-    runtime = gt.setup_runtime(args.device, dtype, args.compile, rank, world, local_rank)
+    runtime = gt.setup_runtime(args.device, args.dtype, args.compile, rank, world, local_rank)
     cfg = gt.get_config(args.model, n_layers=args.n_layers, n_heads=args.n_heads, emb_dim=args.emb_dim,
                         context_length=args.context_length, drop_rate=args.drop_rate, qkv_bias=args.qkv_bias,
                         flash=args.flash)
@@ -399,7 +396,7 @@ def train(args, rank: int, world: int, local_rank: int) -> dict:
     counts = gt.count_parameters(model)
     say(f"model: {args.model} {counts['tied'] / 1e6:.1f}M parameters | {train_data.num_tokens():,} train tokens | "
         f"{tokens_per_step:,} tokens/step ({args.batch_size} x {cfg.context_length} x {grad_accum} accum x {world} "
-        f"devices) | {max_steps} steps | {runtime.device} {dtype}{' compiled' if args.compile else ''}")
+        f"devices) | {max_steps} steps | {runtime.device} {runtime.dtype}{' compiled' if args.compile else ''}")
     model = runtime.prepare(model)
     optimizer = make_optimizer(gt.unwrap_model(model), args, runtime.device)
     if world > 1:

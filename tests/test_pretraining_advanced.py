@@ -209,3 +209,19 @@ def test_torchrun_two_ranks_match_single_process(base, tmp_path):
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4)
     assert len(a["rng_per_rank"]) == 2
+
+
+def test_fp16_loss_scaling_resumes_bit_identically(base, tmp_path):
+    """fp16 autocast with a gradient scaler (a CUDA feature, exercised on CPU): the scaler's state is
+    checkpointed, so a resumed run continues with the same loss scale."""
+    fp16 = [*base, "--dtype", "fp16", "--eval_every", "0"]
+    full = adv.main([*fp16, "--run_dir", str(tmp_path / "a"), "--max_steps", "6"])
+    adv.main([*fp16, "--run_dir", str(tmp_path / "b"), "--max_steps", "3"])
+    assert gt.load_checkpoint(tmp_path / "b" / "ckpt_00000003.pt")["scaler"]["scale"] > 0
+    resumed = adv.main([*fp16, "--run_dir", str(tmp_path / "b"), "--max_steps", "6", "--resume", "auto"])
+    assert all(math.isfinite(x) for x in full["history"]["train_loss"])
+    assert resumed["history"]["train_loss"] == full["history"]["train_loss"]
+    # The scaler counts finite steps towards its next growth: the resumed run carried the count on.
+    a = gt.load_checkpoint(tmp_path / "a" / "ckpt_00000006.pt")["scaler"]
+    b = gt.load_checkpoint(tmp_path / "b" / "ckpt_00000006.pt")["scaler"]
+    assert a == b and a["_growth_tracker"] == 6
