@@ -29,6 +29,7 @@ import torch
 
 import gpt_train as gt
 import token_cache
+import wt_load
 
 GALORE_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 # Peak dense bf16 tensor-core FLOP/s by GPU name, for MFU.
@@ -387,12 +388,7 @@ def train(args, rank: int, world: int, local_rank: int) -> dict:
     min_lr = args.min_lr if args.min_lr is not None else args.lr / 10
 
     gt.seed_everything(args.seed)
-    model = gt.GPTModel(cfg)
-    if args.init_from:
-        import wt_load
-
-        wt_load.init_weights(model, args.init_from)
-        say(f"initialised weights from {args.init_from}")
+    model = wt_load.new_model(cfg, args.init_from, log=say)
     counts = gt.count_parameters(model)
     say(f"model: {args.model} {counts['tied'] / 1e6:.1f}M parameters | {train_data.num_tokens():,} train tokens | "
         f"{tokens_per_step:,} tokens/step ({args.batch_size} x {cfg.context_length} x {grad_accum} accum x {world} "

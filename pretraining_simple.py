@@ -15,6 +15,7 @@ from pathlib import Path
 
 import gpt_train as gt
 import prep_dataset
+import wt_load
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,12 +97,7 @@ def main(argv=None) -> dict:
     print(f"data: {len(files)} file(s), {train_data.num_tokens():,} train / {val_data.num_tokens():,} val tokens; "
           f"{batches_per_epoch} batches per epoch, {max_steps} steps")
 
-    model = gt.GPTModel(cfg)
-    if args.init_from:
-        import wt_load
-
-        wt_load.init_weights(model, args.init_from)
-        print(f"initialised weights from {args.init_from}")
+    model = wt_load.new_model(cfg, args.init_from)
     counts = gt.count_parameters(model)
     print(f"model: {args.model} ({counts['tied'] / 1e6:.1f}M parameters, {counts['non_embedding'] / 1e6:.1f}M "
           f"non-embedding), device {runtime.device}")

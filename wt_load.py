@@ -214,6 +214,15 @@ def init_weights(model: gt.GPTModel, source: str) -> None:
     load_into(model, src.state_dict(), source)
 
 
+def new_model(cfg: gt.GPTConfig, init_from: str | None = None, log=print) -> gt.GPTModel:
+    """The model a training script starts from: freshly initialised, or with --init_from weights."""
+    model = gt.GPTModel(cfg)
+    if init_from:
+        init_weights(model, init_from)
+        log(f"initialised weights from {init_from}")
+    return model
+
+
 def save_from_model(model: gt.GPTModel, out, source: str) -> Path:
     state = gt.TrainState()
     return gt.save_checkpoint(out, gt.build_checkpoint(model, None, state, extra={"converted_from": source}))
