@@ -891,14 +891,6 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-def _all_reduce(values: list[float], runtime: Runtime, op) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=runtime.device)
-    if runtime.world_size > 1:
-        import torch.distributed as dist
-        dist.all_reduce(t, op=op)
-    return t.tolist()
-
-
 def train_model(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSampler, runtime: Runtime,
                 tcfg: TrainConfig, lr_fn: Callable[[int], float] | None = None, state: TrainState | None = None,
                 hooks: TrainHooks | None = None, peak_flops: float | None = None, scaler=None) -> TrainState:
@@ -933,7 +925,7 @@ def train_model(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Bat
             if lr_fn:
                 for g in optimizer.param_groups:
                     g["lr"] = lr * g.get("lr_scale", 1.0)
-            loss_sum = 0.0
+            loss_sum = torch.zeros((), device=runtime.device)  # stays on the device: no sync per micro-batch
             for micro in range(tcfg.grad_accum_steps):
                 x, y = batches.next()
                 # Gradients are all-reduced by DDP only on the last micro-batch of the step.
@@ -942,15 +934,16 @@ def train_model(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Bat
                     with runtime.autocast():
                         loss = calc_loss_batch(x, y, model, runtime.device) / tcfg.grad_accum_steps
                     scaler.scale(loss).backward()
-                loss_sum += loss.item()
+                loss_sum += loss.detach().float()
             scaler.unscale_(optimizer)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-            # One small all-reduce keeps every rank agreeing on the loss, on skipping and on stopping.
-            world = runtime.world_size
-            op = dist.ReduceOp.SUM if world > 1 else None
-            g_loss, g_bad, g_stop = _all_reduce(
-                [loss_sum, float(not math.isfinite(loss_sum)), float(stop.received is not None)], runtime, op)
-            g_loss /= world
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            # One small all-reduce (and the step's one host sync) keeps every rank agreeing on the loss,
+            # on skipping a non-finite step and on stopping. The grad norm is the same on every rank.
+            stats = torch.stack([loss_sum, (~torch.isfinite(loss_sum)).float(), grad_norm.float().to(runtime.device),
+                                 torch.tensor(float(stop.received is not None), device=runtime.device)])
+            if runtime.world_size > 1:
+                dist.all_reduce(stats)
+            g_loss, g_bad, grad_norm, g_stop = (v / runtime.world_size for v in stats.tolist())
             if g_bad:
                 optimizer.zero_grad(set_to_none=True)
                 scaler.update()
