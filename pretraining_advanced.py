@@ -5,7 +5,7 @@ torch.compile and GaLore.
 
     python pretraining_advanced.py --model debug --max_steps 200            # CPU smoke run, embedded books
     python pretraining_advanced.py --data smollm:cosmopedia-v2 --max_tokens 2e9 --prepare_only
-    torchrun --nproc_per_node 8 pretraining_advanced.py --model 124M --data smollm:cosmopedia-v2 \\
+    torchrun --standalone --nproc_per_node 8 pretraining_advanced.py --model 124M --data smollm:cosmopedia-v2 \\
         --max_tokens 2e9 --total_batch_tokens 524288 --compile --wandb
     python pretraining_advanced.py --run_dir runs/x --resume auto           # continue after preemption
 """
@@ -332,13 +332,19 @@ def resolve_data_arg(data: str) -> str:
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     rank, world, local_rank = setup_distributed()
-    try:
+    if world == 1:
         return train(args, rank, world, local_rank)
-    finally:
-        if world > 1:
-            import torch.distributed as dist
+    import gc
 
-            dist.destroy_process_group()
+    import torch.distributed as dist
+
+    try:
+        result = train(args, rank, world, local_rank)
+        dist.barrier()  # no rank tears the group down while a peer still talks to it
+        return result
+    finally:
+        gc.collect()  # DDP's reducer holds the process group: free it first, not during interpreter exit
+        dist.destroy_process_group()
 
 
 def train(args, rank: int, world: int, local_rank: int) -> dict:

@@ -191,19 +191,20 @@ def test_prepare_only_builds_the_cache(base, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def _torchrun(flags, port):
+def _torchrun(flags):
+    """A 2-process gloo run; --standalone picks a free port for the rendezvous."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(ROOT / "pretraining_advanced.py"), *flags], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, f"stdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[:3000]}\n...\n{r.stderr[-3000:]}"
     return r
 
 
 def test_torchrun_resume_is_bit_identical_with_per_rank_dropout(base, tmp_path):
     flags = [*base, "--eval_every", "0", "--device", "cpu", "--drop_rate", "0.2"]
-    _torchrun([*flags, "--max_steps", "6", "--run_dir", str(tmp_path / "full")], 29541)
-    _torchrun([*flags, "--max_steps", "3", "--run_dir", str(tmp_path / "part")], 29542)
-    _torchrun([*flags, "--max_steps", "6", "--run_dir", str(tmp_path / "part"), "--resume", "auto"], 29543)
+    _torchrun([*flags, "--max_steps", "6", "--run_dir", str(tmp_path / "full")])
+    _torchrun([*flags, "--max_steps", "3", "--run_dir", str(tmp_path / "part")])
+    _torchrun([*flags, "--max_steps", "6", "--run_dir", str(tmp_path / "part"), "--resume", "auto"])
     full = json.loads((tmp_path / "full" / "losses.json").read_text())["train_loss"]
     resumed = json.loads((tmp_path / "part" / "losses.json").read_text())["train_loss"]
     assert resumed == full
@@ -212,7 +213,7 @@ def test_torchrun_resume_is_bit_identical_with_per_rank_dropout(base, tmp_path):
 def test_torchrun_two_ranks_match_single_process(base, tmp_path):
     flags = [*base, "--max_steps", "4", "--eval_every", "0", "--device", "cpu"]
     single = adv.main([*flags, "--run_dir", str(tmp_path / "single"), "--grad_accum", "2"])
-    r = _torchrun([*flags, "--run_dir", str(tmp_path / "ddp")], 29533)
+    r = _torchrun([*flags, "--run_dir", str(tmp_path / "ddp")])
     assert "weights identical on all 2 ranks: True" in r.stdout
     assert r.stdout.count("step       1/4 |") == 1  # rank 0 alone logs
     ddp = json.loads((tmp_path / "ddp" / "losses.json").read_text())
