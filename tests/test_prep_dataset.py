@@ -170,28 +170,22 @@ def test_cli_errors_are_one_line(tmp_path):
 
 
 class _Books(http.server.BaseHTTPRequestHandler):
+    """Book 7 is served, book 8 fails once with 503 (then is served), everything else is 404."""
     hits: dict = {}
+    books = {"/cache/epub/7/pg7.txt": "the", "/cache/epub/8/pg8.txt": "this"}
 
     def do_GET(self):
         self.hits[self.path] = self.hits.get(self.path, 0) + 1
-        if self.path == "/cache/epub/7/pg7.txt":
-            body = (VARIANTS["the"][0] + BODY + VARIANTS["the"][1]).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
+        variant = self.books.get(self.path)
+        if variant is None or (variant == "this" and self.hits[self.path] < 2):
+            self.send_response(404 if variant is None else 503)
             self.end_headers()
-            self.wfile.write(body)
-        elif self.path == "/cache/epub/8/pg8.txt" and self.hits[self.path] < 2:
-            self.send_response(503)  # a transient failure: retried
-            self.end_headers()
-        elif self.path == "/cache/epub/8/pg8.txt":
-            body = (VARIANTS["this"][0] + BODY + VARIANTS["this"][1]).encode()
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-        else:
-            self.send_response(404)
-            self.end_headers()
+            return
+        body = (VARIANTS[variant][0] + BODY + VARIANTS[variant][1]).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
 
     def log_message(self, *a):
         pass
