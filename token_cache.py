@@ -336,7 +336,7 @@ def build_cache(source: DataSource, cache_dir, *, max_tokens: int | None = None,
     bar = None
     if progress:
         bar = gt.progress_bar(total=max_tokens, initial=manifest["tokens_consumed"], unit="tok", unit_scale=True,
-                   desc="tokenizing", dynamic_ncols=True)
+                              desc="tokenizing", dynamic_ncols=True)
     t0, bytes_read, tokens_new = time.perf_counter(), 0, 0
     done = max_tokens is not None and manifest["tokens_consumed"] >= max_tokens
     while not done:
@@ -357,6 +357,7 @@ def build_cache(source: DataSource, cache_dir, *, max_tokens: int | None = None,
             dt = max(time.perf_counter() - t0, 1e-9)
             bar.update(len(ids))
             bar.set_postfix(MB_s=f"{bytes_read / dt / 1e6:.1f}", tok_s=f"{tokens_new / dt:,.0f}")
+    batches.close()  # stops the reader thread when --max_tokens ended the stream early
     if bar is not None:
         bar.close()
     builder.finish()
@@ -371,23 +372,37 @@ def build_cache(source: DataSource, cache_dir, *, max_tokens: int | None = None,
 
 def _prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
     """Produce items in a background thread, so reading and parsing the next batch of documents
-    overlaps with tokenizing this one (tiktoken releases the GIL). Errors surface in the consumer."""
+    overlaps with tokenizing this one (tiktoken releases the GIL). Errors surface in the consumer;
+    closing the consumer (e.g. once --max_tokens is reached) stops the producer and its stream."""
     q: queue.Queue = queue.Queue(maxsize=depth)
-    end = object()
+    end, stop = object(), threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
 
     def produce():
         try:
             for item in iterator:
-                q.put(item)
+                if not put(item):
+                    return
         except BaseException as e:  # handed to the consumer, raised there
-            q.put(e)
-        q.put(end)
+            put(e)
+        put(end)
 
-    threading.Thread(target=produce, daemon=True).start()
-    while (item := q.get()) is not end:
-        if isinstance(item, BaseException):
-            raise item
-        yield item
+    threading.Thread(target=produce, name="token-cache-reader", daemon=True).start()
+    try:
+        while (item := q.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
 
 
 def _remove_unlisted_shards(cache_dir: Path, manifest: dict) -> None:

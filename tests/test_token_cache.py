@@ -55,10 +55,18 @@ def test_cache_matches_direct_tokenization(corpora, kind, column):
 
 
 def test_max_tokens_caps_the_stream(corpora):
+    import threading
+
     root, _ = corpora
     src = tc.resolve_source(str(root / "j"))
-    m = tc.build_cache(src, root / "c", max_tokens=10000, shard_tokens=4000, val_fraction=0.5, progress=False)
+    m = tc.build_cache(src, root / "c", max_tokens=10000, shard_tokens=4000, val_fraction=0.5, progress=False,
+                       batch_docs=16)
     assert m["tokens_consumed"] == 10000 == m["train_tokens"] + m["val_tokens"]
+    assert m["rows_read"] < 400  # the stream was not read to its end...
+    readers = [t for t in threading.enumerate() if t.name == "token-cache-reader"]
+    for t in readers:  # ...and its reader thread has stopped
+        t.join(timeout=2)
+    assert not any(t.is_alive() for t in readers)
     with pytest.raises(gt.UserError, match="max_tokens=10000, this run asks for 20000"):
         tc.build_cache(src, root / "c", max_tokens=20000, val_fraction=0.5, progress=False)
 
