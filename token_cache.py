@@ -235,12 +235,14 @@ class _Builder:
 
     def save_progress(self) -> None:
         """Carry (unwritten tokens) first, then the manifest that points at it: a crash between the
-        two leaves the previous, consistent pair."""
+        two leaves the previous, consistent pair. A complete cache has nothing left to carry."""
         m = self.manifest
         m["shards_written"] = len(m["shards"]["train"]) + len(m["shards"]["val"])
-        carry_name = f"carry_{m['shards_written']:06d}_{m['blocks_routed']}.npz"
-        arrays = {k: (np.concatenate(v) if v else np.empty(0, np.uint16)) for k, v in self.bufs.items()}
-        gt.atomic_write(self.cache_dir / carry_name, lambda f: np.savez(f, pending=self.pending, **arrays))
+        carry_name = None
+        if not m["complete"]:
+            carry_name = f"carry_{m['shards_written']:06d}_{m['blocks_routed']}.npz"
+            arrays = {k: (np.concatenate(v) if v else np.empty(0, np.uint16)) for k, v in self.bufs.items()}
+            gt.atomic_write(self.cache_dir / carry_name, lambda f: np.savez(f, pending=self.pending, **arrays))
         old = m.get("carry")
         m["carry"] = carry_name
         m["train_tokens"] = sum(s["tokens"] for s in m["shards"]["train"])
@@ -364,7 +366,6 @@ def build_cache(source: DataSource, cache_dir, *, max_tokens: int | None = None,
     if manifest["train_tokens"] == 0:
         raise gt.UserError(f"{source.describe()} gave {manifest['tokens_consumed']} tokens, too few for a training "
                            f"split (validation takes the first {VAL_BLOCK_TOKENS} tokens); use more text")
-    (cache_dir / manifest["carry"]).unlink(missing_ok=True)
     log(f"cache {cache_dir}: {manifest['documents']:,} documents, {manifest['train_tokens']:,} train + "
         f"{manifest['val_tokens']:,} val tokens in {manifest['shards_written']} shard(s)")
     return manifest

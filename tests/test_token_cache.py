@@ -40,6 +40,7 @@ def test_cache_matches_direct_tokenization(corpora, kind, column):
     assert m["complete"] and m["documents"] == 400
     assert m["train_tokens"] + m["val_tokens"] == len(direct) == m["tokens_consumed"]
     assert m["tokenizer"] == "gpt2" and m["tokenizer_hash"] == gt.tokenizer_fingerprint()
+    assert m["carry"] is None and not list((root / f"cache_{kind}").glob("carry_*"))  # nothing left over
     cache = tc.load_cache(root / f"cache_{kind}", src)
     assert all(isinstance(a, np.memmap) and a.dtype == np.uint16 for a in cache.train + cache.val)
     assert [len(a) for a in cache.train] == [s["tokens"] for s in m["shards"]["train"]]
