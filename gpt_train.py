@@ -762,9 +762,10 @@ def check_config_matches(ckpt_cfg: dict, cfg: GPTConfig, source="checkpoint") ->
 
 
 def build_checkpoint(model, optimizer, state: TrainState, sampler: BatchSampler | None = None,
-                     extra: dict | None = None, optimizer_state: dict | None = None) -> dict:
+                     extra: dict | None = None, optimizer_state: dict | None = None, scaler=None,
+                     rng_per_rank: list | None = None) -> dict:
     raw = unwrap_model(model)
-    return {
+    ckpt = {
         "format": CHECKPOINT_FORMAT,
         "config": raw.cfg.to_dict(),
         "model": raw.state_dict(),
@@ -776,6 +777,11 @@ def build_checkpoint(model, optimizer, state: TrainState, sampler: BatchSampler 
         "rng": capture_rng_state(),
         "extra": extra or {},
     }
+    if rng_per_rank:
+        ckpt["rng_per_rank"] = rng_per_rank
+    if scaler is not None and scaler.is_enabled():
+        ckpt["scaler"] = scaler.state_dict()  # the fp16 loss scale, for an exact resume
+    return ckpt
 
 
 class CheckpointManager:
@@ -801,6 +807,12 @@ class CheckpointManager:
 
     def list(self) -> list[Path]:
         return sorted(self.directory.glob(self.PATTERN)) if self.directory.is_dir() else []
+
+    def find(self, resume: str | None) -> Path | None:
+        """What --resume names: 'auto' is the newest valid checkpoint here (None if there is none yet)."""
+        if not resume:
+            return None
+        return self.latest() if resume == "auto" else Path(resume)
 
     def latest(self) -> Path | None:
         """The newest checkpoint that loads; a damaged newer file is skipped with a warning."""
@@ -1002,7 +1014,7 @@ def train_model(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Bat
 
 def restore_training(ckpt: dict, model: nn.Module, optimizer=None, sampler: BatchSampler | None = None,
                      load_optimizer: Callable[[dict], None] | None = None, rank: int = 0,
-                     world_size: int = 1) -> TrainState:
+                     world_size: int = 1, scaler=None) -> TrainState:
     """Put model, optimizer, data position and RNGs back to where the checkpoint left them."""
     raw = unwrap_model(model)
     check_config_matches(ckpt["config"], raw.cfg)
@@ -1015,6 +1027,8 @@ def restore_training(ckpt: dict, model: nn.Module, optimizer=None, sampler: Batc
                                   "resume with the optimizer settings the run was started with")
     if sampler is not None and ckpt.get("data") is not None:
         sampler.load_state_dict(ckpt["data"])
+    if scaler is not None and scaler.is_enabled() and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])
     per_rank = ckpt.get("rng_per_rank")
     # Each DDP rank gets its own RNG stream back when the world size is unchanged.
     restore_rng_state(per_rank[rank] if per_rank and len(per_rank) == world_size else ckpt["rng"])
@@ -1042,16 +1056,15 @@ def run_training(model: nn.Module, optimizer, runtime: Runtime, tcfg: TrainConfi
     scaler = runtime.grad_scaler()  # its loss scale is part of an exact fp16 resume
     state = TrainState()
     if resume:
-        path = manager.latest() if resume == "auto" else Path(resume)
+        path = manager.find(resume)
         if path is None:
             say(f"no checkpoint in {run_dir} yet: starting from scratch")
         else:
             ckpt = load_checkpoint(path, mmap=True)  # tensors are read once, as they are copied into place
             if on_resume:
                 on_resume(ckpt)
-            state = restore_training(ckpt, raw, optimizer, batches, load_optimizer, runtime.rank, runtime.world_size)
-            if ckpt.get("scaler") and scaler.is_enabled():
-                scaler.load_state_dict(ckpt["scaler"])
+            state = restore_training(ckpt, raw, optimizer, batches, load_optimizer, runtime.rank, runtime.world_size,
+                                     scaler)
             say(f"resumed from {path} at step {state.step} ({state.tokens_seen:,} tokens seen)")
     if state.step >= tcfg.max_steps:
         say(f"nothing to do: the run is already at step {state.step} of {tcfg.max_steps}")
@@ -1086,11 +1099,7 @@ def run_training(model: nn.Module, optimizer, runtime: Runtime, tcfg: TrainConfi
         if runtime.is_main:
             opt_state = save_optimizer() if save_optimizer else None
             ckpt = build_checkpoint(raw, optimizer, st, batches, extra() if callable(extra) else extra,
-                                    optimizer_state=opt_state)
-            if rngs:
-                ckpt["rng_per_rank"] = rngs
-            if scaler.is_enabled():
-                ckpt["scaler"] = scaler.state_dict()
+                                    optimizer_state=opt_state, scaler=scaler, rng_per_rank=rngs)
             saved.append(manager.save(ckpt))
 
     hooks = TrainHooks(evaluate=evaluate, sample=sample, checkpoint=checkpoint, log=list(log_sinks))

@@ -425,7 +425,7 @@ def train(args, rank: int, world: int, local_rank: int) -> dict:
         run_id["wandb"] = extra.get("wandb_run_id")
 
     if args.resume:  # the W&B run id is needed before the run starts
-        path = gt.CheckpointManager(args.run_dir).latest() if args.resume == "auto" else Path(args.resume)
+        path = gt.CheckpointManager(args.run_dir).find(args.resume)
         if path is not None:
             run_id["wandb"] = gt.load_checkpoint(path, mmap=True).get("extra", {}).get("wandb_run_id")
     wandb_run = None
