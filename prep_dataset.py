@@ -108,6 +108,12 @@ class BookResult:
     bytes_in: int = 0
 
 
+def clean_book(raw: str) -> tuple[str, bool]:
+    """A raw book's normalised body, and whether Gutenberg markers were found."""
+    body, found = strip_gutenberg(raw)
+    return normalize_text(body), found
+
+
 def process_book(path) -> BookResult:
     """Read, strip and clean one book; never raises (a problem becomes the skip reason)."""
     path = Path(path)
@@ -122,10 +128,9 @@ def process_book(path) -> BookResult:
         result.reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         result.reason = f"unreadable: {result.reason}"
         return result
-    body, found = strip_gutenberg(raw)
+    text, found = clean_book(raw)
     if not found:
         result.warnings.append("no Project Gutenberg markers, kept whole")
-    text = normalize_text(body)
     if not text:
         result.reason = "no text left after removing the Gutenberg boilerplate"
         return result
@@ -248,6 +253,11 @@ def split_gutenberg_bundle(text: str) -> list[str]:
     stop = licence.end() if licence else len(text)
     bounds = begins[1:] + [stop]
     return [text[b:e].strip("\n") + "\n" for b, e in zip(begins, bounds)]
+
+
+def embedded_books() -> list[str]:
+    """The cleaned text of the four embedded Gutenberg books (for quick checks and benchmarks)."""
+    return [clean_book(b)[0] for b in split_gutenberg_bundle(embedded_sample_path().read_text(encoding="utf-8"))]
 
 
 def write_embedded_sample(data_dir: Path, log=print) -> list[Path]:

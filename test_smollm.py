@@ -186,8 +186,7 @@ def verify_training(workdir: Path, steps: int = 40) -> list[Check]:
 
     corpus = workdir / "corpus"
     corpus.mkdir(parents=True, exist_ok=True)
-    books = prep_dataset.split_gutenberg_bundle(prep_dataset.embedded_sample_path().read_text(encoding="utf-8"))
-    (corpus / "combined_1.txt").write_text(prep_dataset.normalize_text(prep_dataset.strip_gutenberg(books[0])[0])[:80000])
+    (corpus / "combined_1.txt").write_text(prep_dataset.embedded_books()[0][:80000])
     base = ["--data", str(corpus), "--cache_dir", str(workdir / "cache"), "--val_fraction", "0.1", "--model", "debug",
             "--batch_size", "8", "--lr", "3e-3", "--warmup_steps", "5", "--eval_every", "0", "--log_every", "10",
             "--no-progress", "--run_dir", str(workdir / "run"), "--seed", "0"]

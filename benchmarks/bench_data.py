@@ -22,8 +22,7 @@ import token_cache
 
 def write_corpus(path: Path, mb: float) -> list[str]:
     """jsonl documents cut from the embedded books (real English prose), repeated to `mb` megabytes."""
-    books = prep_dataset.split_gutenberg_bundle(prep_dataset.embedded_sample_path().read_text(encoding="utf-8"))
-    text = "\n".join(prep_dataset.normalize_text(prep_dataset.strip_gutenberg(b)[0]) for b in books)
+    text = "\n".join(prep_dataset.embedded_books())
     paragraphs = [p for p in text.split("\n\n") if len(p) > 200]
     docs, size, i = [], 0, 0
     while size < mb * 1e6:
