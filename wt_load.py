@@ -224,8 +224,10 @@ def new_model(cfg: gt.GPTConfig, init_from: str | None = None, log=print) -> gt.
 
 
 def save_from_model(model: gt.GPTModel, out, source: str) -> Path:
-    state = gt.TrainState()
-    return gt.save_checkpoint(out, gt.build_checkpoint(model, None, state, extra={"converted_from": source}))
+    """A weights-only checkpoint (no optimizer or data position): for --init_from, inspect and exports."""
+    state = gt.CheckpointState(model.cfg, None, model=gt.ModelPart(model), progress=gt.TrainState(),
+                               run=gt.DictPart({"converted_from": source}))
+    return gt.save_checkpoint(out, state.state_dict())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -308,12 +310,12 @@ def describe_checkpoint(path) -> dict:
     if opt:
         kinds = sorted({k for s in opt["state"].values() for k in s})
         opt_desc = f"{len(opt['state'])} parameter states ({', '.join(kinds)})" if opt["state"] else "empty"
-    extra = ckpt.get("extra", {})
+    extra = ckpt.get("run") or {}
     return {"path": str(path), "size_mb": round(path.stat().st_size / 2**20, 2), "config": ckpt["config"],
             "step": ckpt.get("step", 0), "tokens_seen": ckpt.get("tokens_seen", 0), "parameters": counts["tied"],
-            "optimizer_state": opt_desc, "optimizer": extra.get("optimizer", "adamw" if opt else None),
+            "optimizer_state": opt_desc, "optimizer": (opt or {}).get("kind"),
             "data_position": (ckpt.get("data") or {}).get("position"), "script": extra.get("script"),
-            "wandb_run_id": extra.get("wandb_run_id")}
+            "run_id": ckpt.get("run_id")}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,737 @@
+"""State on disk that a run owns: atomic files, the run folder (identity, lock), checkpoints and pruning.
+
+A checkpoint is written and read by one object, `CheckpointState`, whose parts (model, optimizer,
+data position, loss scaler, RNG of every rank, progress, run identity) each save and load themselves:
+the same parts drive both directions, so nothing can be saved and then forgotten on load. The file
+carries a sha256 of everything in it, checked whenever it is loaded.
+
+A run folder belongs to one run. `run.json` names the run (an id and the settings that define it),
+`run.lock` keeps a second live process out, and only this run's checkpoints are ever pruned, ordered
+by the step recorded inside them. Nothing the toolkit did not write is deleted or overwritten; a run
+started over (`--overwrite`) moves the old files aside instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from gpt_model import ARCH_FIELDS, GPTConfig, UserError, unwrap_model
+
+CHECKPOINT_FORMAT = "gpt-train-checkpoint/2"
+LEGACY_FORMAT = "gpt-train-checkpoint/1"
+RUN_FORMAT = "gpt-train-run/1"
+RUN_FILE, LOCK_FILE = "run.json", "run.lock"
+CKPT_RE = re.compile(r"^ckpt_(\d{8})\.pt$")
+# What a run writes into its folder. A folder holding any of these but no run.json is another
+# (older) run's and is refused; --overwrite moves these, and only these, aside.
+RUN_OUTPUTS = (RUN_FILE, "train.log", "losses.json", "loss_plot.png", "tensorboard", "wandb")
+
+
+class CheckpointError(UserError):
+    pass
+
+
+class RunFailure(UserError):
+    """Not bad input but the environment failing mid-run (a full disk...): one line, exit code 1."""
+    exit_code = 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+@functools.lru_cache(maxsize=1)
+def file_mode() -> int:
+    """0o666 less the process umask: what open() would give a new file. Read from /proc where it can
+    be (os.umask can only be read by setting it, which races with other threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in open("/proc/self/status"):
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    old = os.umask(0o022)
+    os.umask(old)
+    return 0o666 & ~old
+
+
+def atomic_write(path, write: Callable) -> Path:
+    """Write a file atomically: `write(f)` fills a temp file in the same directory, which is fsynced
+    and renamed over `path` (then the directory is fsynced). A crash at any point leaves either the old
+    file or the complete new one, never a torn one. The file gets the permissions open() would give it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), file_mode())  # mkstemp makes 0600: a shared cache or export needs more
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        dfd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def write_json(path, obj) -> Path:
+    return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def remove_stale_temps(folder: Path, names: Callable[[str], bool]) -> list[Path]:
+    """Delete temp files left in `folder` by a killed writer (".NAME.<random>.tmp" as atomic_write
+    makes them, or ".NAME.tmp"), for final names that `names` accepts: the caller's own files only."""
+    removed = []
+    for p in folder.iterdir() if folder.is_dir() else ():
+        if not (p.name.startswith(".") and p.name.endswith(".tmp")) or not p.is_file():
+            continue
+        inner = p.name[1:-4]
+        if names(inner) or names(inner.rsplit(".", 1)[0]):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def os_reason(e: OSError) -> str:
+    return e.strerror or type(e).__name__
+
+
+# ----------------------------------------------------------------------------------------------
+# Checksums
+
+
+def payload_checksum(obj) -> str:
+    """sha256 over a nested state dict: tensors by dtype, shape and bytes, other values by type and
+    repr, dict keys in sorted order. The same state gives the same value on any device."""
+    h = hashlib.sha256()
+    _feed(h, obj)
+    return "sha256:" + h.hexdigest()
+
+
+def _feed(h, obj) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(obj.shape)}".encode())
+        if t.numel():
+            h.update(memoryview(t.view(torch.uint8).numpy()))
+    elif isinstance(obj, dict):
+        h.update(b"D%d" % len(obj))
+        for k in sorted(obj, key=repr):
+            h.update(repr(k).encode())
+            _feed(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"L%d" % len(obj))
+        for v in obj:
+            _feed(h, v)
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r}".encode())
+
+
+def sha256_file(path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# RNG
+
+
+def capture_rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        # Stored as plain values + tensors so checkpoints load with torch.load(weights_only=True).
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The parts of a checkpoint. Each saves and loads itself; `CheckpointState` holds them by name.
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def check_config_matches(ckpt_cfg: dict, cfg: GPTConfig, source="checkpoint") -> None:
+    defaults = GPTConfig().to_dict()
+    diffs = [f"{k}={ckpt_cfg.get(k, defaults[k])} (model: {getattr(cfg, k)})" for k in ARCH_FIELDS
+             if ckpt_cfg.get(k, defaults[k]) != getattr(cfg, k)]
+    if diffs:
+        raise CheckpointError(f"{source} was saved from a different model config: {', '.join(diffs)}; "
+                              "use the same --model and overrides as the run that wrote it")
+
+
+class ModelPart:
+    """The plain model's weights (no DDP `module.` or compile `_orig_mod.` prefixes)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def state_dict(self) -> dict:
+        return unwrap_model(self.model).state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        unwrap_model(self.model).load_state_dict(state)
+
+
+PROJECTOR_FIELDS = ("rank", "update_proj_gap", "scale", "proj_type", "ortho_matrix")
+OPTIMIZER_FLAGS = {"AdamW": "--optimizer adamw", "GaLoreAdamW": "--optimizer galore"}
+
+
+class OptimizerPart:
+    """The optimizer's state dict, with GaLore projector objects stored as plain dicts (so the file
+    loads with torch.load(weights_only=True)) and the optimizer's kind, checked on load."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+
+    @property
+    def kind(self) -> str:
+        cls = type(self.optimizer)  # galore_torch's class is also called AdamW
+        return "GaLoreAdamW" if cls.__module__.startswith("galore_torch") else cls.__name__
+
+    def state_dict(self) -> dict:
+        sd = self.optimizer.state_dict()
+        state = {}
+        for k, s in sd["state"].items():
+            if "projector" in s:
+                s = {**s, "projector": {f: getattr(s["projector"], f) for f in PROJECTOR_FIELDS}}
+            state[k] = s
+        return {**sd, "state": state, "kind": self.kind}
+
+    def load_state_dict(self, sd: dict) -> None:
+        saved = sd.get("kind", self.kind)
+        if saved != self.kind:
+            raise CheckpointError(f"the checkpoint was trained with {saved} ({OPTIMIZER_FLAGS.get(saved, saved)}), this "
+                                  f"run uses {self.kind}; resume with the same optimizer")
+        # Projector dicts are put back by hand: load_state_dict would mangle their strings (it casts
+        # every iterable in the state).
+        projectors = {k: s["projector"] for k, s in sd["state"].items() if isinstance(s.get("projector"), dict)}
+        state = {k: {n: v for n, v in s.items() if n != "projector"} for k, s in sd["state"].items()}
+        try:
+            self.optimizer.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+        except (ValueError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"the checkpoint's optimizer state does not fit this optimizer ({str(e)[:100]}); "
+                                  "resume with the optimizer settings the run was started with")
+        if projectors:
+            self._restore_projectors(projectors)
+
+    def _restore_projectors(self, projectors: dict) -> None:
+        from galore_torch.galore_projector import GaLoreProjector
+
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]  # state dict keys index this list
+        for k, d in projectors.items():
+            proj = GaLoreProjector(d["rank"], update_proj_gap=d["update_proj_gap"], scale=d["scale"],
+                                   proj_type=d["proj_type"])
+            m = d["ortho_matrix"]
+            proj.ortho_matrix = m.to(params[k].device) if torch.is_tensor(m) else m
+            self.optimizer.state[params[k]]["projector"] = proj
+
+
+class ScalerPart:
+    """The fp16 loss scale and its growth counter ({} when loss scaling is off)."""
+
+    def __init__(self, scaler: torch.amp.GradScaler):
+        self.scaler = scaler
+
+    def state_dict(self) -> dict:
+        return self.scaler.state_dict() if self.scaler.is_enabled() else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state and self.scaler.is_enabled():  # a bf16/fp32 checkpoint resumed in fp16 starts a fresh scale
+            self.scaler.load_state_dict(state)
+
+
+class RNGPart:
+    """Every rank's RNG states, gathered to rank 0 on save (a collective: all ranks call state_dict)
+    and handed back to each rank on load when the world size is unchanged."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, log: Callable[[str], None] = print):
+        self.rank, self.world_size, self.log = rank, world_size, log
+
+    def state_dict(self) -> dict:
+        mine = capture_rng_state()
+        if self.world_size == 1:
+            return {"per_rank": [mine]}
+        import torch.distributed as dist
+
+        gathered = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(mine, gathered, dst=0)
+        return {"per_rank": gathered}
+
+    def load_state_dict(self, state: dict) -> None:
+        per_rank = state["per_rank"]
+        if len(per_rank) == self.world_size:
+            restore_rng_state(per_rank[self.rank])
+        elif self.rank == 0:
+            self.log(f"note: the checkpoint has RNG states for {len(per_rank)} process(es), this run has "
+                     f"{self.world_size}: dropout continues from freshly seeded generators")
+
+
+class DictPart:
+    """A plain dict (the run's identity and settings): saved as is, loaded into `.loaded`."""
+
+    def __init__(self, values: dict):
+        self.values, self.loaded = values, None
+
+    def state_dict(self) -> dict:
+        return dict(self.values)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.loaded = state
+
+
+class CheckpointState:
+    """One checkpoint's content: named parts, each saved and loaded by itself. The file holds a header
+    (format, model config, step, tokens, run id: enough to inspect, order or prune it without
+    loading the rest), every part under its name, and a checksum of all of it."""
+
+    def __init__(self, config: GPTConfig, run_id: str, **parts: Stateful):
+        self.config, self.run_id, self.parts = config, run_id, parts
+
+    def state_dict(self) -> dict:
+        """Calls every part's state_dict on every rank (some parts gather across ranks)."""
+        payload = {name: part.state_dict() for name, part in self.parts.items()}
+        progress = payload.get("progress", {})
+        return {"format": CHECKPOINT_FORMAT, "config": self.config.to_dict(), "run_id": self.run_id,
+                "step": progress.get("step", 0), "tokens_seen": progress.get("tokens_seen", 0),
+                "saved_at": time.time(), **payload}
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        check_config_matches(ckpt["config"], self.config)
+        missing = [name for name in self.parts if name not in ckpt]
+        if missing:
+            raise CheckpointError(f"the checkpoint has no {', '.join(missing)} state (a weights-only file?); "
+                                  "use --init_from to start from its weights")
+        for name, part in self.parts.items():
+            part.load_state_dict(ckpt[name])
+
+
+def save_checkpoint(path, checkpoint: dict) -> Path:
+    """Write a checkpoint dict atomically, with the checksum of its content added."""
+    checkpoint = {**checkpoint, "checksum": payload_checksum(checkpoint)}
+    try:
+        return atomic_write(path, lambda f: torch.save(checkpoint, f))
+    except OSError as e:
+        hint = "free some space" if e.errno == errno.ENOSPC else "check the folder"
+        raise RunFailure(f"could not write checkpoint {path} ({os_reason(e)}); {hint}, then continue with --resume auto")
+
+
+def _read(path: Path, mmap: bool) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist" if not path.exists() else f"{path} is not a file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated and cannot be read ({first[:120]})")
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if fmt not in (CHECKPOINT_FORMAT, LEGACY_FORMAT) or not isinstance(ckpt.get("config"), dict) or "model" not in ckpt:
+        raise CheckpointError(f"{path} is not a checkpoint written by this toolkit (no '{CHECKPOINT_FORMAT}' header "
+                              "with a config and weights)")
+    return ckpt if fmt == CHECKPOINT_FORMAT else upgrade_legacy(ckpt)
+
+
+def peek_checkpoint(path) -> dict:
+    """A checkpoint's header and parts without reading tensor data (memory-mapped, not verified)."""
+    return _read(Path(path), mmap=True)
+
+
+def load_checkpoint(path, mmap: bool = True) -> dict:
+    """Load a checkpoint and verify its checksum. With mmap the tensors are mapped from the file and
+    read once, while being checked (and again from the page cache when copied into place)."""
+    path = Path(path)
+    ckpt = _read(path, mmap)
+    expected = ckpt.pop("checksum", None)
+    if expected is not None and payload_checksum(ckpt) != expected:
+        raise CheckpointError(f"checkpoint {path} is damaged: its content does not match the checksum it was written "
+                              "with")
+    return ckpt
+
+
+def upgrade_legacy(ckpt: dict) -> dict:
+    """A checkpoint of format 1 (before run identities and checksums) in today's layout."""
+    extra = ckpt.get("extra") or {}
+    rngs = ckpt.get("rng_per_rank") or ([ckpt["rng"]] if "rng" in ckpt else None)
+    out = {"format": CHECKPOINT_FORMAT, "config": ckpt["config"], "run_id": extra.get("wandb_run_id"),
+           "step": ckpt.get("step", 0), "tokens_seen": ckpt.get("tokens_seen", 0), "saved_at": 0.0,
+           "model": ckpt["model"], "run": {k: v for k, v in extra.items() if k != "wandb_run_id"},
+           "progress": {"step": ckpt.get("step", 0), "tokens_seen": ckpt.get("tokens_seen", 0),
+                        "history": ckpt.get("history")}}
+    if ckpt.get("optimizer") is not None:
+        kind = {"adamw": "AdamW", "galore": "GaLoreAdamW"}.get(extra.get("optimizer", "adamw"), "AdamW")
+        out["optimizer"] = {**ckpt["optimizer"], "kind": kind}
+    if ckpt.get("data") is not None:
+        out["data"] = ckpt["data"]
+    if rngs:
+        out["rng"] = {"per_rank": rngs}
+    out["scaler"] = ckpt.get("scaler") or {}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The lock
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class FolderLock:
+    """An exclusive claim on a folder: a lock file holding the holder's pid, host and start time,
+    locked with flock while the holder lives (the kernel drops it when the process dies, so a lock
+    left by a killed run on this host is stale at once). A lock file from another host is stale when
+    its heartbeat (the file's mtime, touched every 30 s by a thread) is older than `stale_after`."""
+
+    HEARTBEAT_S = 30.0
+
+    def __init__(self, path: Path, what: str = "folder", stale_after: float = 300.0):
+        self.path, self.what, self.stale_after = Path(path), what, stale_after
+        self.fd: int | None = None
+        self._stop = threading.Event()
+
+    def acquire(self) -> FolderLock:
+        for _ in range(3):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, file_mode())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise UserError(self._held_message())
+            if self._same_file(fd) and self._not_held_elsewhere(fd):
+                self._claim(fd)
+                return self
+            os.close(fd)  # the file was replaced or removed while we opened it: try again
+        raise UserError(self._held_message())
+
+    def _same_file(self, fd: int) -> bool:
+        try:
+            return os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False
+
+    def _not_held_elsewhere(self, fd: int) -> bool:
+        """flock cannot see a holder on another host (network filesystems): trust its heartbeat."""
+        info = self._read_info(fd)
+        if not info or info.get("host") == socket.gethostname():
+            return True
+        age = time.time() - os.fstat(fd).st_mtime
+        if age < self.stale_after:
+            os.close(fd)
+            raise UserError(self._held_message(info) + f" (it was alive {age:.0f}s ago; a lock older than "
+                            f"{self.stale_after:.0f}s without a heartbeat counts as stale)")
+        return True
+
+    @staticmethod
+    def _read_info(fd: int) -> dict | None:
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            return json.loads(os.read(fd, 4096).decode() or "null")
+        except (OSError, ValueError):
+            return None
+
+    def _claim(self, fd: int) -> None:
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, json.dumps(info).encode())
+        os.fsync(fd)
+        self.fd = fd
+        threading.Thread(target=self._heartbeat, name="lock-heartbeat", daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.HEARTBEAT_S):
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def _held_message(self, info: dict | None = None) -> str:
+        if info is None:
+            with contextlib.suppress(OSError):
+                fd = os.open(self.path, os.O_RDONLY)
+                info = self._read_info(fd)
+                os.close(fd)
+        who = (f"pid {info.get('pid')} on {info.get('host')} since {info.get('started')}" if isinstance(info, dict)
+               else "another process")
+        return (f"{self.path.parent} is in use by {who} ({self.path} is locked); wait for that {self.what} to end, "
+                f"or use another folder")
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self.fd)  # closing drops the flock
+        self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+# ----------------------------------------------------------------------------------------------
+# The run folder
+
+
+@dataclass
+class ResumePoint:
+    path: Path
+    checkpoint: dict  # loaded and verified
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:8]  # also the W&B run id: 8 characters of [a-z0-9], as W&B makes them
+
+
+class RunFolder:
+    """The folder one run owns. `claim()` (main rank only) locks it, checks it holds no other run,
+    resolves --resume once and records the run's identity in run.json."""
+
+    def __init__(self, directory, keep_last: int = 3, log: Callable[[str], None] = print):
+        self.dir, self.keep_last, self.log = Path(directory), keep_last, log
+        self.lock = FolderLock(self.dir / LOCK_FILE, what="run")
+        self.run_id: str | None = None
+        self.resume_point: ResumePoint | None = None
+
+    # -- claiming -----------------------------------------------------------------------------
+
+    def claim(self, script: str, settings: dict, resume: str | None = None, overwrite: bool = False,
+              checkpoint_bytes: int = 0) -> RunFolder:
+        self._make_dir()
+        self.lock.acquire()
+        try:
+            self._claim_locked(script, settings, resume, overwrite, checkpoint_bytes)
+        except BaseException:
+            self.lock.release()
+            raise
+        return self
+
+    def _make_dir(self) -> None:
+        if self.dir.exists() and not self.dir.is_dir():
+            raise UserError(f"run folder {self.dir} is a file; pick a folder with --run_dir")
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create run folder {self.dir} ({os_reason(e)}); pick another --run_dir")
+
+    def _claim_locked(self, script, settings, resume, overwrite, checkpoint_bytes) -> None:
+        for p in remove_stale_temps(self.dir, lambda n: bool(CKPT_RE.match(n)) or n in RUN_OUTPUTS):
+            self.log(f"removed {p.name}, a temp file left by a killed run")
+        info = self.read_info()
+        if resume:
+            self.resume_point = self._resolve_resume(resume, info, overwrite)
+        elif info is not None or self._run_outputs():
+            if not overwrite:
+                raise UserError(self._taken_message(info))
+            self.move_aside(info)
+            info = None
+        self.run_id = self._run_id(info)
+        self._check_space(checkpoint_bytes)
+        record = {"format": RUN_FORMAT, "run_id": self.run_id, "script": script, "settings": settings,
+                  "created": (info or {}).get("created", time.strftime("%Y-%m-%d %H:%M:%S"))}
+        try:
+            write_json(self.dir / RUN_FILE, record)  # also the probe that the folder is writable
+        except OSError as e:
+            raise UserError(f"cannot write to run folder {self.dir} ({os_reason(e)}); pick another --run_dir")
+
+    def _run_id(self, info: dict | None) -> str:
+        if self.resume_point is not None and self.resume_point.checkpoint.get("run_id"):
+            return self.resume_point.checkpoint["run_id"]
+        return (info or {}).get("run_id") or new_run_id()
+
+    def _taken_message(self, info: dict | None) -> str:
+        steps = sorted(self.checkpoint_steps())
+        what = f"run {info['run_id']}" if info else "files of an earlier run"
+        at = f" (checkpoints up to step {steps[-1]})" if steps else ""
+        return (f"{self.dir} already holds {what}{at}; continue it with --resume auto, start this run in a new "
+                "--run_dir, or add --overwrite to move its files aside")
+
+    def _run_outputs(self) -> list[Path]:
+        return [p for p in self.dir.iterdir() if p.name in RUN_OUTPUTS or CKPT_RE.match(p.name)]
+
+    def read_info(self) -> dict | None:
+        path = self.dir / RUN_FILE
+        if not path.is_file():
+            return None
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError):
+            info = None
+        if not isinstance(info, dict) or info.get("format") != RUN_FORMAT or not info.get("run_id"):
+            raise UserError(f"{path} is damaged or not written by this toolkit; move it away, or pick another --run_dir")
+        return info
+
+    def _check_space(self, nbytes: int) -> None:
+        free = shutil.disk_usage(self.dir).free
+        if nbytes and free < 1.1 * nbytes:
+            raise UserError(f"only {free / 2**30:.2f} GiB free in {self.dir}, a checkpoint of this run needs about "
+                            f"{nbytes / 2**30:.2f} GiB; free some space or pick another --run_dir")
+
+    # -- resuming -----------------------------------------------------------------------------
+
+    def _resolve_resume(self, resume: str, info: dict | None, overwrite: bool) -> ResumePoint | None:
+        if resume == "auto":
+            point = self._latest_valid(info)
+            if point is None:
+                self.log(f"no checkpoint in {self.dir} yet: starting from scratch")
+                return None
+        else:
+            path = Path(resume)
+            point = ResumePoint(path, load_checkpoint(path))
+        own = info["run_id"] if info else point.checkpoint.get("run_id")
+        if info and point.checkpoint.get("run_id") not in (info["run_id"], None) and self.checkpoint_steps(own):
+            if not overwrite:
+                raise UserError(f"{point.path} belongs to run {point.checkpoint.get('run_id')}, {self.dir} to run "
+                                f"{info['run_id']}; resume it in its own folder, or add --overwrite to move this "
+                                "folder's files aside")
+            self.move_aside(info)
+            return point
+        newer = [s for s in self.checkpoint_steps(own) if s > point.checkpoint["step"]]
+        if newer:
+            if not overwrite:
+                raise UserError(f"{self.dir} holds newer checkpoints of this run (step {', '.join(map(str, newer))}) that "
+                                f"resuming from step {point.checkpoint['step']} would overwrite; resume with --resume "
+                                "auto, or add --overwrite to move the newer ones aside")
+            self.move_aside(info, only=[self.dir / f"ckpt_{s:08d}.pt" for s in newer])
+        return point
+
+    def latest_valid(self) -> ResumePoint | None:
+        """What --resume auto picks here: the newest valid checkpoint of this folder's run."""
+        return self._latest_valid(self.read_info())
+
+    def _latest_valid(self, info: dict | None) -> ResumePoint | None:
+        """The newest checkpoint of this folder's run that loads and matches its checksum; damaged ones
+        are named and renamed to *.damaged (kept, never deleted)."""
+        own = info["run_id"] if info else None
+        candidates = self.checkpoints(own, include_unreadable=True)
+        if not candidates:
+            return None
+        problems = []
+        for _, path in reversed(candidates):
+            try:
+                return ResumePoint(path, load_checkpoint(path))
+            except CheckpointError as e:
+                problems.append(str(e))
+                damaged = path.with_name(path.name + ".damaged")
+                os.replace(path, damaged)
+                self.log(f"warning: skipping {e}; kept it as {damaged.name}")
+        raise CheckpointError(f"no checkpoint in {self.dir} can be loaded ({len(problems)} damaged, renamed *.damaged; "
+                              f"first: {problems[0]}); start a new --run_dir, or add --overwrite to start over here")
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def path_for(self, step: int) -> Path:
+        return self.dir / f"ckpt_{step:08d}.pt"
+
+    def checkpoints(self, run_id: str | None = None, include_unreadable: bool = False) -> list[tuple[int, Path]]:
+        """(step, path) of the checkpoints here, oldest first by the step recorded inside, of run
+        `run_id` only when given. Files whose header cannot be read are left out (and left alone)
+        unless `include_unreadable` (then ordered by the step in their name)."""
+        found = []
+        for p in self.dir.iterdir() if self.dir.is_dir() else ():
+            if not CKPT_RE.match(p.name):
+                continue
+            try:
+                head = peek_checkpoint(p)
+            except CheckpointError:
+                if include_unreadable:  # in this run's folder, so presumably its own: resume names it as damaged
+                    found.append((int(CKPT_RE.match(p.name).group(1)), 0.0, p))
+                continue
+            if run_id is None or head.get("run_id") in (run_id, None):
+                found.append((int(head["step"]), float(head.get("saved_at") or 0), p))
+        return [(s, p) for s, _, p in sorted(found)]
+
+    def checkpoint_steps(self, run_id: str | None = None) -> list[int]:
+        return [s for s, _ in self.checkpoints(run_id)]
+
+    def save(self, checkpoint: dict) -> Path:
+        """Write this run's checkpoint, then (once it is durable) prune this run's older ones."""
+        path = save_checkpoint(self.path_for(checkpoint["step"]), checkpoint)
+        self.prune(keep=path)
+        return path
+
+    def prune(self, keep: Path) -> list[Path]:
+        """Keep this run's `keep_last` newest checkpoints by recorded step, `keep` (the one just
+        written) always among them; other runs' files and unreadable ones are not touched."""
+        if self.keep_last <= 0:
+            return []
+        mine = [p for _, p in self.checkpoints(self.run_id) if p != keep]
+        doomed = mine[: max(0, len(mine) - (self.keep_last - 1))]
+        for p in doomed:
+            p.unlink(missing_ok=True)
+        return doomed
+
+    # -- moving aside ---------------------------------------------------------------------------
+
+    def move_aside(self, info: dict | None, only: list[Path] | None = None) -> Path:
+        """Move a previous run's files (or `only` these) into previous/<run>-<time>/; nothing is deleted."""
+        label = (info or {}).get("run_id") or "earlier"
+        dest = self.dir / "previous" / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
+        dest.mkdir(parents=True, exist_ok=True)
+        for p in only if only is not None else self._run_outputs():
+            os.replace(p, dest / p.name)
+        self.log(f"moved {'the newer checkpoints' if only else 'the earlier run'} aside to {dest}")
+        return dest
+
+    def release(self) -> None:
+        self.lock.release()
