@@ -62,16 +62,26 @@ class RunFailure(UserError):
 
 
 @functools.lru_cache(maxsize=1)
-def file_mode() -> int:
-    """0o666 less the process umask: what open() would give a new file. Read from /proc where it can
-    be (os.umask can only be read by setting it, which races with other threads)."""
+def process_umask() -> int:
+    """The process umask, read from /proc where it can be (os.umask can only be read by setting it,
+    which races with other threads)."""
     with contextlib.suppress(OSError, ValueError):
         for line in open("/proc/self/status"):
             if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
+                return int(line.split()[1], 8)
     old = os.umask(0o022)
     os.umask(old)
-    return 0o666 & ~old
+    return old
+
+
+def file_mode() -> int:
+    """What open() gives a new file: 0o666 less the umask."""
+    return 0o666 & ~process_umask()
+
+
+def dir_mode() -> int:
+    """What mkdir() gives a new folder: 0o777 less the umask."""
+    return 0o777 & ~process_umask()
 
 
 def atomic_write(path, write: Callable) -> Path:
@@ -513,6 +523,12 @@ class FolderLock:
         return (f"{self.path.parent} is in use by {who} ({self.path} is locked); wait for that {self.what} to end, "
                 f"or use another folder")
 
+    def clear_if_stale(self) -> None:
+        """Remove a lock file whose holder is gone (left by a killed process); a live holder keeps it."""
+        if self.path.exists():
+            with contextlib.suppress(UserError):
+                self.acquire().release()
+
     def release(self) -> None:
         if self.fd is None:
             return
@@ -580,11 +596,8 @@ class RunFolder:
         info = self.read_info()
         if resume:
             self.resume_point = self._resolve_resume(resume, info, overwrite)
-        elif info is not None or self._run_outputs():
-            if not overwrite:
-                raise UserError(self._taken_message(info))
-            self.move_aside(info)
-            info = None
+        if self.resume_point is None:
+            info = self._clear_for_new_run(info, overwrite)
         self.run_id = self._run_id(info)
         self._check_space(checkpoint_bytes)
         record = {"format": RUN_FORMAT, "run_id": self.run_id, "script": script, "settings": settings,
@@ -593,6 +606,15 @@ class RunFolder:
             write_json(self.dir / RUN_FILE, record)  # also the probe that the folder is writable
         except OSError as e:
             raise UserError(f"cannot write to run folder {self.dir} ({os_reason(e)}); pick another --run_dir")
+
+    def _clear_for_new_run(self, info: dict | None, overwrite: bool) -> None:
+        """A new run needs a folder without another run's checkpoints (refused unless --overwrite);
+        the logs of a run that never saved a checkpoint are moved aside, so they do not mix."""
+        if any(CKPT_RE.match(p.name) for p in self.dir.iterdir()) and not overwrite:
+            raise UserError(self._taken_message(info))
+        if self._run_outputs():
+            self.move_aside(info)
+        return None
 
     def _run_id(self, info: dict | None) -> str:
         if self.resume_point is not None and self.resume_point.checkpoint.get("run_id"):
@@ -660,23 +682,27 @@ class RunFolder:
         return self._latest_valid(self.read_info())
 
     def _latest_valid(self, info: dict | None) -> ResumePoint | None:
-        """The newest checkpoint of this folder's run that loads and matches its checksum; damaged ones
-        are named and renamed to *.damaged (kept, never deleted)."""
+        """The newest checkpoint of this folder's run that loads and matches its checksum. Damaged
+        newer ones are named and, since training will pass their step again, renamed to *.damaged
+        (kept, never deleted); when none loads, nothing is touched and the run stops."""
         own = info["run_id"] if info else None
         candidates = self.checkpoints(own, include_unreadable=True)
-        if not candidates:
-            return None
-        problems = []
+        damaged = []
         for _, path in reversed(candidates):
             try:
-                return ResumePoint(path, load_checkpoint(path))
+                point = ResumePoint(path, load_checkpoint(path))
             except CheckpointError as e:
-                problems.append(str(e))
-                damaged = path.with_name(path.name + ".damaged")
-                os.replace(path, damaged)
-                self.log(f"warning: skipping {e}; kept it as {damaged.name}")
-        raise CheckpointError(f"no checkpoint in {self.dir} can be loaded ({len(problems)} damaged, renamed *.damaged; "
-                              f"first: {problems[0]}); start a new --run_dir, or add --overwrite to start over here")
+                damaged.append((path, str(e)))
+                continue
+            for bad, why in damaged:
+                os.replace(bad, bad.with_name(bad.name + ".damaged"))
+                self.log(f"warning: skipping {why}; kept it as {bad.name}.damaged")
+            return point
+        if damaged:
+            raise CheckpointError(f"no checkpoint in {self.dir} can be loaded ({len(damaged)} damaged; the newest: "
+                                  f"{damaged[0][1]}); start a new --run_dir, or start over here with --overwrite "
+                                  "instead of --resume")
+        return None
 
     # -- checkpoints ----------------------------------------------------------------------------
 

@@ -9,7 +9,14 @@ are separated by <|endoftext|>.
 
 from __future__ import annotations
 
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while torch loads: a quiet exit 130, not a traceback
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+
 import argparse
+import math
 import os
 import re
 import shutil
@@ -287,8 +294,10 @@ def prepare(data_dir: Path, output_dir: Path, max_size_mb: float = 500.0, worker
                         "or --download to fetch books into it")
     if not data_dir.is_dir():
         raise UserError(f"--data_dir {data_dir} is not a directory")
-    if max_size_mb <= 0:
-        raise UserError(f"--max_size_mb must be positive, got {max_size_mb}")
+    if not (math.isfinite(max_size_mb) and max_size_mb > 0):
+        raise UserError(f"--max_size_mb must be a positive number, got {max_size_mb}")
+    if workers is not None and workers < 1:
+        raise UserError(f"--workers must be at least 1, got {workers}")
     paths = find_book_files(data_dir)
     if not paths:
         raise UserError(f"no book files ({', '.join(BOOK_SUFFIXES)}) found under {data_dir}")
@@ -352,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     data_dir = args.data_dir or DEFAULT_RAW_DIR
+    if args.retries < 1:
+        raise UserError(f"--retries must be at least 1, got {args.retries}")
     if args.download is not None:
         download_books(args.download or DEFAULT_BOOK_IDS, data_dir, mirror=args.mirror, retries=args.retries)
     if args.sample or (args.data_dir is None and args.download is None and not data_dir.exists()):

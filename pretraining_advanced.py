@@ -437,13 +437,13 @@ def train(args, rank: int, world: int, local_rank: int) -> dict:
 
 def train_in(run: gt.RunFolder, args, cfg: gt.GPTConfig, runtime: gt.Runtime, plan: BatchPlan, closers: list) -> dict:
     say = print if runtime.is_main else (lambda *a, **k: None)
+    model, optimizer = build_model(args, cfg, runtime, say)  # before the cache: a bad --init_from fails fast
     cache_dir, cache = prepare_cache(args, runtime)
     train_data = gt.TokenWindowDataset(cache.train, cfg.context_length)
     val_data = gt.TokenWindowDataset(cache.val, cfg.context_length) if cache.val else None
     if val_data is not None and len(val_data) == 0:
         val_data = None
     plan = plan_steps(args, plan, runtime.world_size, len(train_data))
-    model, optimizer = build_model(args, cfg, runtime, say)
     counts = gt.count_parameters(gt.unwrap_model(model))
     say(f"model: {args.model} {counts['tied'] / 1e6:.1f}M parameters | {train_data.num_tokens():,} train tokens | "
         f"{plan.tokens_per_step:,} tokens/step ({args.batch_size} x {cfg.context_length} x {plan.grad_accum} accum x "

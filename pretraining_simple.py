@@ -102,12 +102,12 @@ def main(argv=None) -> dict:
 
 def train(args, cfg: gt.GPTConfig, runtime: gt.Runtime, run: gt.RunFolder) -> dict:
     gt.seed_everything(args.seed)
+    model = wt_load.new_model(cfg, args.init_from)  # before the corpus: a bad --init_from fails fast
     train_data, val_data, files = load_corpus(args.data_dir, args.val_fraction, cfg.context_length)
     steps_per_epoch = len(train_data) // (args.batch_size * args.grad_accum)
     max_steps = args.max_steps or max(1, args.n_epochs * steps_per_epoch)
     print(f"data: {len(files)} file(s), {train_data.num_tokens():,} train / {val_data.num_tokens():,} val tokens; "
           f"{steps_per_epoch} steps per epoch, {max_steps} steps")
-    model = wt_load.new_model(cfg, args.init_from)
     counts = gt.count_parameters(model)
     print(f"model: {args.model} ({counts['tied'] / 1e6:.1f}M parameters, {counts['non_embedding'] / 1e6:.1f}M "
           f"non-embedding) | {runtime.device} {runtime.dtype} ({runtime.dtype_reason}) | run folder {run.dir}")

@@ -19,6 +19,12 @@ times, at any point, resumes and finishes byte-identical to an uninterrupted one
 
 from __future__ import annotations
 
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while torch loads: a quiet exit 130, not a traceback
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+
 import argparse
 import glob
 import hashlib
@@ -123,9 +129,6 @@ def resolve_source(data: str, text_column: str = "text", data_mix: str | None = 
         return DataSource("hub", names, parse_mix(data_mix, len(names)), text_column, names)
     specs = [s for s in data.split(",") if s] if "," in data and not Path(data).exists() else [data]
     parts = [find_local_files(s) for s in specs]
-    kinds = {LOCAL_KINDS[Path(f).suffix] for part in parts for f in part}
-    if "text" in kinds and len(kinds) > 1:
-        raise gt.UserError(f"--data {data} mixes .txt with json/parquet files; give each its own cache")
     return DataSource("local", parts, parse_mix(data_mix, len(parts)), text_column, specs)
 
 
@@ -609,6 +612,7 @@ def build_cache(source: DataSource, cache_dir, *, max_tokens: int | None = None,
     manifest = _claim_folder(cache_dir)
     if manifest is not None and manifest.get("complete"):
         check_manifest(manifest, cache_dir, source, max_tokens, val_fraction)
+        FolderLock(cache_dir / LOCK).clear_if_stale()  # a build killed right after finishing leaves its lock file
         return manifest
     with FolderLock(cache_dir / LOCK, what="cache build"):
         manifest = read_manifest(cache_dir)  # again, under the lock
@@ -697,12 +701,12 @@ def verify_shard(path: Path, entry: dict, vocab_size: int = 50257) -> None:
         while block := f.read(1 << 24):
             h.update(block)
             top = max(top, int(np.frombuffer(block, dtype=np.uint16).max(initial=0)))
-    if entry.get("sha256") and h.hexdigest() != entry["sha256"]:
-        raise gt.UserError(f"shard {path} is corrupt: its sha256 does not match the manifest; delete {path.parent} "
-                           "to rebuild")
     if top >= vocab_size:
         raise gt.UserError(f"shard {path} holds token id {top}, beyond the vocabulary ({vocab_size}); the cache is "
                            f"damaged: delete {path.parent} to rebuild")
+    if entry.get("sha256") and h.hexdigest() != entry["sha256"]:
+        raise gt.UserError(f"shard {path} is corrupt: its sha256 does not match the manifest; delete {path.parent} "
+                           "to rebuild")
 
 
 def load_cache(cache_dir, source: DataSource | None = None, verify: bool = True) -> TokenCache:

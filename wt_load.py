@@ -13,6 +13,12 @@ GPT-2 has Conv1D, so converting is a rename plus a transpose of four matrices pe
 
 from __future__ import annotations
 
+import signal
+import sys
+
+if __name__ == "__main__":  # Ctrl-C while torch loads: a quiet exit 130, not a traceback
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+
 import argparse
 import json
 import os
@@ -122,10 +128,15 @@ def load_hf(source: str) -> gt.GPTModel:
     if not cfg_path.is_file():
         raise gt.UserError(f"{hf_dir} has no config.json; it is not a Hugging Face GPT-2 folder")
     try:
-        hf_cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise gt.UserError(f"{cfg_path} is not valid JSON ({e})")
-    cfg = config_from_hf(hf_cfg)
+        hf_cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise gt.UserError(f"{cfg_path} is not valid JSON ({str(e)[:80]})")
+    if not isinstance(hf_cfg, dict):
+        raise gt.UserError(f"{cfg_path} holds {type(hf_cfg).__name__}, not a JSON object; it is not a GPT-2 config")
+    try:
+        cfg = config_from_hf(hf_cfg)
+    except gt.UserError as e:
+        raise gt.UserError(f"{cfg_path}: {e}")
     sd = hf_to_ours(read_hf_state_dict(hf_dir))
     model = gt.GPTModel(cfg)
     load_into(model, sd, str(hf_dir))
@@ -264,6 +275,14 @@ def _fresh_output(out: Path) -> None:
         raise gt.UserError(f"{out} already exists and is not an empty folder; pick a new output folder")
 
 
+def _fresh_file(out: Path) -> None:
+    """Exports never replace a file: the user's (or an earlier export) is not ours to overwrite."""
+    if out.exists():
+        raise gt.UserError(f"{out} already exists; pick a new output file (or move the old one away)")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise gt.UserError(f"{out.parent} is a file, not a folder; pick another output path")
+
+
 def export_hf(model: gt.GPTModel, out_dir) -> Path:
     """A Hugging Face GPT-2 folder (config.json + model.safetensors), written to a temp folder and
     renamed into place, so a failure leaves nothing half-written."""
@@ -274,8 +293,10 @@ def export_hf(model: gt.GPTModel, out_dir) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
+        os.chmod(tmp, gt.dir_mode())  # mkdtemp makes 0700: give the folder normal permissions
         (tmp / "config.json").write_text(json.dumps(hf_config(model.cfg), indent=2))
         save_file(ours_to_hf(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        os.chmod(tmp / "model.safetensors", gt.file_mode())  # safetensors writes 0600
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -290,6 +311,7 @@ def export_safetensors(model: gt.GPTModel, out, ckpt: dict | None = None) -> Pat
     from safetensors.torch import save
 
     out = Path(out)
+    _fresh_file(out)
     sd = {k: v.contiguous() for k, v in model.state_dict().items()
           if not (k == "lm_head.weight" and model.cfg.tie_embeddings)}
     meta = {"gpt_config": json.dumps(model.cfg.to_dict()), "step": str((ckpt or {}).get("step", 0)),
@@ -359,6 +381,7 @@ def main(argv=None):
                 print(f"{k:>15}: {json.dumps(v) if isinstance(v, dict) else v}")
         return info
     if args.command in ("from-hf", "from-openai"):
+        _fresh_file(Path(args.out))
         model = load_hf(args.source) if args.command == "from-hf" else load_openai(args.source)
         out = save_from_model(model, args.out, args.source)
         print(f"wrote {out} ({gt.count_parameters(model)['tied'] / 1e6:.1f}M parameters)")

@@ -1,0 +1,345 @@
+"""State on disk that a run owns: bad inputs refused before any work and without touching a file,
+kills at any point recovered exactly, pruning of this run's checkpoints only, one live run per folder."""
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+
+import gpt_train as gt
+import prep_dataset
+import pretraining_advanced as adv
+import pretraining_simple as simple
+import token_cache as tc
+import wt_load
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import bench_faults  # noqa: E402
+
+DEBUG = ["--model", "debug", "--batch_size", "4", "--eval_iters", "2", "--no-progress", "--seed", "1",
+         "--sample_every", "0", "--log_every", "1"]
+
+
+# ----------------------------------------------------------------------------------------------
+# A world of pre-existing files that no failing command may change
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, small_corpus):
+    w = tmp_path_factory.mktemp("world")
+    shutil.copytree(small_corpus, w / "corpus")
+    simple.main(["--data_dir", str(w / "corpus"), "--run_dir", str(w / "run_a"), *DEBUG, "--max_steps", "2"])
+    (w / "user_dir").mkdir()
+    (w / "user_dir" / "model_v1.bin").write_bytes(b"my weights")
+    (w / "user_dir" / "pytorch_model.bin").write_bytes(b"more of my weights")
+    (w / "a_file").write_text("not a folder")
+    (w / "latin1").mkdir()
+    (w / "latin1" / "combined_1.txt").write_bytes("Caf\xe9 ".encode("latin-1") * 2000)
+    rows = [{"text": f"Row {i}: " + "words and more words " * 20} for i in range(60)]
+    for name, second in (("bad_json", '{"text": "fine"}\n{"text": broken\n'), ("bad_utf8", None),
+                         ("bad_column", '{"body": "no text column here"}\n')):
+        d = w / name
+        d.mkdir()
+        (d / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if second is None:
+            (d / "b.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+        else:
+            (d / "b.jsonl").write_text(second)
+    kw = dict(val_fraction=0.2, shard_tokens=4096, progress=False, log=lambda *a: None)
+    m = tc.build_cache(tc.resolve_source(str(w / "corpus")), w / "cache_oov", **kw)
+    shard = w / "cache_oov" / m["shards"]["train"][0]["name"]
+    ids = np.fromfile(shard, dtype=np.uint16)
+    ids[7] = 60000  # same size, an id past the vocabulary
+    ids.tofile(shard)
+    (w / "changing").mkdir()
+    (w / "changing" / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tc.build_cache(tc.resolve_source(str(w / "changing")), w / "cache_changed", **kw)
+    text = (w / "changing" / "data.jsonl").read_text()
+    (w / "changing" / "data.jsonl").write_text(text.replace("Row 5:", "Row 6:"))  # same size, new content
+    (w / "damaged_run").mkdir()
+    shutil.copy(w / "run_a" / "run.json", w / "damaged_run" / "run.json")
+    (w / "damaged_run" / "ckpt_00000004.pt").write_bytes(b"garbage")
+    (w / "hf_null").mkdir()
+    (w / "hf_null" / "config.json").write_text("null")
+    (w / "hf_number").mkdir()
+    (w / "hf_number" / "config.json").write_text("42")
+    (w / "hf_binary").mkdir()
+    (w / "hf_binary" / "config.json").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
+    (w / "hf_str").mkdir()
+    (w / "hf_str" / "config.json").write_text(json.dumps({"vocab_size": 50257, "n_embd": "32", "n_head": 2,
+                                                          "n_layer": 2}))
+    no_config = {k: v for k, v in torch.load(w / "run_a" / "ckpt_00000002.pt", weights_only=True).items()
+                 if k != "config"}
+    torch.save(no_config, w / "no_config.pt")
+    return w
+
+
+def _digest(root):
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _rel(w, main, argv):
+    argv = [",".join(str(w / p[2:]) if p.startswith("W/") else p for p in a.split(",")) for a in argv]
+    return [*argv, "--model", "debug", "--no-progress"] if main is adv.main else argv
+
+
+S, A = simple.main, adv.main
+BAD_INPUTS = [
+    # (main, argv, fragment of the one error line); "W/..." is a path in the world
+    (S, ["--batch_size", "0"], "--batch_size must be at least 1"),
+    (S, ["--grad_accum", "0"], "--grad_accum must be at least 1"),
+    (S, ["--max_grad_norm", "-1"], "--max_grad_norm must be a finite number >= 0"),
+    (S, ["--max_steps", "-5"], "--max_steps must be at least 1"),
+    (S, ["--lr", "-1"], "--lr must be a finite number >= 0"),
+    (S, ["--lr", "nan"], "--lr must be a finite number >= 0"),
+    (S, ["--eval_iters", "0"], "--eval_iters must be at least 1"),
+    (S, ["--context_length", "100000"], "--context_length must be between 1 and 65536"),
+    (S, ["--drop_rate", "1.5"], "--drop_rate must be in [0, 1)"),
+    (S, ["--keep_last", "-1"], "--keep_last must be >= 0"),
+    (S, ["--val_fraction", "0"], "--val_fraction must be between 0 and 1"),
+    (S, ["--model", "huge"], "unknown model preset 'huge'"),
+    (S, ["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "--device"),
+    (S, ["--run_dir", "W/a_file"], "is a file"),
+    (S, ["--run_dir", "W/a_file/sub"], "cannot create run folder"),
+    (S, ["--run_dir", "W/run_a"], "already holds run"),
+    (S, ["--run_dir", "W/run_a", "--resume", "W/missing.pt"], "does not exist"),
+    (S, ["--run_dir", "W/new1", "--resume", "W/a_file"], "corrupt or truncated"),
+    (S, ["--run_dir", "W/damaged_run", "--resume", "auto"], "no checkpoint in"),
+    (S, ["--run_dir", "W/new2", "--data_dir", "W/missing"], "--data_dir"),
+    (S, ["--run_dir", "W/new3", "--data_dir", "W/latin1"], "is not UTF-8"),
+    (S, ["--run_dir", "W/new4", "--init_from", "W/missing_weights"], "missing_weights"),
+    (A, ["--warmup_steps", "-1"], "--warmup_steps must be >= 0"),
+    (A, ["--galore_rank", "0"], "--galore_rank must be at least 1"),
+    (A, ["--max_tokens", "nan"], "--max_tokens must be a number of tokens"),
+    (A, ["--beta2", "1.5"], "--beta2 must be in [0, 1)"),
+    (A, ["--lr", "1e-4", "--min_lr", "1e-3"], "--min_lr 0.001 is above --lr"),
+    (A, ["--total_batch_tokens", "100"], "not a multiple"),
+    (A, ["--shard_tokens", "10"], "--shard_tokens must be at least 4096"),
+    (A, ["--dist_timeout_min", "0"], "--dist_timeout_min must be"),
+    (A, ["--run_dir", "W/new5", "--data", "W/corpus", "--cache_dir", "W/user_dir"], "is not empty and holds no token cache"),
+    (A, ["--run_dir", "W/new6", "--data", "W/bad_json", "--cache_dir", "W/c1"], "b.jsonl line 2 is not valid JSON"),
+    (A, ["--run_dir", "W/new7", "--data", "W/bad_utf8", "--cache_dir", "W/c2"], "b.jsonl is not UTF-8"),
+    (A, ["--run_dir", "W/new8", "--data", "W/bad_column", "--cache_dir", "W/c3"], "b.jsonl has no text column 'text'"),
+    (A, ["--run_dir", "W/new9", "--data", "W/corpus", "--cache_dir", "W/cache_oov", "--val_fraction", "0.2"],
+     "holds token id 60000"),
+    (A, ["--run_dir", "W/new10", "--data", "W/changing", "--cache_dir", "W/cache_changed", "--val_fraction", "0.2"],
+     "data.jsonl changed content"),
+    (A, ["--run_dir", "W/new11", "--data", "smollm:cosmo"], "no subset 'cosmo'"),
+    (A, ["--run_dir", "W/new12", "--data", "W/corpus,W/bad_json", "--data_mix", "1,x"], "--data_mix"),
+    (wt_load.main, ["from-hf", "W/hf_null", "W/o1.pt"], "holds NoneType, not a JSON object"),
+    (wt_load.main, ["from-hf", "W/hf_number", "W/o2.pt"], "holds int, not a JSON object"),
+    (wt_load.main, ["from-hf", "W/hf_binary", "W/o3.pt"], "is not valid JSON"),
+    (wt_load.main, ["from-hf", "W/hf_str", "W/o4.pt"], "emb_dim must be a positive whole number, got '32'"),
+    (wt_load.main, ["from-hf", "W/hf_null", "W/run_a/ckpt_00000002.pt"], "already exists"),
+    (wt_load.main, ["inspect", "W/no_config.pt"], "not a checkpoint written by this toolkit"),
+    (wt_load.main, ["to-hf", "W/no_config.pt", "W/o5"], "not a checkpoint written by this toolkit"),
+    (wt_load.main, ["to-safetensors", "W/run_a/ckpt_00000002.pt", "W/a_file"], "already exists"),
+    (wt_load.main, ["generate", "W/no_config.pt"], "not a checkpoint written by this toolkit"),
+    (prep_dataset.main, ["--data_dir", "W/corpus", "--output_dir", "W/o6", "--max_size_mb", "nan"], "--max_size_mb"),
+    (prep_dataset.main, ["--data_dir", "W/corpus", "--output_dir", "W/o7", "--workers", "0"], "--workers"),
+    (prep_dataset.main, ["--data_dir", "W/corpus", "--output_dir", "W/o8", "--retries", "0"], "--retries"),
+    (tc.main, ["build", "--data", "W/corpus", "--cache_dir", "W/user_dir"], "is not empty and holds no token cache"),
+]
+
+
+@pytest.mark.parametrize("main,argv,fragment", BAD_INPUTS, ids=[f"{m.__module__}:{' '.join(a)[:40]}"
+                                                                 for m, a, _ in BAD_INPUTS])
+def test_bad_input_is_one_error_line_and_touches_nothing(world, capsys, monkeypatch, main, argv, fragment):
+    monkeypatch.chdir(world)  # default folders (runs/, data/) land in the world too
+    before = _digest(world)
+    with pytest.raises(SystemExit) as exit_:
+        gt.run_cli(lambda: main(_rel(world, main, argv)))
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert exit_.value.code == 2, err
+    assert len(errors) == 1 and fragment in errors[0], err
+    assert "Traceback" not in err
+    after = _digest(world)
+    assert {k: v for k, v in after.items() if k in before} == before  # every pre-existing file as it was
+    assert not [k for k in after if k.endswith((".tmp", ".lock"))]
+
+
+def test_ctrl_c_while_importing_is_quiet(tmp_path):
+    proc = subprocess.Popen([sys.executable, str(ROOT / "pretraining_simple.py"), "--help"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    time.sleep(0.4)  # inside `import torch`, which takes seconds
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode in (130, 0), err  # 0 only if --help finished first, on a very fast machine
+    assert "Traceback" not in err
+
+
+def test_read_only_or_full_disk_is_refused_before_training(small_corpus, tmp_path, monkeypatch):
+    total, used, free = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: type("U", (), {"total": total, "used": total, "free": 1000})())
+    with pytest.raises(gt.UserError, match=r"only 0\.00 GiB free in .* a checkpoint of this run needs about"):
+        simple.main(["--data_dir", str(small_corpus), "--run_dir", str(tmp_path / "r"), *DEBUG, "--max_steps", "2"])
+    monkeypatch.undo()
+
+    def refuse(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr("checkpointing.atomic_write", refuse)
+    with pytest.raises(gt.UserError, match=r"cannot write to run folder .*Permission denied"):
+        simple.main(["--data_dir", str(small_corpus), "--run_dir", str(tmp_path / "ro"), *DEBUG, "--max_steps", "2"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Files get normal permissions
+
+
+def test_files_respect_the_umask(small_corpus, tmp_path):
+    old = os.umask(0o022)
+    gt.process_umask.cache_clear()
+    try:
+        res = simple.main(["--data_dir", str(small_corpus), "--run_dir", str(tmp_path / "r"), *DEBUG, "--max_steps", "2"])
+        model, _ = wt_load.load_ours(res["checkpoint"])
+        out = wt_load.export_hf(model, tmp_path / "hf")
+        m = tc.build_cache(tc.resolve_source(str(small_corpus)), tmp_path / "cache", val_fraction=0.2, progress=False)
+    finally:
+        os.umask(old)
+        gt.process_umask.cache_clear()
+    for path in [res["checkpoint"], tmp_path / "r" / "losses.json", tmp_path / "r" / "run.json",
+                 tmp_path / "cache" / "manifest.json", tmp_path / "cache" / m["shards"]["train"][0]["name"],
+                 out / "config.json", out / "model.safetensors"]:
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, path
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o755
+
+
+# ----------------------------------------------------------------------------------------------
+# One run, one folder
+
+
+def _ckpt(run, step, run_id):
+    state = gt.CheckpointState(gt.get_config("debug"), run_id, model=gt.ModelPart(gt.GPTModel(gt.get_config("debug"))),
+                               progress=gt.TrainState(step=step))
+    return gt.save_checkpoint(run / f"ckpt_{step:08d}.pt", state.state_dict())
+
+
+def test_pruning_touches_only_this_runs_checkpoints(tmp_path):
+    run = gt.RunFolder(tmp_path, keep_last=2)
+    run.claim("test", {})
+    mine = run.run_id
+    for step in (2, 4, 10):
+        _ckpt(tmp_path, step, mine)
+    foreign = _ckpt(tmp_path, 50, "someone")
+    damaged = tmp_path / "ckpt_00000099.pt"
+    damaged.write_bytes(b"not a checkpoint")
+    user = tmp_path / "ckpt_notes.txt"
+    user.write_text("mine")
+    state = gt.CheckpointState(gt.get_config("debug"), mine, model=gt.ModelPart(gt.GPTModel(gt.get_config("debug"))),
+                               progress=gt.TrainState(step=6))
+    new = run.save(state.state_dict())
+    left = sorted(p.name for p in tmp_path.iterdir())
+    # The newest of this run (step 10) and the one just written stay; steps 2 and 4 go; the other
+    # run's, the damaged and the user's files are not touched.
+    assert left == ["ckpt_00000006.pt", "ckpt_00000010.pt", "ckpt_00000050.pt", "ckpt_00000099.pt", "ckpt_notes.txt",
+                    "run.json", "run.lock"]
+    assert new.exists() and foreign.exists() and damaged.read_bytes() == b"not a checkpoint"
+    run.release()
+    assert not (tmp_path / "run.lock").exists()
+
+
+def test_reused_default_folder_never_loses_the_new_run(small_corpus, tmp_path):
+    """The old failure: a folder holding a longer earlier run pruned each new checkpoint right away."""
+    common = ["--data_dir", str(small_corpus), "--run_dir", str(tmp_path), *DEBUG, "--save_every", "2",
+              "--keep_last", "1"]
+    simple.main([*common, "--max_steps", "8"])
+    with pytest.raises(gt.UserError, match="already holds run"):
+        simple.main([*common, "--max_steps", "4"])
+    res = simple.main([*common, "--max_steps", "4", "--overwrite"])
+    assert res["checkpoint"].exists() and res["checkpoint"].name == "ckpt_00000004.pt"
+    assert gt.RunFolder(tmp_path).latest_valid().checkpoint["step"] == 4
+    previous = list((tmp_path / "previous").iterdir())
+    assert len(previous) == 1 and (previous[0] / "ckpt_00000008.pt").exists()  # moved aside, not deleted
+
+
+def test_resuming_behind_newer_checkpoints_is_refused(small_corpus, tmp_path):
+    common = ["--data_dir", str(small_corpus), "--run_dir", str(tmp_path), *DEBUG, "--save_every", "2", "--keep_last", "0"]
+    simple.main([*common, "--max_steps", "6"])
+    with pytest.raises(gt.UserError, match=r"newer checkpoints of this run \(step 6\)"):
+        simple.main([*common, "--max_steps", "6", "--resume", str(tmp_path / "ckpt_00000004.pt")])
+    res = simple.main([*common, "--max_steps", "6", "--resume", str(tmp_path / "ckpt_00000004.pt"), "--overwrite"])
+    assert res["state"].step == 6 and list((tmp_path / "previous").glob("*/ckpt_00000006.pt"))
+
+
+def test_a_finished_run_resumed_is_left_as_it_is(small_corpus, tmp_path):
+    common = ["--data_dir", str(small_corpus), "--run_dir", str(tmp_path), *DEBUG]
+    simple.main([*common, "--max_steps", "3"])
+    before = (tmp_path / "ckpt_00000003.pt").read_bytes()
+    res = simple.main([*common, "--max_steps", "3", "--resume", "auto"])
+    assert res["checkpoint"] is None and (tmp_path / "ckpt_00000003.pt").read_bytes() == before
+
+
+def test_a_second_live_run_on_the_folder_is_refused(small_corpus, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "pretraining_simple.py"), "--data_dir", str(small_corpus),
+                             "--run_dir", str(tmp_path), *DEBUG, "--max_steps", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step "):
+                break
+        with pytest.raises(gt.UserError, match=rf"is in use by pid {proc.pid} on .* \(.*run.lock is locked\)"):
+            simple.main(["--data_dir", str(small_corpus), "--run_dir", str(tmp_path), *DEBUG, "--max_steps", "5",
+                         "--resume", "auto"])
+    finally:
+        proc.kill()  # SIGKILL: the lock file stays, but its flock dies with the process
+        proc.wait()
+    assert (tmp_path / "run.lock").exists()
+    res = simple.main(["--data_dir", str(small_corpus), "--run_dir", str(tmp_path), *DEBUG, "--max_steps", "5",
+                       "--resume", "auto"])
+    assert res["state"].step == 5 and not (tmp_path / "run.lock").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Kills at any point
+
+
+@pytest.fixture(scope="module")
+def fault_corpus(tmp_path_factory):
+    return bench_faults.make_corpus(tmp_path_factory.mktemp("faults") / "corpus")
+
+
+def test_cache_build_killed_after_every_record_finishes_identical(fault_corpus, tmp_path):
+    m = tc.build_cache(tc.resolve_source(str(fault_corpus)), tmp_path / "ref", log=lambda *a: None,
+                       **bench_faults.CACHE_KW)
+    reference = bench_faults.folder_digest(tmp_path / "ref")
+    r = bench_faults.adversarial_cache_trial(fault_corpus, tmp_path / "adv", reference)
+    assert r["identical"] and not r["extra"], r
+    assert r["kills"] == m["records"]  # a kill right after every record, the one that completed the cache too
+
+
+def test_cache_build_killed_at_random_points_finishes_identical(fault_corpus, tmp_path):
+    tc.build_cache(tc.resolve_source(str(fault_corpus)), tmp_path / "ref", log=lambda *a: None,
+                       **bench_faults.CACHE_KW)
+    reference = bench_faults.folder_digest(tmp_path / "ref")
+    rng = random.Random(1)
+    results = [bench_faults.cache_trial(fault_corpus, tmp_path / f"c{i}", reference,
+                                        bench_faults.random_cache_plans(rng, 4))
+               for i in range(8)]
+    assert sum(r["kills"] for r in results) >= 3 * len(results)  # several kills in each build
+    assert all(r["identical"] and not r["extra"] for r in results), results
+
+
+def test_training_killed_at_random_points_resumes_bit_identically(fault_corpus, tmp_path):
+    ref = bench_faults.run_driver(bench_faults.train_flags(fault_corpus, tmp_path / "cache", tmp_path / "ref", 12), {})
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    reference = json.loads((tmp_path / "ref" / "losses.json").read_text())["train_loss"]
+    plans = [{"in_write": 2, "phase": "before_rename"}, {"in_write": 3, "phase": "after_rename"},
+             {"after_s": 1.0}, {"in_write": 4, "phase": "before_rename"}]
+    r = bench_faults.training_trial(fault_corpus, tmp_path / "t", reference, plans, 12)
+    assert r["kills"] >= 3 and r["recovered"] and not r["leftovers"], r
