@@ -678,6 +678,7 @@ class TrainState:
 
     def record_step(self, loss: float, lr: float, grad_norm: float, tokens: int) -> None:
         self.step += 1
+        self.bad_steps = 0
         self.tokens_seen += tokens
         for key, value in (("step", self.step), ("tokens_seen", self.tokens_seen), ("train_loss", loss), ("lr", lr),
                            ("grad_norm", grad_norm)):
@@ -834,40 +835,55 @@ def train_model(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Bat
     report = _Reporter(runtime, tcfg, state, hooks.log, tokens_per_step,
                        flops_per_token(unwrap_model(model).cfg, batches.dataset.context_length), peak_flops)
     model.train()
-
-    def due(every: int) -> bool:
-        return every > 0 and state.step % every == 0
-
     with StopSignal() as stop:
         t_last = time.perf_counter()
         while state.step < tcfg.max_steps:
-            lr = lr_fn(state.step) if lr_fn else optimizer.param_groups[0]["lr"]
-            for g in optimizer.param_groups if lr_fn else ():
-                g["lr"] = lr
+            lr = _set_lr(optimizer, lr_fn, state.step)
             r = train_step(model, optimizer, batches, runtime, tcfg.grad_accum_steps, tcfg.max_grad_norm, scaler,
                            stop.received is not None)
-            if r.skipped:
-                if _too_many_bad_steps(state, tcfg, runtime):
-                    break
-            else:
-                state.bad_steps = 0
-                now = time.perf_counter()
+            if r.skipped and _too_many_bad_steps(state, tcfg, runtime):
+                break
+            if not r.skipped:
                 state.record_step(r.loss, lr, r.grad_norm, tokens_per_step)
-                report.step(state, r, lr, now - t_last)
-                if hooks.evaluate and (due(tcfg.eval_every) or state.step == tcfg.max_steps):
-                    hooks.evaluate(state)
-                if hooks.sample and due(tcfg.sample_every):
-                    hooks.sample(state)
+                report.step(state, r, lr, time.perf_counter() - t_last)
+                _evaluate_and_sample(state, tcfg, hooks)
             if r.stop:
                 state.stop_reason = stop.received or "SIGTERM"  # a signal seen by another rank
                 break
-            if hooks.checkpoint and due(tcfg.save_every) and not r.skipped and state.step < tcfg.max_steps:
-                hooks.checkpoint(state)
+            if not r.skipped and _due(tcfg.save_every, state) and state.step < tcfg.max_steps:
+                _save(hooks, state)
             t_last = time.perf_counter()  # eval, sampling and saving are not training time
     report.close()
-    if hooks.checkpoint and state.step > 0 and state.saved_step != state.step:
-        hooks.checkpoint(state)  # at the end, on a signal, and (last good weights) after bad steps
+    _save(hooks, state)  # at the end, on a signal, and (last good weights) after bad steps
     return state
+
+
+def _save(hooks: TrainHooks, state: TrainState) -> None:
+    """A checkpoint of this step, unless there is no step yet or this step is already saved."""
+    if hooks.checkpoint and state.step > 0 and state.saved_step != state.step:
+        hooks.checkpoint(state)
+
+
+def _due(every: int, state: TrainState) -> bool:
+    return every > 0 and state.step % every == 0
+
+
+def _set_lr(optimizer, lr_fn: Callable[[int], float] | None, step: int) -> float:
+    """The schedule's LR for this step, set on every parameter group (or the optimizer's own)."""
+    if lr_fn is None:
+        return optimizer.param_groups[0]["lr"]
+    lr = lr_fn(step)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    return lr
+
+
+def _evaluate_and_sample(state: TrainState, tcfg: TrainConfig, hooks: TrainHooks) -> None:
+    """Evaluation every eval_every steps and always at the last step; a sample every sample_every."""
+    if hooks.evaluate and (_due(tcfg.eval_every, state) or state.step == tcfg.max_steps):
+        hooks.evaluate(state)
+    if hooks.sample and _due(tcfg.sample_every, state):
+        hooks.sample(state)
 
 
 def _too_many_bad_steps(state: TrainState, tcfg: TrainConfig, runtime: Runtime) -> bool:

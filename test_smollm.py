@@ -80,7 +80,7 @@ def check_torch() -> list[Check]:
         import torch
     except Exception as e:
         return [Check("torch", "FAIL", f"cannot import torch: {e}", INSTALL_HINT)]
-    out = [Check("torch build", "OK", f"{torch.__version__}, {torch.get_num_threads()} CPU threads")]
+    out = [torch_works(torch)]
     if not torch.cuda.is_available():
         out.append(Check("CUDA", "WARN", "no CUDA GPU: training runs on the CPU (fine for the small presets)",
                          "for a GPU, install a CUDA build of torch 2.13 (see README)"))
@@ -97,6 +97,26 @@ def check_torch() -> list[Check]:
                      ", ".join(f"{k}={'on' if v else 'off'}" for k, v in kernels.items()),
                      "" if kernels["flash"] else "flash attention unavailable: SDPA falls back to slower kernels"))
     return out
+
+
+def torch_works(torch) -> Check:
+    """Not only that torch imports: a matmul's gradient and SDPA against explicit attention, on the
+    CPU, give the right numbers (a broken or mismatched build fails here)."""
+    detail = f"{torch.__version__}, {torch.get_num_threads()} CPU threads"
+    try:
+        w = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+        (w @ torch.tensor([1.0, -1.0])).sum().backward()
+        grad_ok = torch.equal(w.grad, torch.tensor([[1.0, -1.0], [1.0, -1.0]]))
+        q, k, v = torch.randn(3, 1, 2, 5, 8, generator=torch.Generator().manual_seed(0))
+        att = (q @ k.transpose(-2, -1) / 8**0.5).masked_fill(torch.ones(5, 5, dtype=torch.bool).triu(1), float("-inf"))
+        sdpa_ok = torch.allclose(torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+                                 att.softmax(-1) @ v, atol=1e-5)
+    except Exception as e:
+        return Check("torch build", "FAIL", f"{detail}: {type(e).__name__}: {str(e)[:80]}", INSTALL_HINT)
+    if not (grad_ok and sdpa_ok):
+        return Check("torch build", "FAIL", f"{detail}: wrong results ({'gradient' if not grad_ok else 'attention'})",
+                     INSTALL_HINT)
+    return Check("torch build", "OK", detail)
 
 
 def check_compile() -> Check:

@@ -6,7 +6,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+import gpt_train as gt  # noqa: E402
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -55,3 +58,22 @@ def print_table(rows: list[dict]) -> None:
     print("-+-".join("-" * widths[c] for c in cols))
     for r in rows:
         print(" | ".join(str(r[c]).ljust(widths[c]) for c in cols))
+
+
+def random_batches(cfg, batch_size: int, steps: int, device, seed: int = 0) -> "gt.BatchSampler":
+    """A BatchSampler over random token ids, enough for `steps` micro-batches: the loop's own batch
+    source (pinned prefetch on a GPU), without reading a corpus."""
+    n = batch_size * (cfg.context_length + 1) * (steps + 1)
+    ids = np.random.default_rng(seed).integers(0, cfg.vocab_size, size=n).astype(np.uint16)
+    return gt.BatchSampler(gt.TokenWindowDataset(ids, cfg.context_length), batch_size, seed=seed, device=device)
+
+
+def make_train_step(cfg, batch_size: int, runtime: "gt.Runtime", steps: int, optimizer=None, grad_accum: int = 1):
+    """(fn, model, optimizer): fn() runs one `gt.train_step` (the training loop's own step: micro-batches,
+    autocast, scaling, clipping, the reduction and the update) on a fresh model of `cfg`."""
+    gt.seed_everything(0)
+    model = runtime.prepare(gt.GPTModel(cfg))
+    opt = optimizer(model) if optimizer else gt.make_adamw(model, 3e-4, device=runtime.device)
+    batches = random_batches(cfg, batch_size, steps * grad_accum, runtime.device)
+    scaler = runtime.grad_scaler()
+    return (lambda: gt.train_step(model, opt, batches, runtime, grad_accum, 1.0, scaler)), model, opt

@@ -8,11 +8,12 @@ pretraining_advanced.py (log line with MFU, checkpoint, resume). Exits 0 with a 
 """
 
 import argparse
+import math
 import sys
 import tempfile
 from pathlib import Path
 
-from _common import peak_memory_mb, print_table, reset_peak_memory, timed
+from _common import make_train_step, peak_memory_mb, print_table, reset_peak_memory, timed
 
 import torch
 
@@ -21,34 +22,20 @@ import pretraining_advanced as adv
 
 
 def measure(cfg, batch_size, runtime, compile_, iters, fused=True):
-    gt.seed_everything(0)
-    model = gt.GPTModel(cfg).to(runtime.device)
-    step_model = torch.compile(model) if compile_ else model
-    opt = torch.optim.AdamW(gt.param_groups(model, 0.1), lr=3e-4, fused=fused)
-    scaler = runtime.grad_scaler()
-    x = torch.randint(0, cfg.vocab_size, (batch_size, cfg.context_length + 1), device=runtime.device)
-
-    def step():
-        with runtime.autocast():
-            loss = gt.calc_loss_batch(x[:, :-1], x[:, 1:], step_model, runtime.device)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        return loss
-
+    """The training loop's own train_step, timed: tokens/s, MFU and peak memory."""
+    rt = gt.Runtime(runtime.device, runtime.dtype, compile_)
+    step, model, _ = make_train_step(cfg, batch_size, rt, iters + 8, optimizer=lambda m: torch.optim.AdamW(
+        gt.param_groups(gt.unwrap_model(m), 0.1), lr=3e-4, fused=fused))
     reset_peak_memory(runtime.device)
     sec = timed(step, warmup=5 if compile_ else 2, iters=iters, device=runtime.device)
     tokens = batch_size * cfg.context_length
     peak = adv.peak_flops_for(runtime.device)
     mfu = gt.flops_per_token(cfg) * tokens / sec / peak if peak else float("nan")
-    loss = step().item()
+    loss = step().loss
     return {"dtype": runtime.dtype, "attention": "sdpa" if cfg.flash else "explicit",
             "mode": "compile" if compile_ else "eager", "fused adamw": fused, "batch": batch_size,
             "ms/step": f"{1000 * sec:.1f}", "tokens/s": f"{tokens / sec:,.0f}", "MFU": f"{100 * mfu:.1f}%",
-            "peak GiB": f"{peak_memory_mb(runtime.device) / 1024:.1f}", "loss finite": bool(torch.isfinite(torch.tensor(loss)))}
+            "peak GiB": f"{peak_memory_mb(runtime.device) / 1024:.1f}", "loss finite": bool(math.isfinite(loss))}
 
 
 def main(argv=None):

@@ -53,3 +53,17 @@ def run_script(args, cwd, timeout=300, env_extra=None):
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
     cmd = [sys.executable, str(ROOT / args[0]), *map(str, args[1:])]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def run_cli(main, argv, capsys):
+    """A script's main() through gpt_train.run_cli, in this process: (exit code, stdout, stderr)."""
+    import gpt_train as gt
+
+    capsys.readouterr()  # what earlier steps of the test printed is not this command's output
+    try:
+        gt.run_cli(lambda: main([str(a) for a in argv]))
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err

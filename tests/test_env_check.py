@@ -2,17 +2,20 @@ import json
 
 from conftest import run_script
 
+import test_smollm
 
-def test_quick_json_reports_ok_for_installed_packages(tmp_path):
-    r = run_script(["test_smollm.py", "--quick", "--json", "--output_dir", tmp_path / "out"], cwd=tmp_path)
-    assert r.returncode == 0, r.stdout + r.stderr
-    checks = {c["name"]: c for c in json.loads(r.stdout)}
+
+def test_quick_json_reports_ok_for_installed_packages(tmp_path, capsys):
+    results = test_smollm.main(["--quick", "--json", "--output_dir", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert not any(c.status == "FAIL" for c in results), out
+    checks = {c["name"]: c for c in json.loads(out)}
     for pkg in ("torch", "tiktoken", "datasets", "wandb", "galore-torch", "tqdm", "matplotlib", "numpy"):
         assert checks[f"package {pkg}"]["status"] == "OK", checks[f"package {pkg}"]
     assert checks["GPT-2 tokenizer (offline)"]["status"] == "OK"
     assert checks["DDP"]["status"] == "OK" and "gloo" in checks["DDP"]["detail"]
     assert not any(name.startswith("training") for name in checks)  # --quick skips the training part
-    assert "Failed to load CPU gemm_4bit" not in r.stderr
+    assert "Failed to load CPU gemm_4bit" not in err
 
 
 def test_hidden_package_is_a_fail_with_a_hint(tmp_path):
@@ -29,9 +32,18 @@ def test_hidden_package_is_a_fail_with_a_hint(tmp_path):
     assert checks["package numpy"]["status"] == "OK"
 
 
-def test_table_output(tmp_path):
-    r = run_script(["test_smollm.py", "--quick", "--output_dir", tmp_path], cwd=tmp_path)
-    lines = r.stdout.splitlines()
+def test_table_output(tmp_path, capsys):
+    test_smollm.main(["--quick", "--output_dir", str(tmp_path)])
+    lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("OK    package torch")
     assert any(ln.strip().startswith("hint:") for ln in lines)
     assert lines[-1].endswith("0 FAIL")
+
+
+def test_a_torch_that_computes_wrong_fails_the_check(monkeypatch):
+    import torch
+
+    assert test_smollm.torch_works(torch).status == "OK"
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda q, k, v, **kw: v * 0)
+    check = test_smollm.torch_works(torch)
+    assert check.status == "FAIL" and "attention" in check.detail

@@ -106,7 +106,7 @@ def test_pipeline_on_sample_respects_size_limit(sample_books, tmp_path):
     assert summary["bytes_out"] == sum(sizes.values())
 
 
-def test_bad_inputs_each_get_a_reason(tmp_path):
+def test_bad_inputs_each_get_a_reason(tmp_path, monkeypatch):
     d = tmp_path / "in"
     d.mkdir()
     book = VARIANTS["the"][0] + BODY + VARIANTS["the"][1]
@@ -117,23 +117,25 @@ def test_bad_inputs_each_get_a_reason(tmp_path):
     (d / "nomarkers-8.txt").write_text("Just some English text that is the kind of thing a book has in it.\n")
     (d / "french.txt").write_text(book.replace("Language: English", "Language: French"))
     (d / "boilerplate_only.txt").write_text(VARIANTS["the"][0] + VARIANTS["the"][1])
-    unreadable = d / "unreadable.txt"
-    unreadable.write_text(book)
-    unreadable.chmod(0)
+    (d / "unreadable.txt").write_text(book)
+    real_read = Path.read_bytes
+
+    def read_bytes(self):  # chmod 0 would not stop root, so the refusal is simulated
+        if self.name == "unreadable.txt":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
     (d / "notes.md").write_text("not a book file")
     logs = []
-    try:
-        summary = pd.prepare(d, tmp_path / "out", workers=1, log=logs.append)
-    finally:
-        unreadable.chmod(0o644)
+    summary = pd.prepare(d, tmp_path / "out", workers=1, log=logs.append)
     skipped = dict((Path(p).name, r) for p, r in summary["skipped"])
     warnings = dict((Path(p).name, w) for p, w in summary["warnings"])
     assert skipped["empty.txt"] == "empty file"
     assert "binary" in skipped["binary.txt"]
     assert "French" in skipped["french.txt"]
     assert "no text left" in skipped["boilerplate_only.txt"]
-    if "unreadable.txt" in skipped:  # root can read anything; elsewhere it is refused
-        assert "unreadable" in skipped["unreadable.txt"]
+    assert skipped["unreadable.txt"] == "unreadable: Permission denied"
     assert "latin-1" in warnings["latin1.txt"]
     assert "no Project Gutenberg markers" in warnings["nomarkers-8.txt"]
     out = (tmp_path / "out" / "combined_1.txt").read_text(encoding="utf-8")

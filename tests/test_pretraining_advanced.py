@@ -124,9 +124,12 @@ def test_bf16_autocast_and_explicit_attention(base, tmp_path):
     assert losses[0] == pytest.approx(flash["history"]["train_loss"][0], abs=0.05)
 
 
-def test_compile_runs_a_few_steps(base, tmp_path):
+def test_compile_matches_eager(base, tmp_path):
     res = adv.main([*base, "--run_dir", str(tmp_path / "c"), "--max_steps", "3", "--compile", "--eval_every", "0"])
-    assert res["state"].step == 3 and all(math.isfinite(x) for x in res["history"]["train_loss"])
+    eager = adv.main([*base, "--run_dir", str(tmp_path / "e"), "--max_steps", "3", "--eval_every", "0"])
+    assert res["state"].step == 3
+    # Inductor fuses and reorders float ops: the same losses to float32 rounding, not bit for bit.
+    assert res["history"]["train_loss"] == pytest.approx(eager["history"]["train_loss"], rel=1e-5)
     ckpt = gt.load_checkpoint(res["checkpoint"])
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
 
@@ -153,10 +156,18 @@ def test_total_batch_tokens_sets_accumulation(base, tmp_path):
         adv.main([*base, "--run_dir", str(tmp_path), "--max_steps", "1", "--total_batch_tokens", "100"])
 
 
-def test_wandb_offline_and_tensorboard_files(base, tmp_path, monkeypatch):
+def test_wandb_mode_follows_key_netrc_and_env(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    assert adv.wandb_mode() == "offline" or (tmp_path / ".netrc").exists()
+    monkeypatch.setenv("HOME", str(tmp_path))  # the ~/.netrc the code reads is this one
+    assert adv.wandb_mode() == "offline"
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password x\n")
+    assert adv.wandb_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert adv.wandb_mode() == "disabled"
+
+
+def test_wandb_offline_and_tensorboard_files(base, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     run = tmp_path / "run"
     res = adv.main([*base, "--run_dir", str(run), "--max_steps", "4", "--wandb", "--tensorboard", "--eval_every", "2"])

@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import run_cli, run_script
 
 import gpt_train as gt
 import pretraining_simple
@@ -109,7 +109,9 @@ def test_cli_round_trip_and_inspect(tmp_path):
     r = run_script(["wt_load.py", "generate", tmp_path / "ours.pt", "--max_new_tokens", "3"], cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.startswith("Every effort moves you")
     for cmd in ("inspect", "from-hf", "to-hf", "to-safetensors", "from-openai", "generate"):
-        assert run_script(["wt_load.py", cmd, "--help"], cwd=tmp_path).returncode == 0
+        with pytest.raises(SystemExit) as e:
+            wt_load.build_parser().parse_args([cmd, "--help"])
+        assert e.value.code == 0
 
 
 def test_init_from_pretrained_weights(tmp_path, small_corpus):
@@ -122,12 +124,16 @@ def test_init_from_pretrained_weights(tmp_path, small_corpus):
         wt_load.init_weights(gt.GPTModel(gt.get_config("debug")), str(d))
 
 
-def test_bad_inputs(tmp_path):
+def test_bad_inputs(tmp_path, capsys, monkeypatch):
+    # An empty Hugging Face cache: a gpt2 already cached on this machine must not turn the hub error into a success.
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
+
     def err(args):
-        r = run_script(["wt_load.py", *args], cwd=tmp_path)
-        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-        assert len(r.stderr.strip().splitlines()) == 1
-        return r.stderr
+        code, _, stderr = run_cli(wt_load.main, args, capsys)
+        assert code == 2 and "Traceback" not in stderr, stderr
+        assert len(stderr.strip().splitlines()) == 1
+        return stderr
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text("{}")
@@ -156,7 +162,7 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "openai" / "hparams.json").write_text("{}")
     assert "tensorflow" in err(["from-openai", tmp_path / "openai", tmp_path / "o.pt"])
     assert not (tmp_path / "o.pt").exists() and not (tmp_path / "x").exists()
-    assert run_script(["wt_load.py", "from-hf", d, tmp_path / "ours.pt"], cwd=tmp_path).returncode == 0
+    assert run_cli(wt_load.main, ["from-hf", d, tmp_path / "ours.pt"], capsys)[0] == 0
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")
     assert "already exists" in err(["to-hf", tmp_path / "ours.pt", tmp_path / "taken"])
