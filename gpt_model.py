@@ -188,6 +188,7 @@ class GPTModel(nn.Module):
         self.lm_head = nn.Linear(cfg.emb_dim, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # weight tying: one matrix embeds tokens and scores them
+            self.register_load_state_dict_pre_hook(self._tie_head_on_load)
         self.apply(self._init_weights)
         # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2 * n_layers),
         # so the stream's variance does not grow with depth.
@@ -203,6 +204,13 @@ class GPTModel(nn.Module):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    @staticmethod
+    def _tie_head_on_load(module, state_dict, prefix, *_):
+        """A tied head is one tensor: files that store it once (safetensors exports, HF's GPT-2) load
+        strictly, the head taken from the embedding."""
+        if prefix + "lm_head.weight" not in state_dict and prefix + "wte.weight" in state_dict:
+            state_dict[prefix + "lm_head.weight"] = state_dict[prefix + "wte.weight"]
 
     def set_flash(self, enabled: bool) -> None:
         self.cfg = dataclasses.replace(self.cfg, flash=enabled)

