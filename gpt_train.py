@@ -662,6 +662,7 @@ class TrainConfig:
     save_every: int = 0  # 0: only at the end and on a signal
     keep_last: int = 3  # this run's checkpoints kept (0: all)
     max_bad_steps: int = 3  # consecutive non-finite losses before the run stops
+    histogram_every: int = 0  # parameter and gradient histograms to the log sinks (0: never)
     progress: bool = True
 
 
@@ -707,6 +708,7 @@ class TrainHooks:
     evaluate: Callable[[TrainState], None] | None = None  # records into state.history
     sample: Callable[[TrainState], None] | None = None
     checkpoint: Callable[[TrainState], None] | None = None
+    histograms: Callable[[int], None] | None = None  # called with the step, while its gradients exist
     log: list[Callable[[str, dict], None]] = field(default_factory=list)
 
 
@@ -719,11 +721,13 @@ class StepResult:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSampler, runtime: Runtime,
-               grad_accum_steps: int, max_grad_norm: float, scaler, stop_requested: bool = False) -> StepResult:
+               grad_accum_steps: int, max_grad_norm: float, scaler, stop_requested: bool = False,
+               on_grads: Callable[[], None] | None = None) -> StepResult:
     """One optimizer step: `grad_accum_steps` micro-batches (forward under autocast, scaled backward,
     gradients synchronised on the last), unscale and clip, then one all-reduce of four numbers that
     makes every rank agree on the loss, on skipping a non-finite step and on stopping. The loss stays
-    on the device until that reduction: one host sync per step (fp16's scaler adds its own)."""
+    on the device until that reduction: one host sync per step (fp16's scaler adds its own).
+    `on_grads` sees the unscaled gradients before clipping (histograms)."""
     import torch.distributed as dist
 
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -736,6 +740,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Batc
             scaler.scale(loss).backward()
         loss_sum += loss.detach().float()
     scaler.unscale_(optimizer)
+    if on_grads is not None:
+        on_grads()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     stats = torch.stack([loss_sum, (~torch.isfinite(loss_sum)).float(), grad_norm.float().to(runtime.device),
                          torch.tensor(float(stop_requested), device=runtime.device)])
@@ -841,7 +847,7 @@ def train_model(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Bat
         while state.step < tcfg.max_steps:
             lr = _set_lr(optimizer, lr_fn, state.step)
             r = train_step(model, optimizer, batches, runtime, tcfg.grad_accum_steps, tcfg.max_grad_norm, scaler,
-                           stop.received is not None)
+                           stop.received is not None, _histograms_due(hooks, tcfg, state.step + 1))
             if r.skipped and _too_many_bad_steps(state, tcfg, runtime):
                 break
             if not r.skipped:
@@ -867,6 +873,12 @@ def _save(hooks: TrainHooks, state: TrainState) -> None:
 
 def _due(every: int, state: TrainState) -> bool:
     return every > 0 and state.step % every == 0
+
+
+def _histograms_due(hooks: TrainHooks, tcfg: TrainConfig, step: int) -> Callable[[], None] | None:
+    if hooks.histograms and tcfg.histogram_every > 0 and step % tcfg.histogram_every == 0:
+        return functools.partial(hooks.histograms, step)
+    return None
 
 
 def _set_lr(optimizer, lr_fn: Callable[[int], float] | None, step: int) -> float:
@@ -953,7 +965,8 @@ def run_training(model: nn.Module, optimizer, runtime: Runtime, tcfg: TrainConfi
         say(f"nothing to do: the run is already at step {state.step} of {tcfg.max_steps}")
 
     hooks = TrainHooks(evaluate=_evaluator(model, runtime, tcfg, train_data, val_data, log_sinks, say),
-                       sample=_sampler(raw, runtime, tcfg, say), log=list(log_sinks) if runtime.is_main else [])
+                       sample=_sampler(raw, runtime, tcfg, say), histograms=_histogrammer(raw, runtime, log_sinks),
+                       log=list(log_sinks) if runtime.is_main else [])
     saved: list[Path] = []
 
     def checkpoint(st: TrainState):
@@ -993,6 +1006,22 @@ def _sampler(raw: nn.Module, runtime: Runtime, tcfg: TrainConfig, say):
         generate_and_print_sample(raw, tokenizer, runtime.device, tcfg.sample_prompt, tcfg.sample_tokens,
                                   printer=lambda t: say(f"sample step {st.step}: {t}"))
     return sample
+
+
+def _histogrammer(raw: nn.Module, runtime: Runtime, log_sinks):
+    """Parameter and gradient values of every weight, to the sinks as kind "histograms" (rank 0)."""
+    if not log_sinks:
+        return None
+
+    def histograms(step: int):
+        values = {"step": step}
+        for name, p in raw.named_parameters():
+            values[f"params/{name}"] = p.detach().float().cpu()
+            if p.grad is not None:
+                values[f"grads/{name}"] = p.grad.detach().float().cpu()
+        for sink in log_sinks if runtime.is_main else ():
+            sink("histograms", values)
+    return histograms
 
 
 def _finish(state: TrainState, run: RunFolder, runtime: Runtime, tcfg: TrainConfig, saved: list, say) -> dict:
@@ -1118,7 +1147,8 @@ def train_config(args, max_steps: int, grad_accum: int | None = None) -> TrainCo
                        seed=args.seed, max_grad_norm=args.max_grad_norm, log_every=args.log_every,
                        eval_every=args.eval_every, eval_iters=args.eval_iters, sample_every=args.sample_every,
                        sample_prompt=args.sample_prompt, save_every=args.save_every, keep_last=args.keep_last,
-                       max_bad_steps=args.max_bad_steps, progress=args.progress)
+                       max_bad_steps=args.max_bad_steps, histogram_every=getattr(args, "histogram_every", 0),
+                       progress=args.progress)
 
 
 def vocab_multiple_for(pad_vocab: bool | None, runtime: Runtime, run: RunFolder) -> int:

@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wandb_run_name", default=None, help="W&B run name (default: the run folder's name)")
     g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=False,
                    help="write TensorBoard event files")
+    g.add_argument("--histogram_every", type=int, default=0,
+                   help="parameter and gradient histograms to W&B and TensorBoard every N steps (0: never)")
     g.add_argument("--dist_timeout_min", type=float, default=30.0,
                    help="timeout of each collective under torchrun, in minutes (a token cache build on rank 0 is "
                         "waited for outside collectives, however long it takes)")
@@ -118,6 +120,7 @@ RULES = [
     ("n_heads", lambda v: v >= 1, "at least 1"),
     ("emb_dim", lambda v: v >= 1, "at least 1"),
     ("dist_timeout_min", lambda v: gt.finite(v) and v > 0, "a number of minutes > 0"),
+    ("histogram_every", lambda v: v >= 0, ">= 0"),
 ]
 
 
@@ -256,12 +259,46 @@ class FileLog:
     def __call__(self, kind: str, metrics: dict) -> None:
         if kind == "train":
             self.f.write(gt.format_log_line(metrics) + "\n")
-        else:
+        elif kind == "eval":
             self.f.write(f"{kind} step {metrics['step']} | " + " | ".join(
                 f"{k} {v:.4f}" for k, v in metrics.items() if k != "step") + "\n")
 
     def close(self):
         self.f.close()
+
+
+def wandb_logged_through(run: gt.RunFolder) -> int:
+    """The last step that earlier processes of this run saved in their local W&B files (offline-run-*
+    and run-* folders keep every record sent, as a LevelDB-style log of protobuf records after a
+    7-byte header). 0 when none can be read: then everything after the checkpoint is logged again."""
+    import struct
+
+    try:
+        from wandb.proto import wandb_internal_pb2 as pb
+    except ImportError:
+        return 0
+    last = 0
+    for path in (run.dir / "wandb").glob(f"*-{run.run_id}/*.wandb"):
+        data = path.read_bytes()
+        pos, block = 7, 32768
+        while pos + 7 <= len(data):
+            if block - pos % block < 7:  # a block's tail too short for a record header is padding
+                pos += block - pos % block
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+            payload, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+            record = pb.Record()
+            if kind == 1 and _parses(record, payload) and record.WhichOneof("record_type") == "history":
+                last = max(last, record.history.step.num)
+    return last
+
+
+def _parses(record, payload: bytes) -> bool:
+    try:
+        record.ParseFromString(payload)
+        return True
+    except Exception:  # a torn record at the end of a killed process's file
+        return False
 
 
 def metric_items(kind: str, metrics: dict):
@@ -281,15 +318,26 @@ def wandb_mode() -> str:
 
 
 def start_wandb(args, run: gt.RunFolder, config: dict):
+    """The W&B run with the run folder's id, resumed if it exists. Steps that an earlier process of
+    this run already saved to W&B are not logged again (the resumed run recomputes them bit for bit):
+    each step is logged once, so offline runs synced later do not clash. Steps a killed process had
+    not yet handed to W&B's files are logged by the resumed run."""
     try:
         import wandb
     except ImportError:
         raise gt.UserError("--wandb needs the wandb package: pip install -r requirements.txt")
+    already = wandb_logged_through(run)
     wb = wandb.init(project=args.wandb_project, name=args.wandb_run_name or run.dir.name, id=run.run_id,
                     resume="allow", dir=str(run.dir), config=config, mode=wandb_mode())
 
     def sink(kind: str, metrics: dict) -> None:
-        wb.log(dict(metric_items(kind, metrics)), step=metrics["step"])
+        if metrics["step"] <= already:
+            return
+        if kind == "histograms":
+            values = {k: wandb.Histogram(v.numpy()) for k, v in metrics.items() if k != "step"}
+        else:
+            values = dict(metric_items(kind, metrics))
+        wb.log(values, step=metrics["step"])
     return wb, sink
 
 
@@ -300,6 +348,11 @@ def start_tensorboard(run: gt.RunFolder, start_step: int):
     writer = SummaryWriter(str(run.dir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
 
     def sink(kind: str, metrics: dict) -> None:
+        if kind == "histograms":
+            for name, v in metrics.items():
+                if name != "step":
+                    writer.add_histogram(name, v, metrics["step"])
+            return
         for name, v in metric_items(kind, metrics):
             writer.add_scalar(name, v, metrics["step"])
     return writer, sink

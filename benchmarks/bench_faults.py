@@ -69,6 +69,8 @@ def _arm(plan: dict) -> None:
             counts["write"] += 1
             if counts["write"] == plan["in_write"] and plan.get("phase") == "before_rename":
                 die()
+            if counts["write"] == plan["in_write"] and plan.get("phase") == "disk_full":
+                raise OSError(28, "No space left on device")  # a failure the process survives to report
             real_replace(src, dst)
             if counts["write"] == plan["in_write"] and plan.get("phase") == "after_rename":
                 die()

@@ -11,6 +11,8 @@ from conftest import ROOT, run_script
 import gpt_train as gt
 import pretraining_advanced as adv
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
 
 @pytest.fixture
 def base(small_corpus, tmp_path):
@@ -170,17 +172,25 @@ def test_wandb_mode_follows_key_netrc_and_env(tmp_path, monkeypatch):
 def test_wandb_offline_and_tensorboard_files(base, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     run = tmp_path / "run"
-    res = adv.main([*base, "--run_dir", str(run), "--max_steps", "4", "--wandb", "--tensorboard", "--eval_every", "2"])
+    res = adv.main([*base, "--run_dir", str(run), "--max_steps", "4", "--wandb", "--tensorboard", "--eval_every", "2",
+                    "--histogram_every", "2"])
     offline = list((run / "wandb").glob("offline-run-*"))
     assert len(offline) == 1 and res["wandb_run_id"] in offline[0].name
     assert list(offline[0].glob("*.wandb"))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(run / "tensorboard"))
+    acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"histograms": 0})  # 0: keep every event
     acc.Reload()
     assert {"train/loss", "train/lr", "train/grad_norm", "eval/val_loss"} <= set(acc.Tags()["scalars"])
     tb_losses = [e.value for e in acc.Scalars("train/loss")]
     assert tb_losses == pytest.approx(res["history"]["train_loss"], rel=1e-6)
+    assert "train/max_steps" not in acc.Tags()["scalars"]
+    histograms = set(acc.Tags()["histograms"])
+    assert {"params/wte.weight", "grads/wte.weight", "grads/h.1.mlp.c_fc.weight"} <= histograms
+    assert [e.step for e in acc.Histograms("grads/h.0.attn.c_attn.weight")] == [2, 4]
+    wandb_steps = [s for r in wandb_history(offline[0]) for s in [r.get("_step")] if "train/loss" in r]
+    assert wandb_steps == [1, 2, 3, 4]
+    assert any(r.get("grads/wte.weight/_type") == "histogram" for r in wandb_history(offline[0]))
     assert gt.load_checkpoint(res["checkpoint"])["run_id"] == res["wandb_run_id"]
 
 
@@ -254,3 +264,56 @@ def test_fp16_loss_scaling_resumes_bit_identically(base, tmp_path):
     a = gt.load_checkpoint(tmp_path / "a" / "ckpt_00000006.pt")["scaler"]
     b = gt.load_checkpoint(tmp_path / "b" / "ckpt_00000006.pt")["scaler"]
     assert a == b and a["_growth_tracker"] == 6
+
+
+def wandb_history(offline_dir):
+    """The history rows of an offline W&B run, read from its .wandb file (a LevelDB-style log of
+    protobuf records after a 7-byte header)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = next(offline_dir.glob("*.wandb")).read_bytes()
+    pos, chunks, pending, block = 7, [], b"", 32768
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a record header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        payload, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if kind == 1:
+            chunks.append(payload)
+        elif kind in (2, 3):
+            pending = payload if kind == 2 else pending + payload
+        elif kind == 4:
+            chunks.append(pending + payload)
+    rows = []
+    for chunk in chunks:
+        record = pb.Record()
+        record.ParseFromString(chunk)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+    return rows
+
+
+def test_wandb_offline_history_after_crash_and_resume_has_each_step_once(base, tmp_path):
+    import bench_faults
+
+    flags = [*base, "--run_dir", str(tmp_path / "run"), "--max_steps", "9", "--save_every", "3", "--wandb",
+             "--eval_every", "3", "--keep_last", "0"]
+    adv.main([*base, "--run_dir", str(tmp_path / "warm"), "--max_steps", "1"])  # the cache exists before the crash
+    # The disk fills while the step-6 checkpoint is written (run.json, ckpt 3, ckpt 6): steps 4-6 are in
+    # W&B's files, the run resumes from step 3 and computes them again.
+    r = bench_faults.run_driver(flags, {"in_write": 3, "phase": "disk_full"})
+    assert r.returncode == 1 and "No space left on device" in r.stderr, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: could not write checkpoint")
+    r = bench_faults.run_driver([*flags, "--resume", "auto"], {})
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({d.name.split("-")[-1] for d in runs}) == 1  # one W&B run id, resumed
+    first = [row["_step"] for row in wandb_history(runs[0]) if "train/loss" in row]
+    assert first == [1, 2, 3, 4, 5, 6]
+    train_steps = [row["_step"] for d in runs for row in wandb_history(d) if "train/loss" in row]
+    eval_steps = [row["_step"] for d in runs for row in wandb_history(d) if "eval/val_loss" in row]
+    assert sorted(train_steps) == list(range(1, 10))  # each step once, across both processes
+    assert sorted(eval_steps) == [3, 6, 9]
