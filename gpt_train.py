@@ -307,8 +307,9 @@ def calc_loss_loader(data_loader, model, device, num_batches: int | None = None,
 
 def loss_sums(data_loader, model, device, num_batches: int | None = None, autocast=None, rank: int = 0,
               world_size: int = 1) -> tuple[float, int]:
-    """(summed loss, tokens) over this rank's share of the first `num_batches` batches: batch i goes
-    to rank i % world_size, so the ranks split the work and their sums add up to one process's."""
+    """(summed loss, tokens) over this rank's share of the first `num_batches` batches: each batch is
+    cut into world_size slices and rank r takes slice r, so the ranks split the work and their sums
+    add up to what one process gets from the same batches."""
     n = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
     if n == 0:
         raise _empty_loader_error()
@@ -317,7 +318,8 @@ def loss_sums(data_loader, model, device, num_batches: int | None = None, autoca
         for i, (x, y) in enumerate(data_loader):
             if i >= n:
                 break
-            if i % world_size == rank:
+            x, y = x.tensor_split(world_size)[rank], y.tensor_split(world_size)[rank]
+            if len(x):
                 total += calc_loss_batch(x, y, model, device, reduction="sum").item()
                 count += y.numel()
     return total, count
@@ -325,8 +327,9 @@ def loss_sums(data_loader, model, device, num_batches: int | None = None, autoca
 
 @torch.no_grad()
 def evaluate_model(model, train_loader, val_loader, device, eval_iter: int, autocast=None, runtime: Runtime | None = None):
-    """(train loss, val loss) over `eval_iter` batches each, token-weighted; under several processes
-    each rank takes its share and the sums are all-reduced, so any world size gives the same value."""
+    """(train loss, val loss) over `eval_iter` batches each, token-weighted. Under several processes the
+    loaders hold global batches (per-device batch x world size), each rank evaluates its slice and the
+    sums are all-reduced: the same global batch gives the same value for any world size."""
     was_training = model.training
     model.eval()
     try:
@@ -986,8 +989,9 @@ def _evaluator(model, runtime: Runtime, tcfg: TrainConfig, train_data, val_data,
     if val_data is None:
         return None
     eval_model = model.module if hasattr(model, "no_sync") else model  # evaluation needs no gradient sync
-    train_eval = create_dataloader(train_data, tcfg.batch_size, shuffle=False, drop_last=True)
-    val_eval = create_dataloader(val_data, tcfg.batch_size, shuffle=False, drop_last=False)
+    global_batch = tcfg.batch_size * runtime.world_size  # split across the ranks by evaluate_model
+    train_eval = create_dataloader(train_data, global_batch, shuffle=False, drop_last=True)
+    val_eval = create_dataloader(val_data, global_batch, shuffle=False, drop_last=False)
 
     def evaluate(st: TrainState):
         tl, vl = evaluate_model(eval_model, train_eval, val_eval, runtime.device, tcfg.eval_iters, runtime.autocast(),
@@ -1050,6 +1054,16 @@ RUN_MECHANICS = {"run_dir", "resume", "overwrite", "max_steps", "n_epochs", "tra
                  "compile", "wandb", "wandb_project", "wandb_run_name", "tensorboard", "histogram_every",
                  "prepare_only", "estimate_memory", "gpu_memory_gb", "debug", "cache_dir", "max_bad_steps",
                  "activation_checkpointing", "dtype", "flash", "pad_vocab"}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the module docstring's lines and shows each flag's default once: not for flags
+    whose default is None (their help says what happens) or whose help already names its default."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "default" in (action.help or "") or isinstance(action.default, bool):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_shared_flags(p: argparse.ArgumentParser, *, model: str, batch_size: int, seed: int, eval_every: int,

@@ -28,7 +28,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpt_train import EOT_TOKEN, UserError, atomic_write, progress_bar, run_cli
+from gpt_train import EOT_TOKEN, HelpFormatter, UserError, atomic_write, progress_bar, run_cli
 
 DEFAULT_RAW_DIR = Path("data/gutenberg_raw")
 DEFAULT_CLEAN_DIR = Path("data/gutenberg_clean")
@@ -343,7 +343,7 @@ def prepare_default_corpus(output_dir: Path = DEFAULT_CLEAN_DIR, raw_dir: Path =
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data_dir", type=Path, default=None,
                    help=f"folder searched recursively for raw books (default {DEFAULT_RAW_DIR}; filled with the "
                         "embedded sample when it does not exist)")

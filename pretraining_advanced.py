@@ -49,13 +49,18 @@ CACHE_WAIT_S = 7 * 24 * 3600  # how long other ranks wait for rank 0's token cac
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=gt.HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", default="gutenberg",
                    help="'gutenberg' (the embedded sample, cleaned by prep_dataset.py), smollm:SUBSET[,SUBSET] "
                         "(cosmopedia-v2, fineweb-edu-dedup), or local .txt/.jsonl/.json/.parquet file, folder or glob")
     g.add_argument("--text_column", default="text", help="column holding the text in json/parquet data")
-    g.add_argument("--data_mix", default=None, help="weights of the smollm subsets, e.g. 0.7,0.3")
+    g.add_argument("--data_mix", default=None,
+                   help="token weights of the parts of --data (smollm subsets, or comma-separated local files/folders/"
+                        "globs), e.g. 0.7,0.3")
+    g.add_argument("--smollm_dir", default=None,
+                   help="read smollm:SUBSET,... from this local snapshot of the corpus (one folder per subset) "
+                        "instead of the hub")
     g.add_argument("--max_tokens", type=float, default=None, help="cap on tokens taken from the source into the cache")
     g.add_argument("--val_fraction", type=float, default=0.01, help="share of the token stream held out for validation")
     g.add_argument("--cache_dir", type=Path, default=None,
@@ -385,7 +390,8 @@ def model_config(args) -> gt.GPTConfig:
 
 
 def default_cache_dir(args) -> Path:
-    key = json.dumps([args.data, args.text_column, args.data_mix, args.max_tokens, args.val_fraction, args.seed])
+    key = json.dumps([args.data, args.text_column, args.data_mix, args.max_tokens, args.val_fraction, args.seed,
+                      args.smollm_dir])
     return Path("data/token_cache") / hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -400,7 +406,7 @@ def prepare_cache(args, runtime: gt.Runtime) -> tuple[Path, token_cache.TokenCac
             import prep_dataset
 
             data = str(prep_dataset.prepare_default_corpus()[0].parent)
-        source = token_cache.resolve_source(data, args.text_column, args.data_mix, args.seed)
+        source = token_cache.resolve_source(data, args.text_column, args.data_mix, args.seed, args.smollm_dir)
         token_cache.build_cache(source, cache_dir, max_tokens=int(args.max_tokens) if args.max_tokens else None,
                                 val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
                                 progress=args.progress, log=say)

@@ -27,7 +27,7 @@ SCRIPT = "pretraining_simple"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=gt.HelpFormatter)
     p.add_argument("--data_dir", type=Path, default=None,
                    help="folder of combined_*.txt files from prep_dataset.py (default: the embedded Gutenberg sample, "
                         f"prepared into {prep_dataset.DEFAULT_CLEAN_DIR})")

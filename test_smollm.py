@@ -262,7 +262,7 @@ def format_table(checks: list[Check]) -> str:
 
 
 def main(argv=None) -> list[Check]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="skip torch.compile and the training verification")
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.add_argument("--output_dir", type=Path, default=Path("runs"), help="where training output will go (disk check)")

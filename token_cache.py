@@ -114,10 +114,11 @@ def file_fingerprint(path, known: dict | None = None) -> dict:
             "hashed": "whole" if st.st_size <= FULL_HASH_BYTES else "sampled"}
 
 
-def resolve_source(data: str, text_column: str = "text", data_mix: str | None = None, seed: int = 0) -> DataSource:
-    """`smollm:SUBSET[,SUBSET...]` from the hub, or one or more local files, folders or globs separated
-    by commas; --data_mix weights the parts (by tokens). `seed` is accepted for compatibility: mixing
-    is deterministic."""
+def resolve_source(data: str, text_column: str = "text", data_mix: str | None = None, seed: int = 0,
+                   smollm_dir: str | None = None) -> DataSource:
+    """`smollm:SUBSET[,SUBSET...]` from the hub (or from a local snapshot of it in `smollm_dir`, one
+    folder per subset), or one or more local files, folders or globs separated by commas; --data_mix
+    weights the parts (by tokens). `seed` is accepted for compatibility: mixing is deterministic."""
     if data.startswith("smollm:") or data == "smollm":
         names = [s for s in data.partition(":")[2].split(",") if s] or ["cosmopedia-v2"]
         for name in names:
@@ -126,6 +127,14 @@ def resolve_source(data: str, text_column: str = "text", data_mix: str | None = 
             if name not in SMOLLM_SUBSETS:
                 raise gt.UserError(f"smollm-corpus has no subset '{name}'; use one of {', '.join(SMOLLM_SUBSETS)} "
                                    "(e.g. --data smollm:cosmopedia-v2,fineweb-edu-dedup --data_mix 0.7,0.3)")
+        if smollm_dir:
+            folders = [Path(smollm_dir) / name for name in names]
+            missing = [str(f) for f in folders if not f.is_dir()]
+            if missing:
+                raise gt.UserError(f"--smollm_dir {smollm_dir} has no subset folder {missing[0]}; point it at a local "
+                                   f"snapshot of {SMOLLM_REPO} (one folder per subset)")
+            return DataSource("local", [find_local_files(str(f)) for f in folders], parse_mix(data_mix, len(names)),
+                              text_column, names)
         return DataSource("hub", names, parse_mix(data_mix, len(names)), text_column, names)
     specs = [s for s in data.split(",") if s] if "," in data and not Path(data).exists() else [data]
     parts = [find_local_files(s) for s in specs]
@@ -277,6 +286,42 @@ def _parquet_rows(path: str, column: str, batch_size: int) -> Iterator[list[str]
             yield [t or "" for t in batch.column(0).to_pylist()]
     except Exception as e:
         raise gt.UserError(f"{path} could not be read ({type(e).__name__}: {_first_line(e)})")
+
+
+def probe_source(source: DataSource) -> None:
+    """Open every part and check its text column before a cache folder is made: a wrong --data or
+    --text_column fails at once, naming the file, and leaves nothing behind."""
+    for part in source.parts:
+        if source.kind == "hub":
+            rows = _hub_rows(part, source.text_column, 0, 1)
+            next(rows, None)
+            rows.close()
+            continue
+        for path in part:
+            _probe_local(path, source.text_column)
+
+
+def _probe_local(path: str, column: str) -> None:
+    kind = LOCAL_KINDS[Path(path).suffix]
+    try:
+        if kind == "parquet":
+            next(_parquet_rows(path, column, 1), None)
+        elif kind == "json":
+            with open(path, encoding="utf-8") as f:
+                first = next((ln for ln in f if ln.strip()), "")
+            if first.lstrip() and not first.lstrip().startswith("["):
+                try:
+                    record = json.loads(first)
+                except json.JSONDecodeError as e:
+                    raise gt.UserError(f"{path} line 1 is not valid JSON ({e.msg}); fix or remove that line")
+                _text_of(record, column, path, 1)
+        else:
+            with open(path, "rb") as f:
+                f.read(1)
+    except UnicodeDecodeError as e:
+        raise gt.UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8")
+    except OSError as e:
+        raise gt.UserError(f"cannot read {path} ({e.strerror or _first_line(e)})")
 
 
 def part_rows(source: DataSource, i: int, skip: int = 0, batch_size: int = 512) -> Iterator[list[str]]:
@@ -609,6 +654,9 @@ def build_cache(source: DataSource, cache_dir, *, max_tokens: int | None = None,
     cache_dir = Path(cache_dir)
     if not 0 < val_fraction < 1:
         raise gt.UserError(f"--val_fraction must be between 0 and 1, got {val_fraction}")
+    existing = read_manifest(cache_dir)
+    if existing is None or not existing.get("complete"):
+        probe_source(source)  # before the folder is made: a bad source leaves nothing behind
     manifest = _claim_folder(cache_dir)
     if manifest is not None and manifest.get("complete"):
         check_manifest(manifest, cache_dir, source, max_tokens, val_fraction)
@@ -621,11 +669,9 @@ def build_cache(source: DataSource, cache_dir, *, max_tokens: int | None = None,
             manifest["reserved"] = sorted(_names(manifest).values())
             gt.write_json(cache_dir / MANIFEST, manifest)
         else:
-            check_manifest(manifest, cache_dir, source, max_tokens, val_fraction)
+            manifest = _resume_or_restart(manifest, cache_dir, source, max_tokens, val_fraction, shard_tokens, log)
             if manifest["complete"]:
                 return manifest
-            log(f"resuming the cache build in {cache_dir}: {manifest['documents']:,} documents, "
-                f"{manifest['tokens_consumed']:,} tokens done")
         _clean_leftovers(cache_dir, manifest)
         builder = _Builder(cache_dir, manifest, max(1, round(1 / val_fraction)))
         if manifest["carry"]:
@@ -637,6 +683,30 @@ def build_cache(source: DataSource, cache_dir, *, max_tokens: int | None = None,
                            f"split (validation takes the first {VAL_BLOCK_TOKENS} tokens); use more text")
     log(f"cache {cache_dir}: {manifest['documents']:,} documents, {manifest['train_tokens']:,} train + "
         f"{manifest['val_tokens']:,} val tokens in {manifest['shards_written']} shard(s)")
+    return manifest
+
+
+def _resume_or_restart(manifest: dict, cache_dir: Path, source: DataSource, max_tokens, val_fraction, shard_tokens,
+                       log) -> dict:
+    """An interrupted build continues when its source and settings are unchanged. If they changed, the
+    unfinished cache is worth nothing: its own files (those the manifest lists) are removed and the
+    build starts over. A complete cache is never removed (check_manifest refuses it instead)."""
+    try:
+        check_manifest(manifest, cache_dir, source, max_tokens, val_fraction)
+    except gt.UserError as e:
+        if manifest.get("complete") or manifest.get("version") != CACHE_VERSION:
+            raise
+        log(f"the interrupted cache build in {cache_dir} was for other data or settings ({e}); starting it over")
+        listed = [s["name"] for split in ("train", "val") for s in manifest["shards"][split]]
+        for name in [*listed, *manifest.get("reserved", []), *([manifest["carry"]] if manifest["carry"] else [])]:
+            (cache_dir / name).unlink(missing_ok=True)
+        fresh = _new_manifest(source, source.identity(), max_tokens, val_fraction, shard_tokens)
+        fresh["reserved"] = sorted(_names(fresh).values())
+        gt.write_json(cache_dir / MANIFEST, fresh)
+        return fresh
+    if not manifest["complete"]:
+        log(f"resuming the cache build in {cache_dir}: {manifest['documents']:,} documents, "
+            f"{manifest['tokens_consumed']:,} tokens done")
     return manifest
 
 
@@ -739,13 +809,14 @@ def load_cache(cache_dir, source: DataSource | None = None, verify: bool = True)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=gt.HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("build", help="tokenize a source into a cache folder (resumes an interrupted build)")
     b.add_argument("--data", required=True, help="smollm:SUBSET[,SUBSET] or local files, folders or globs (comma-separated)")
     b.add_argument("--cache_dir", type=Path, required=True, help="the cache folder (new, empty, or this cache's own)")
     b.add_argument("--text_column", default="text", help="column holding the text in json/parquet data")
     b.add_argument("--data_mix", default=None, help="token weights of the parts of --data, e.g. 0.7,0.3")
+    b.add_argument("--smollm_dir", default=None, help="a local snapshot of smollm-corpus to read smollm:SUBSET from")
     b.add_argument("--max_tokens", type=float, default=None, help="cap on tokens taken from the source")
     b.add_argument("--val_fraction", type=float, default=0.01, help="share of the stream held out for validation")
     b.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard")
@@ -763,7 +834,7 @@ def main(argv=None) -> dict:
                          ("shard_tokens", lambda v: v >= VAL_BLOCK_TOKENS)):
             if not ok(getattr(args, name)):
                 raise gt.UserError(f"--{name} is out of range: {getattr(args, name)}")
-        source = resolve_source(args.data, args.text_column, args.data_mix)
+        source = resolve_source(args.data, args.text_column, args.data_mix, smollm_dir=args.smollm_dir)
         return build_cache(source, args.cache_dir, max_tokens=int(args.max_tokens) if args.max_tokens else None,
                            val_fraction=args.val_fraction, shard_tokens=args.shard_tokens, progress=args.progress)
     cache = load_cache(args.cache_dir, verify=args.command == "verify")

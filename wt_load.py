@@ -431,8 +431,8 @@ def describe_checkpoint(path) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    fmt = gt.HelpFormatter
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=gt.HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("inspect", help="print what a checkpoint holds", formatter_class=fmt)
     s.add_argument("path", help="a checkpoint (.pt) or weights export (.safetensors)")

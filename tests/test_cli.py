@@ -3,9 +3,11 @@ import argparse
 import pytest
 from conftest import run_script
 
+import gpt_train as gt
 import prep_dataset
 import pretraining_advanced
 import pretraining_simple
+import token_cache
 import wt_load
 
 
@@ -18,7 +20,7 @@ def _actions(parser):
             yield action
 
 
-@pytest.mark.parametrize("module", [prep_dataset, pretraining_simple, pretraining_advanced, wt_load])
+@pytest.mark.parametrize("module", [prep_dataset, pretraining_simple, pretraining_advanced, wt_load, token_cache])
 def test_every_flag_has_help_and_no_type_bool(module):
     for action in _actions(module.build_parser()):
         assert action.help, f"{module.__name__}: {action.option_strings or action.dest} has no help"
@@ -26,7 +28,34 @@ def test_every_flag_has_help_and_no_type_bool(module):
 
 
 @pytest.mark.parametrize("script", ["prep_dataset.py", "pretraining_simple.py", "pretraining_advanced.py",
-                                    "test_smollm.py", "wt_load.py"])
+                                    "test_smollm.py", "wt_load.py", "token_cache.py"])
 def test_help_runs(script, tmp_path):
     r = run_script([script, "--help"], cwd=tmp_path)
     assert r.returncode == 0 and "usage:" in r.stdout
+
+
+@pytest.mark.parametrize("module", [prep_dataset, pretraining_simple, pretraining_advanced, wt_load, token_cache])
+def test_help_names_each_default_at_most_once(module):
+    fmt = gt.HelpFormatter("x")
+    for action in _actions(module.build_parser()):
+        text = (fmt._get_help_string(action) or "").replace("%(default)s", "D")
+        assert text.count("default") <= 1 and "(default: None)" not in text, (module.__name__, action.dest, text)
+
+
+def test_progress_in_a_log_file_is_a_few_plain_lines(small_corpus, tmp_path):
+    """Output redirected to files (a scheduler's log): no redrawn bar, only a line every ~10%."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    with open(tmp_path / "out.log", "w") as out, open(tmp_path / "err.log", "w") as err:
+        r = subprocess.run([sys.executable, str(ROOT / "pretraining_simple.py"), "--debug", "--max_steps", "60",
+                            "--data_dir", str(small_corpus), "--run_dir", str(tmp_path / "run"), "--log_every", "20"],
+                           stdout=out, stderr=err, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert r.returncode == 0
+    text = (tmp_path / "err.log").read_text() + (tmp_path / "out.log").read_text()
+    bar = [ln for ln in text.splitlines() if ln.startswith("training: ")]
+    assert "\r" not in text and 3 <= len(bar) <= 11, bar
+    assert bar[-1].startswith("training: 60/60 (100%) | ") and " step/s | elapsed " in bar[-1]

@@ -214,3 +214,93 @@ def test_sampler_deterministic_rank_disjoint_and_resumable(corpora):
     # Inputs and targets are the same window shifted by one token.
     x, y = gt.BatchSampler(ds, 2, seed=0).next()
     assert np.array_equal(x[:, 1:].numpy(), y[:, :-1].numpy())
+
+
+@pytest.fixture
+def snapshot(tmp_path):
+    """A local smollm-corpus snapshot in miniature: one folder per subset, parquet files whose
+    columns differ (cosmopedia-v2 has prompt/audience/..., fineweb-edu-dedup has id and a nested
+    metadata struct), documents of different lengths in each."""
+    import pandas as pd
+
+    rng = np.random.default_rng(4)
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
+    root = tmp_path / "smollm"
+    (root / "cosmopedia-v2").mkdir(parents=True)
+    (root / "fineweb-edu-dedup").mkdir()
+    for i in range(2):
+        docs = [f"Cosmo {i}-{j} " + " ".join(rng.choice(words, size=int(rng.integers(40, 160)))) for j in range(150)]
+        pd.DataFrame({"prompt": ["p"] * 150, "text": docs, "token_length": [1] * 150, "audience": ["a"] * 150,
+                      "format": ["f"] * 150, "seed_data": ["s"] * 150}).to_parquet(
+            root / "cosmopedia-v2" / f"train-0000{i}-of-00002.parquet")
+    docs = [f"Fine {j} " + " ".join(rng.choice(words, size=int(rng.integers(10, 60)))) for j in range(400)]
+    pd.DataFrame({"text": docs, "id": [f"<urn:{j}>" for j in range(400)],
+                  "metadata": [{"dump": "CC", "score": 3.1} for _ in range(400)]}).to_parquet(
+        root / "fineweb-edu-dedup" / "train-00000-of-00001.parquet")
+    return root
+
+
+def test_local_snapshot_with_mixed_schemas_builds_and_mixes(snapshot, tmp_path):
+    whole = tc.resolve_source(str(snapshot))  # a folder of parquet files whose columns differ
+    m = tc.build_cache(whole, tmp_path / "all", val_fraction=0.1, progress=False)
+    assert m["complete"] and m["rows_read"] == 700
+    mix = tc.resolve_source("smollm:cosmopedia-v2,fineweb-edu-dedup", data_mix="0.7,0.3", smollm_dir=str(snapshot))
+    m = tc.build_cache(mix, tmp_path / "mix", max_tokens=20_000, val_fraction=0.1, progress=False)
+    share = m["tokens_by_part"][0] / sum(m["tokens_by_part"])
+    assert sum(m["tokens_by_part"]) == 20_000 and abs(share - 0.7) < 0.01  # by tokens, within 1% of the mix
+    assert m["source"]["kind"] == "local" and m["source"]["weights"] == [0.7, 0.3]
+
+
+def test_hub_and_local_snapshot_give_the_same_cache(snapshot, tmp_path, monkeypatch):
+    from datasets import load_dataset
+
+    def from_snapshot(subset):  # the hub's streaming reader, on the same parquet files
+        files = sorted(str(p) for p in (snapshot / subset).glob("*.parquet"))
+        return load_dataset("parquet", data_files=files, split="train", streaming=True)
+
+    monkeypatch.setattr(tc, "open_hub_subset", from_snapshot)
+    kw = dict(max_tokens=15_000, val_fraction=0.2, shard_tokens=4096, progress=False)
+    hub = tc.resolve_source("smollm:cosmopedia-v2,fineweb-edu-dedup", data_mix="0.7,0.3")
+    local = tc.resolve_source("smollm:cosmopedia-v2,fineweb-edu-dedup", data_mix="0.7,0.3", smollm_dir=str(snapshot))
+    a = tc.build_cache(hub, tmp_path / "hub", **kw)
+    b = tc.build_cache(local, tmp_path / "local", **kw)
+    assert a["source"]["kind"] == "hub" and b["source"]["kind"] == "local"
+    assert a["shards"] == b["shards"]  # the same names, token counts and sha256: the same bytes
+    assert a["tokens_by_part"] == b["tokens_by_part"]
+
+
+def test_a_bad_source_leaves_no_cache_folder(snapshot, tmp_path):
+    with pytest.raises(gt.UserError, match=r"train-00000-of-00001.parquet has no text column 'content' \(columns: text"):
+        tc.build_cache(tc.resolve_source(str(snapshot / "fineweb-edu-dedup"), text_column="content"), tmp_path / "c",
+                       progress=False)
+    assert not (tmp_path / "c").exists()
+
+
+def test_an_interrupted_build_of_changed_data_starts_over(corpora, monkeypatch):
+    root, _ = corpora
+    src = tc.resolve_source(str(root / "j"))
+    kw = dict(val_fraction=0.25, shard_tokens=2000, batch_docs=16, progress=False)
+    calls = {"n": 0}
+    real = tc._write_shard
+
+    def stop_on_third(path, tokens):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        real(path, tokens)
+
+    monkeypatch.setattr(tc, "_write_shard", stop_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        tc.build_cache(src, root / "c", **kw)
+    monkeypatch.setattr(tc, "_write_shard", real)
+    data = root / "j" / "part.jsonl"
+    data.write_text(data.read_text().replace("Document 3:", "Document 9:"))  # same size, other content
+    logs = []
+    m = tc.build_cache(tc.resolve_source(str(root / "j")), root / "c", **kw, log=logs.append)
+    assert any("starting it over" in line and "changed content" in line for line in logs)
+    fresh = tc.build_cache(tc.resolve_source(str(root / "j")), root / "fresh", **kw)
+    assert m["shards"] == fresh["shards"]
+    with pytest.raises(gt.UserError, match="changed content"):  # a complete cache is refused, never removed
+        data.write_text(data.read_text().replace("Document 9:", "Document 8:"))
+        tc.build_cache(tc.resolve_source(str(root / "j")), root / "c", **kw)
+    assert (root / "c" / m["shards"]["train"][0]["name"]).exists()
