@@ -724,13 +724,14 @@ class StepResult:
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: BatchSampler, runtime: Runtime,
-               grad_accum_steps: int, max_grad_norm: float, scaler, stop_requested: bool = False,
+               grad_accum_steps: int, max_grad_norm: float, scaler, should_stop: Callable[[], bool] | None = None,
                on_grads: Callable[[], None] | None = None) -> StepResult:
     """One optimizer step: `grad_accum_steps` micro-batches (forward under autocast, scaled backward,
     gradients synchronised on the last), unscale and clip, then one all-reduce of four numbers that
     makes every rank agree on the loss, on skipping a non-finite step and on stopping. The loss stays
     on the device until that reduction: one host sync per step (fp16's scaler adds its own).
-    `on_grads` sees the unscaled gradients before clipping (histograms)."""
+    `should_stop` is asked at the reduction (a signal during this step stops after it); `on_grads`
+    sees the unscaled gradients before clipping (histograms)."""
     import torch.distributed as dist
 
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -747,7 +748,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Batc
         on_grads()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     stats = torch.stack([loss_sum, (~torch.isfinite(loss_sum)).float(), grad_norm.float().to(runtime.device),
-                         torch.tensor(float(stop_requested), device=runtime.device)])
+                         torch.tensor(float(bool(should_stop and should_stop())), device=runtime.device)])
     if runtime.world_size > 1:
         dist.all_reduce(stats)
     loss, bad, grad_norm, stop = (v / runtime.world_size for v in stats.tolist())
@@ -850,7 +851,7 @@ def train_model(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Bat
         while state.step < tcfg.max_steps:
             lr = _set_lr(optimizer, lr_fn, state.step)
             r = train_step(model, optimizer, batches, runtime, tcfg.grad_accum_steps, tcfg.max_grad_norm, scaler,
-                           stop.received is not None, _histograms_due(hooks, tcfg, state.step + 1))
+                           lambda: stop.received is not None, _histograms_due(hooks, tcfg, state.step + 1))
             if r.skipped and _too_many_bad_steps(state, tcfg, runtime):
                 break
             if not r.skipped:
@@ -1012,17 +1013,26 @@ def _sampler(raw: nn.Module, runtime: Runtime, tcfg: TrainConfig, say):
     return sample
 
 
+HISTOGRAM_VALUES = 1 << 16  # values per tensor in a histogram: an even sample of larger tensors
+
+
+def _sample(t: torch.Tensor) -> torch.Tensor:
+    flat = t.detach().flatten()
+    return flat[:: -(-flat.numel() // HISTOGRAM_VALUES)].float().cpu()
+
+
 def _histogrammer(raw: nn.Module, runtime: Runtime, log_sinks):
-    """Parameter and gradient values of every weight, to the sinks as kind "histograms" (rank 0)."""
+    """Parameter and gradient values of every weight (an even sample of at most HISTOGRAM_VALUES
+    each), to the sinks as kind "histograms" (rank 0)."""
     if not log_sinks:
         return None
 
     def histograms(step: int):
         values = {"step": step}
         for name, p in raw.named_parameters():
-            values[f"params/{name}"] = p.detach().float().cpu()
+            values[f"params/{name}"] = _sample(p)
             if p.grad is not None:
-                values[f"grads/{name}"] = p.grad.detach().float().cpu()
+                values[f"grads/{name}"] = _sample(p.grad)
         for sink in log_sinks if runtime.is_main else ():
             sink("histograms", values)
     return histograms

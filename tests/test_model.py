@@ -165,3 +165,11 @@ def test_weight_decay_groups(tiny_cfg):
 def test_plot_losses_writes_png(tmp_path):
     path = gt.plot_losses([1, 2, 3], [10, 20, 30], [3.0, 2.0, 1.5], [3.1, 2.5], tmp_path / "p.png", val_steps=[1, 3])
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_arch_fields_are_every_field_but_the_runtime_ones():
+    import dataclasses
+
+    names = [f.name for f in dataclasses.fields(gt.GPTConfig)]
+    assert set(gt.ARCH_FIELDS) == set(names) - {"drop_rate", "flash", "activation_checkpointing"}
+    assert "vocab_multiple" in gt.ARCH_FIELDS  # it changes tensor shapes

@@ -321,3 +321,46 @@ def test_wandb_offline_history_after_crash_and_resume_has_each_step_once(base, t
     eval_steps = [row["_step"] for d in runs for row in wandb_history(d) if "eval/val_loss" in row]
     assert sorted(train_steps) == list(range(1, 10))  # each step once, across both processes
     assert sorted(eval_steps) == [3, 6, 9]
+
+
+def test_a_signal_during_non_finite_steps_still_stops_the_run(tiny_cfg, small_corpus):
+    import signal as sig
+
+    class AlwaysNaN(gt.GPTModel):
+        def forward(self, idx):
+            self.calls = getattr(self, "calls", 0) + 1
+            if self.calls == 3:
+                os.kill(os.getpid(), sig.SIGTERM)  # arrives while every step is being skipped
+            return super().forward(idx) * float("nan")
+
+    torch.manual_seed(0)
+    model = AlwaysNaN(tiny_cfg)
+    ds = gt.TokenWindowDataset(gt.encode_documents([(small_corpus / "combined_1.txt").read_text()]), 16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tcfg = gt.TrainConfig(max_steps=50, batch_size=4, progress=False, max_bad_steps=40)
+    state = gt.train_model(model, opt, gt.BatchSampler(ds, 4), gt.setup_runtime("cpu"), tcfg)
+    assert state.stop_reason == "SIGTERM" and state.bad_steps == 3 and state.step == 0
+
+
+def test_named_steps_of_a_run_work_alone(tmp_path):
+    args = adv.parse_args(["--model", "debug", "--batch_size", "4", "--total_batch_tokens", str(4 * 32 * 2 * 3),
+                           "--train_tokens", "1000"])
+    cfg = adv.model_config(args)
+    plan = adv.plan_batch(args, cfg, world=2)
+    assert (plan.grad_accum, plan.tokens_per_step, plan.min_lr) == (3, 768, pytest.approx(5e-5))
+    assert adv.plan_steps(args, plan, 2, 10_000).max_steps == 2  # ceil(1000 / 768)
+    one_epoch = adv.parse_args(["--model", "debug", "--batch_size", "4"])
+    assert adv.plan_steps(one_epoch, adv.plan_batch(one_epoch, cfg, 1), 1, 100).max_steps == 25
+    run = gt.open_run(gt.setup_runtime("cpu"), tmp_path, "test", {})
+    sinks, closers = adv.start_sinks(adv.parse_args(["--tensorboard"]), run, {"run_id": run.run_id})
+    metrics = {"step": 1, "max_steps": 2, "loss": 9.5, "lr": 1e-3, "grad_norm": 1.0, "tokens_seen": 64,
+               "tokens_per_sec": 100.0, "ms_per_step": 10.0, "mfu": None}
+    for sink in sinks:
+        sink("train", metrics)
+        sink("eval", {"step": 1, "val_loss": 9.75, "train_loss": 9.5})
+    for close in closers:
+        close()
+    run.release()
+    log = (tmp_path / "train.log").read_text().splitlines()
+    assert log[2] == gt.format_log_line(metrics) and log[3] == "eval step 1 | val_loss 9.7500 | train_loss 9.5000"
+    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
