@@ -120,25 +120,29 @@ def resolve_source(data: str, text_column: str = "text", data_mix: str | None = 
     folder per subset), or one or more local files, folders or globs separated by commas; --data_mix
     weights the parts (by tokens). `seed` is accepted for compatibility: mixing is deterministic."""
     if data.startswith("smollm:") or data == "smollm":
-        names = [s for s in data.partition(":")[2].split(",") if s] or ["cosmopedia-v2"]
-        for name in names:
-            if name in SMOLLM_REFUSED:
-                raise gt.UserError(f"smollm-corpus subset '{name}' cannot be streamed as text: {SMOLLM_REFUSED[name]}")
-            if name not in SMOLLM_SUBSETS:
-                raise gt.UserError(f"smollm-corpus has no subset '{name}'; use one of {', '.join(SMOLLM_SUBSETS)} "
-                                   "(e.g. --data smollm:cosmopedia-v2,fineweb-edu-dedup --data_mix 0.7,0.3)")
-        if smollm_dir:
-            folders = [Path(smollm_dir) / name for name in names]
-            missing = [str(f) for f in folders if not f.is_dir()]
-            if missing:
-                raise gt.UserError(f"--smollm_dir {smollm_dir} has no subset folder {missing[0]}; point it at a local "
-                                   f"snapshot of {SMOLLM_REPO} (one folder per subset)")
-            return DataSource("local", [find_local_files(str(f)) for f in folders], parse_mix(data_mix, len(names)),
-                              text_column, names)
-        return DataSource("hub", names, parse_mix(data_mix, len(names)), text_column, names)
+        return _smollm_source(data, text_column, data_mix, smollm_dir)
     specs = [s for s in data.split(",") if s] if "," in data and not Path(data).exists() else [data]
     parts = [find_local_files(s) for s in specs]
     return DataSource("local", parts, parse_mix(data_mix, len(parts)), text_column, specs)
+
+
+def _smollm_source(data: str, text_column: str, data_mix: str | None, smollm_dir: str | None) -> DataSource:
+    names = [s for s in data.partition(":")[2].split(",") if s] or ["cosmopedia-v2"]
+    for name in names:
+        if name in SMOLLM_REFUSED:
+            raise gt.UserError(f"smollm-corpus subset '{name}' cannot be streamed as text: {SMOLLM_REFUSED[name]}")
+        if name not in SMOLLM_SUBSETS:
+            raise gt.UserError(f"smollm-corpus has no subset '{name}'; use one of {', '.join(SMOLLM_SUBSETS)} "
+                               "(e.g. --data smollm:cosmopedia-v2,fineweb-edu-dedup --data_mix 0.7,0.3)")
+    weights = parse_mix(data_mix, len(names))
+    if not smollm_dir:
+        return DataSource("hub", names, weights, text_column, names)
+    folders = [Path(smollm_dir) / name for name in names]
+    missing = [str(f) for f in folders if not f.is_dir()]
+    if missing:
+        raise gt.UserError(f"--smollm_dir {smollm_dir} has no subset folder {missing[0]}; point it at a local "
+                           f"snapshot of {SMOLLM_REPO} (one folder per subset)")
+    return DataSource("local", [find_local_files(str(f)) for f in folders], weights, text_column, names)
 
 
 def parse_mix(data_mix: str | None, n: int) -> list[float] | None:
