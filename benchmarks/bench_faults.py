@@ -171,7 +171,8 @@ def train_flags(corpus: Path, cache: Path, run_dir: Path, steps: int) -> list[st
     return ["--data", str(corpus), "--cache_dir", str(cache), "--val_fraction", "0.2", "--model", "debug",
             "--batch_size", "4", "--warmup_steps", "3", "--lr", "2e-3", "--eval_iters", "2", "--eval_every", "5",
             "--no-progress", "--log_every", "1", "--seed", "5", "--drop_rate", "0.1", "--save_every", "3",
-            "--keep_last", "2", "--max_steps", str(steps), "--run_dir", str(run_dir), "--device", "cpu"]
+            "--keep_last", "2", "--max_steps", str(steps), "--run_dir", str(run_dir), "--device", "cpu",
+            "--dtype", "fp32"]
 
 
 def run_driver(flags: list[str], plan: dict, timeout: float = 300) -> subprocess.CompletedProcess:

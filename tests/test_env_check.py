@@ -13,6 +13,8 @@ def test_quick_json_reports_ok_for_installed_packages(tmp_path, capsys):
     for pkg in ("torch", "tiktoken", "datasets", "wandb", "galore-torch", "tqdm", "matplotlib", "numpy"):
         assert checks[f"package {pkg}"]["status"] == "OK", checks[f"package {pkg}"]
     assert checks["GPT-2 tokenizer (offline)"]["status"] == "OK"
+    precision = checks["precision (--dtype auto)"]
+    assert precision["status"] == "OK" and precision["detail"].startswith(("fp32 on cpu (auto: ", "bf16 on cpu (auto: "))
     assert checks["DDP"]["status"] == "OK" and "gloo" in checks["DDP"]["detail"]
     assert not any(name.startswith("training") for name in checks)  # --quick skips the training part
     assert "Failed to load CPU gemm_4bit" not in err

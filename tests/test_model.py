@@ -173,3 +173,32 @@ def test_arch_fields_are_every_field_but_the_runtime_ones():
     names = [f.name for f in dataclasses.fields(gt.GPTConfig)]
     assert set(gt.ARCH_FIELDS) == set(names) - {"drop_rate", "flash", "activation_checkpointing"}
     assert "vocab_multiple" in gt.ARCH_FIELDS  # it changes tensor shapes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_cross_entropy_equals_the_plain_one(dtype):
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    logits = (3 * torch.randn(64, 50257)).to(dtype)
+    targets = torch.randint(0, 50257, (64,))
+    a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    lean = gt._MeanCrossEntropy.apply(a, targets)
+    (2.5 * lean).backward()
+    plain = F.cross_entropy(b.float(), targets)
+    (2.5 * plain).backward()
+    assert lean.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert a.grad.dtype == dtype
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5 if dtype == torch.float32 else 1.6e-2, atol=1e-9)
+
+
+def test_dtype_auto_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(gt, "cpu_bf16_feature", lambda: "AVX512-BF16")
+    assert gt.auto_dtype(cpu) == ("bf16", "auto: the CPU has AVX512-BF16")
+    rt = gt.setup_runtime("cpu", "auto")
+    assert rt.dtype == "bf16" and "AVX512-BF16" in rt.dtype_reason
+    monkeypatch.setattr(gt, "cpu_bf16_feature", lambda: None)
+    dtype, why = gt.auto_dtype(cpu)
+    assert dtype == "fp32" and "no native bf16" in why
+    assert gt.setup_runtime("cpu", "fp32").dtype == "fp32"  # always available

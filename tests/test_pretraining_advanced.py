@@ -19,7 +19,7 @@ def base(small_corpus, tmp_path):
     """Flags for a debug-model run on the small local corpus, its cache in tmp."""
     return ["--data", str(small_corpus), "--cache_dir", str(tmp_path / "cache"), "--val_fraction", "0.2",
             "--model", "debug", "--batch_size", "4", "--warmup_steps", "3", "--lr", "2e-3", "--eval_iters", "2",
-            "--no-progress", "--log_every", "1", "--seed", "5"]
+            "--no-progress", "--log_every", "1", "--seed", "5", "--dtype", "fp32"]
 
 
 def test_cosine_schedule_boundaries():

@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_faults  # noqa: E402
 
 DEBUG = ["--model", "debug", "--batch_size", "4", "--eval_iters", "2", "--no-progress", "--seed", "1",
-         "--sample_every", "0", "--log_every", "1"]
+         "--sample_every", "0", "--log_every", "1", "--dtype", "fp32"]
 
 
 # ----------------------------------------------------------------------------------------------
