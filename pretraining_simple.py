@@ -3,7 +3,9 @@
     python pretraining_simple.py                       # embedded sample, small model, ~6 min on a laptop CPU
     python pretraining_simple.py --data_dir data/gutenberg_clean --model 124M --device cuda
 
-Every combined_*.txt in --data_dir is split 90/10 into train/validation text. Train and validation
+The combined_*.txt files in --data_dir are tokenized once into a token cache (by default a
+.token_cache folder beside them; later runs memory-map it, so a folder of many GB starts at once) and
+every 10th block of 4,096 tokens (--val_fraction) is held out for validation. Train and validation
 losses are printed every --eval_every steps, a sample every --sample_every steps; checkpoints,
 losses.json and loss_plot.png go to the run folder (printed at the start). Ctrl-C saves a checkpoint;
 the same command with --resume auto continues it.
@@ -21,6 +23,7 @@ from pathlib import Path
 
 import gpt_train as gt
 import prep_dataset
+import token_cache
 import wt_load
 
 SCRIPT = "pretraining_simple"
@@ -31,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data_dir", type=Path, default=None,
                    help="folder of combined_*.txt files from prep_dataset.py (default: the embedded Gutenberg sample, "
                         f"prepared into {prep_dataset.DEFAULT_CLEAN_DIR})")
-    p.add_argument("--val_fraction", type=float, default=0.1, help="share of each file held out for validation")
+    p.add_argument("--val_fraction", type=float, default=0.1,
+                   help="share of the token stream held out for validation (whole 4,096-token blocks)")
+    p.add_argument("--cache_dir", type=Path, default=None,
+                   help="token cache of the text (default: .token_cache in --data_dir, made on the first run)")
     p.add_argument("--n_epochs", type=int, default=1, help="passes over the training text (unless --max_steps)")
     p.add_argument("--debug", action="store_true", help="tiny model and a handful of steps, for a smoke test")
     gt.add_shared_flags(p, model="small", batch_size=16, seed=123, eval_every=50, eval_iters=10, sample_every=200,
@@ -45,8 +51,10 @@ RULES = [
 ]
 
 
-def load_corpus(data_dir: Path | None, val_fraction: float, context_length: int):
-    """Train/validation token windows from every combined_*.txt (each file split by characters)."""
+def load_corpus(data_dir: Path | None, val_fraction: float, context_length: int, cache_dir: Path | None = None,
+                progress: bool = True):
+    """Train/validation token windows of every combined_*.txt, through the token cache: tokenized
+    on the first run, memory-mapped afterwards."""
     if data_dir is None:
         files = prep_dataset.prepare_default_corpus()
     else:
@@ -56,20 +64,12 @@ def load_corpus(data_dir: Path | None, val_fraction: float, context_length: int)
         files = sorted(data_dir.glob("combined_*.txt")) or sorted(data_dir.glob("*.txt"))
         if not files:
             raise gt.UserError(f"no combined_*.txt or .txt files in {data_dir}; run prep_dataset.py first")
-    train_texts, val_texts = [], []
-    for f in files:
-        try:
-            text = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise gt.UserError(f"{f} is not UTF-8 text (byte {e.start}); prepare it with prep_dataset.py, which "
-                               "decodes old encodings")
-        except OSError as e:
-            raise gt.UserError(f"cannot read {f} ({e.strerror})")
-        cut = int(len(text) * (1 - val_fraction))
-        train_texts.append(text[:cut])
-        val_texts.append(text[cut:])
-    train = gt.TokenWindowDataset([gt.encode_documents([t]) for t in train_texts], context_length)
-    val = gt.TokenWindowDataset([gt.encode_documents([t]) for t in val_texts], context_length)
+    source = token_cache.DataSource("local", [[str(f) for f in files]], None, "text", [str(files[0].parent)])
+    cache_dir = cache_dir or files[0].parent / ".token_cache"
+    token_cache.build_cache(source, cache_dir, val_fraction=val_fraction, progress=progress)
+    cache = token_cache.load_cache(cache_dir, source)
+    train = gt.TokenWindowDataset(cache.train, context_length)
+    val = gt.TokenWindowDataset(cache.val, context_length)
     if len(val) == 0:
         raise gt.UserError(f"the validation text is shorter than one window of {context_length + 1} tokens; "
                            "use more text, a larger --val_fraction or a smaller --context_length")
@@ -105,7 +105,8 @@ def main(argv=None) -> dict:
 def train(args, cfg: gt.GPTConfig, runtime: gt.Runtime, run: gt.RunFolder) -> dict:
     gt.seed_everything(args.seed)
     model = wt_load.new_model(cfg, args.init_from)  # before the corpus: a bad --init_from fails fast
-    train_data, val_data, files = load_corpus(args.data_dir, args.val_fraction, cfg.context_length)
+    train_data, val_data, files = load_corpus(args.data_dir, args.val_fraction, cfg.context_length, args.cache_dir,
+                                              args.progress)
     steps_per_epoch = len(train_data) // (args.batch_size * args.grad_accum)
     max_steps = args.max_steps or max(1, args.n_epochs * steps_per_epoch)
     print(f"data: {len(files)} file(s), {train_data.num_tokens():,} train / {val_data.num_tokens():,} val tokens; "

@@ -80,10 +80,17 @@ class DataSource:
         if self.kind == "hub":
             return {"kind": "hub", "repo": SMOLLM_REPO, "subsets": self.parts, "weights": self.weights,
                     "text_column": self.text_column}
+        # Files are named relative to the folder they share, so a copied or moved corpus (with its cache)
+        # is the same source; what identifies a file is its content.
+        paths = [Path(p).resolve() for part in self.parts for p in part]
+        root = Path(os.path.commonpath([p.parent for p in paths]))
         known = {f["path"]: f for f in (known or {}).get("files", [])}
-        files = [file_fingerprint(p, known.get(str(Path(p).resolve()))) for part in self.parts for p in part]
-        return {"kind": "local", "files": files, "parts": [len(part) for part in self.parts], "weights": self.weights,
-                "text_column": self.text_column}
+        files = []
+        for p in paths:
+            rel = p.relative_to(root).as_posix()
+            files.append({**file_fingerprint(p, known.get(rel)), "path": rel})
+        return {"kind": "local", "root": str(root), "files": files, "parts": [len(part) for part in self.parts],
+                "weights": self.weights, "text_column": self.text_column}
 
     def describe(self) -> str:
         weights = self.weights or [1.0]
@@ -98,7 +105,7 @@ def file_fingerprint(path, known: dict | None = None) -> dict:
     path = Path(path).resolve()
     st = path.stat()
     if known and known.get("bytes") == st.st_size and known.get("mtime_ns") == st.st_mtime_ns:
-        return known
+        return dict(known)
     h = hashlib.sha256()
     with open(path, "rb") as f:
         if st.st_size <= FULL_HASH_BYTES:
@@ -160,8 +167,9 @@ def parse_mix(data_mix: str | None, n: int) -> list[float] | None:
 
 def find_local_files(data: str) -> list[str]:
     p = Path(data)
-    if p.is_dir():
-        files = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix in LOCAL_KINDS)
+    if p.is_dir():  # hidden files and folders (.git, a .token_cache) are not data
+        files = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix in LOCAL_KINDS
+                       and not any(part.startswith(".") for part in f.relative_to(p).parts))
     elif p.is_file():
         files = [str(p)]
     else:

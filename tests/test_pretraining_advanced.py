@@ -236,16 +236,17 @@ def test_torchrun_resume_is_bit_identical_with_per_rank_dropout(base, tmp_path):
 
 def test_torchrun_two_ranks_match_single_process(base, tmp_path):
     flags = [*base, "--max_steps", "4", "--eval_every", "0", "--eval_iters", "5", "--device", "cpu"]
-    # The same global batch: 8 sequences in one process, 4 on each of 2 ranks.
-    single = adv.main([*flags, "--run_dir", str(tmp_path / "single"), "--batch_size", "8"])
+    single = adv.main([*flags, "--run_dir", str(tmp_path / "single"), "--grad_accum", "2"])
     r = _torchrun([*flags, "--run_dir", str(tmp_path / "ddp")])
     assert "weights identical on all 2 ranks: True" in r.stdout
     assert r.stdout.count("step       1/4 |") == 1  # rank 0 alone logs
     ddp = json.loads((tmp_path / "ddp" / "losses.json").read_text())
     assert ddp["train_loss"] == pytest.approx(single["history"]["train_loss"], abs=1e-5)
-    # Validation is split across the ranks and all-reduced by tokens: the same value for any world size.
-    assert ddp["val_step"] == single["history"]["val_step"] == [4]
-    assert ddp["val_loss"] == pytest.approx(single["history"]["val_loss"], abs=1e-6)
+    # Validation is split across the ranks and all-reduced by tokens: at the same global batch (8 sequences
+    # in one process, 4 on each of 2 ranks) the same value for any world size.
+    one = adv.main([*flags, "--run_dir", str(tmp_path / "one"), "--batch_size", "8", "--max_steps", "4"])
+    assert ddp["val_step"] == one["history"]["val_step"] == [4]
+    assert ddp["val_loss"] == pytest.approx(one["history"]["val_loss"], abs=1e-6)
     a = gt.load_checkpoint(tmp_path / "ddp" / "ckpt_00000004.pt")
     b = gt.load_checkpoint(single["checkpoint"])
     assert not any(k.startswith("module.") for k in a["model"])

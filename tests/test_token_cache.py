@@ -304,3 +304,18 @@ def test_an_interrupted_build_of_changed_data_starts_over(corpora, monkeypatch):
         data.write_text(data.read_text().replace("Document 9:", "Document 8:"))
         tc.build_cache(tc.resolve_source(str(root / "j")), root / "c", **kw)
     assert (root / "c" / m["shards"]["train"][0]["name"]).exists()
+
+
+def test_a_copied_corpus_keeps_its_cache(corpora, tmp_path):
+    import shutil
+
+    root, _ = corpora
+    src = tc.resolve_source(str(root / "t"))
+    m = tc.build_cache(src, root / "t" / ".token_cache", val_fraction=0.25, progress=False)
+    shutil.copytree(root / "t", tmp_path / "elsewhere")  # the text and its cache, moved together
+    moved = tc.resolve_source(str(tmp_path / "elsewhere"))
+    again = tc.load_cache(tmp_path / "elsewhere" / ".token_cache", moved)  # files are known by content, not place
+    assert again.manifest["shards"] == m["shards"]
+    (tmp_path / "elsewhere" / "combined_2.txt").write_text("other text")
+    with pytest.raises(gt.UserError, match="combined_2.txt changed size"):
+        tc.load_cache(tmp_path / "elsewhere" / ".token_cache", tc.resolve_source(str(tmp_path / "elsewhere")))
