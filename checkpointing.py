@@ -42,7 +42,7 @@ CHECKPOINT_FORMAT = "gpt-train-checkpoint/2"
 LEGACY_FORMAT = "gpt-train-checkpoint/1"
 RUN_FORMAT = "gpt-train-run/1"
 RUN_FILE, LOCK_FILE = "run.json", "run.lock"
-CKPT_RE = re.compile(r"^ckpt_(\d{8})\.pt$")
+CKPT_RE = re.compile(r"^ckpt_(\d{8})(?:\.pt)?$")  # a file, or the folder of a sharded checkpoint
 # What a run writes into its folder. A folder holding any of these but no run.json is another
 # (older) run's and is refused; --overwrite moves these, and only these, aside.
 RUN_OUTPUTS = (RUN_FILE, "train.log", "losses.json", "loss_plot.png", "tensorboard", "wandb")
@@ -223,17 +223,42 @@ def check_config_matches(ckpt_cfg: dict, cfg: GPTConfig, source="checkpoint") ->
                               "use the same --model and overrides as the run that wrote it")
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether the model's parameters are FSDP shards (DTensors) rather than whole tensors."""
+    return any(hasattr(p, "full_tensor") for p in unwrap_model(model).parameters())
+
+
 class ModelPart:
-    """The plain model's weights (no DDP `module.` or compile `_orig_mod.` prefixes)."""
+    """The plain model's weights (no DDP `module.` or compile `_orig_mod.` prefixes). A sharded
+    (FSDP) model gives and takes its shards, in torch.distributed.checkpoint's form."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
 
+    @property
+    def sharded(self) -> bool:
+        return is_sharded(self.model)
+
     def state_dict(self) -> dict:
-        return unwrap_model(self.model).state_dict()
+        return self.dcp_state_dict() if self.sharded else unwrap_model(self.model).state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        unwrap_model(self.model).load_state_dict(state)
+        if self.sharded:  # a whole-tensor checkpoint into shards: every rank takes its part
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            set_model_state_dict(unwrap_model(self.model), state, options=StateDictOptions(full_state_dict=True))
+        else:
+            unwrap_model(self.model).load_state_dict(state)
+
+    def dcp_state_dict(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        return get_model_state_dict(unwrap_model(self.model))
+
+    def load_dcp_state_dict(self, state: dict) -> None:
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        set_model_state_dict(unwrap_model(self.model), state)
 
 
 PROJECTOR_FIELDS = ("rank", "update_proj_gap", "scale", "proj_type", "ortho_matrix")
@@ -244,8 +269,29 @@ class OptimizerPart:
     """The optimizer's state dict, with GaLore projector objects stored as plain dicts (so the file
     loads with torch.load(weights_only=True)) and the optimizer's kind, checked on load."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
-        self.optimizer = optimizer
+    def __init__(self, optimizer: torch.optim.Optimizer, model: torch.nn.Module | None = None):
+        self.optimizer, self.model = optimizer, model
+
+    @property
+    def sharded(self) -> bool:
+        return self.model is not None and is_sharded(self.model)
+
+    def dcp_state_dict(self) -> dict:
+        """Keyed by parameter name (any sharding can load it); the state is created if not yet there."""
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        return get_optimizer_state_dict(unwrap_model(self.model), self.optimizer)
+
+    def load_dcp_state_dict(self, state: dict, kind: str) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        self._check_kind(kind)
+        set_optimizer_state_dict(unwrap_model(self.model), self.optimizer, state)
+
+    def _check_kind(self, saved: str) -> None:
+        if saved != self.kind:
+            raise CheckpointError(f"the checkpoint was trained with {saved} ({OPTIMIZER_FLAGS.get(saved, saved)}), this "
+                                  f"run uses {self.kind}; resume with the same optimizer")
 
     @property
     def kind(self) -> str:
@@ -253,6 +299,8 @@ class OptimizerPart:
         return "GaLoreAdamW" if cls.__module__.startswith("galore_torch") else cls.__name__
 
     def state_dict(self) -> dict:
+        if self.sharded:
+            return {**self.dcp_state_dict(), "kind": self.kind}
         sd = self.optimizer.state_dict()
         state = {}
         for k, s in sd["state"].items():
@@ -262,10 +310,10 @@ class OptimizerPart:
         return {**sd, "state": state, "kind": self.kind}
 
     def load_state_dict(self, sd: dict) -> None:
-        saved = sd.get("kind", self.kind)
-        if saved != self.kind:
-            raise CheckpointError(f"the checkpoint was trained with {saved} ({OPTIMIZER_FLAGS.get(saved, saved)}), this "
-                                  f"run uses {self.kind}; resume with the same optimizer")
+        self._check_kind(sd.get("kind", self.kind))
+        if self.sharded:
+            raise CheckpointError("this checkpoint was written by a run without --fsdp; resume it without --fsdp "
+                                  "(or start from its weights with --init_from)")
         # Projector dicts are put back by hand: load_state_dict would mangle their strings (it casts
         # every iterable in the state).
         projectors = {k: s["projector"] for k, s in sd["state"].items() if isinstance(s.get("projector"), dict)}
@@ -343,6 +391,10 @@ class DictPart:
         self.loaded = state
 
 
+SHARDED_PARTS = ("model", "optimizer")  # written by torch.distributed.checkpoint in a sharded checkpoint
+SHARDED_STATE, SHARDED_DONE = "state.pt", "complete.json"
+
+
 class CheckpointState:
     """One checkpoint's content: named parts, each saved and loaded by itself. The file holds a header
     (format, model config, step, tokens, run id: enough to inspect, order or prune it without
@@ -361,12 +413,29 @@ class CheckpointState:
 
     def load_state_dict(self, ckpt: dict) -> None:
         check_config_matches(ckpt["config"], self.config)
-        missing = [name for name in self.parts if name not in ckpt]
+        sharded = SHARDED_PARTS if ckpt.get("sharded") else ()
+        missing = [name for name in self.parts if name not in ckpt and name not in sharded]
         if missing:
             raise CheckpointError(f"the checkpoint has no {', '.join(missing)} state (a weights-only file?); "
                                   "use --init_from to start from its weights")
+        if sharded:
+            self._load_shards(ckpt)
         for name, part in self.parts.items():
-            part.load_state_dict(ckpt[name])
+            if name not in sharded:
+                part.load_state_dict(ckpt[name])
+
+    def _load_shards(self, ckpt: dict) -> None:
+        """Model and optimizer of a sharded checkpoint, read by torch.distributed.checkpoint into this
+        run's own layout: the same or another number of ranks, sharded or whole."""
+        import torch.distributed.checkpoint as dcp
+
+        template = {name: self.parts[name].dcp_state_dict() for name in SHARDED_PARTS if name in self.parts}
+        if "optimizer" in template:
+            self.parts["optimizer"]._check_kind(ckpt.get("optimizer_kind", self.parts["optimizer"].kind))
+        dcp.load(template, checkpoint_id=ckpt["sharded"])
+        self.parts["model"].load_dcp_state_dict(template["model"])
+        if "optimizer" in template:
+            self.parts["optimizer"].load_dcp_state_dict(template["optimizer"], ckpt.get("optimizer_kind"))
 
 
 def save_checkpoint(path, checkpoint: dict) -> Path:
@@ -379,7 +448,70 @@ def save_checkpoint(path, checkpoint: dict) -> Path:
         raise RunFailure(f"could not write checkpoint {path} ({os_reason(e)}); {hint}, then continue with --resume auto")
 
 
-def _read(path: Path, mmap: bool) -> dict:
+def save_sharded(path, checkpoint: dict, rank: int) -> Path:
+    """Write a sharded checkpoint: a folder with the model and optimizer shards of every rank
+    (torch.distributed.checkpoint), state.pt with the other parts (rank 0), and complete.json last,
+    holding the header and the sha256 of every file. It is written under a temp name and renamed:
+    a folder without complete.json is never a checkpoint. Every rank calls this (it is collective)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    final = Path(path)
+    tmp = final.with_name(f".{final.name}.tmp")
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    shards = {"model": checkpoint["model"], "optimizer": {k: v for k, v in checkpoint["optimizer"].items() if k != "kind"}}
+    try:
+        dcp.save(shards, checkpoint_id=str(tmp))
+        dist.barrier()
+        if rank == 0:
+            _seal(final, tmp, checkpoint)
+    except OSError as e:
+        raise RunFailure(f"could not write checkpoint {final} ({os_reason(e)}); free some space or check the folder, "
+                         "then continue with --resume auto")
+    dist.barrier()
+    return final
+
+
+def _seal(final: Path, tmp: Path, checkpoint: dict) -> None:
+    rest = {k: v for k, v in checkpoint.items() if k not in SHARDED_PARTS}
+    rest["optimizer_kind"] = checkpoint["optimizer"].get("kind")
+    atomic_write(tmp / SHARDED_STATE, lambda f: torch.save(rest, f))
+    files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    header = {k: checkpoint[k] for k in ("format", "config", "run_id", "step", "tokens_seen", "saved_at")}
+    write_json(tmp / SHARDED_DONE, {**header, "sharded": True, "files": files})
+    if final.exists():  # the same step of an earlier timeline of this run: replaced
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        shutil.rmtree(old)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+def _read_sharded(path: Path, verify: bool) -> dict:
+    done = path / SHARDED_DONE
+    try:
+        header = json.loads(done.read_text())
+    except (OSError, ValueError):
+        raise CheckpointError(f"{path} is not a complete sharded checkpoint (no readable {SHARDED_DONE})")
+    if verify:
+        for name, digest in header.get("files", {}).items():
+            if not (path / name).is_file() or sha256_file(path / name) != digest:
+                raise CheckpointError(f"checkpoint {path} is damaged: {name} does not match the checksum it was "
+                                      "written with")
+    try:
+        rest = torch.load(path / SHARDED_STATE, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt ({SHARDED_STATE}: {str(e).strip()[:100]})")
+    return {**rest, **{k: v for k, v in header.items() if k != "files"}, "sharded": str(path)}
+
+
+def _read(path: Path, mmap: bool, verify: bool = False) -> dict:
+    if path.is_dir():
+        return _read_sharded(path, verify)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist" if not path.exists() else f"{path} is not a file")
     try:
@@ -394,6 +526,17 @@ def _read(path: Path, mmap: bool) -> dict:
     return ckpt if fmt == CHECKPOINT_FORMAT else upgrade_legacy(ckpt)
 
 
+def checkpoint_header(path) -> dict:
+    """A checkpoint's header (format, config, run id, step, tokens, time): cheap, not verified."""
+    path = Path(path)
+    if path.is_dir():
+        try:
+            return json.loads((path / SHARDED_DONE).read_text())
+        except (OSError, ValueError):
+            raise CheckpointError(f"{path} is not a complete sharded checkpoint (no readable {SHARDED_DONE})")
+    return _read(path, mmap=True)
+
+
 def peek_checkpoint(path) -> dict:
     """A checkpoint's header and parts without reading tensor data (memory-mapped, not verified)."""
     return _read(Path(path), mmap=True)
@@ -401,9 +544,10 @@ def peek_checkpoint(path) -> dict:
 
 def load_checkpoint(path, mmap: bool = True) -> dict:
     """Load a checkpoint and verify its checksum. With mmap the tensors are mapped from the file and
-    read once, while being checked (and again from the page cache when copied into place)."""
+    read once, while being checked (and again from the page cache when copied into place). A sharded
+    checkpoint's files are all checked; its shards are read later, into the run's own layout."""
     path = Path(path)
-    ckpt = _read(path, mmap)
+    ckpt = _read(path, mmap, verify=True)
     expected = ckpt.pop("checksum", None)
     if expected is not None and payload_checksum(ckpt) != expected:
         raise CheckpointError(f"checkpoint {path} is damaged: its content does not match the checksum it was written "
@@ -593,6 +737,10 @@ class RunFolder:
     def _claim_locked(self, script, settings, resume, overwrite, checkpoint_bytes) -> None:
         for p in remove_stale_temps(self.dir, lambda n: bool(CKPT_RE.match(n)) or n in RUN_OUTPUTS):
             self.log(f"removed {p.name}, a temp file left by a killed run")
+        for p in self.dir.iterdir():  # a sharded checkpoint a killed run was writing (or replacing)
+            if p.is_dir() and re.match(r"^\.ckpt_\d{8}\.(?:tmp|old)$", p.name):
+                shutil.rmtree(p)
+                self.log(f"removed {p.name}, an unfinished checkpoint folder left by a killed run")
         info = self.read_info()
         if resume:
             self.resume_point = self._resolve_resume(resume, info, overwrite)
@@ -718,7 +866,7 @@ class RunFolder:
             if not CKPT_RE.match(p.name):
                 continue
             try:
-                head = peek_checkpoint(p)
+                head = checkpoint_header(p)
             except CheckpointError:
                 if include_unreadable:  # in this run's folder, so presumably its own: resume names it as damaged
                     found.append((int(CKPT_RE.match(p.name).group(1)), 0.0, p))
@@ -736,6 +884,13 @@ class RunFolder:
         self.prune(keep=path)
         return path
 
+    def save_sharded(self, checkpoint: dict, rank: int) -> Path:
+        """The same for a sharded checkpoint (a folder); every rank calls it, rank 0 prunes."""
+        path = save_sharded(self.dir / f"ckpt_{checkpoint['step']:08d}", checkpoint, rank)
+        if rank == 0:
+            self.prune(keep=path)
+        return path
+
     def prune(self, keep: Path) -> list[Path]:
         """Keep this run's `keep_last` newest checkpoints by recorded step, `keep` (the one just
         written) always among them; other runs' files and unreadable ones are not touched."""
@@ -744,7 +899,7 @@ class RunFolder:
         mine = [p for _, p in self.checkpoints(self.run_id) if p != keep]
         doomed = mine[: max(0, len(mine) - (self.keep_last - 1))]
         for p in doomed:
-            p.unlink(missing_ok=True)
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
         return doomed
 
     # -- moving aside ---------------------------------------------------------------------------

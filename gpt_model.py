@@ -22,6 +22,7 @@ signature, use it in `Block`, keep the projection names (c_attn, c_proj) or teac
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -271,3 +272,119 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory: what training a config takes on one device (the planner behind --estimate_memory)
+
+GALORE_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # the matrices GaLore projects
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass
+class TrainSetup:
+    """How a config is trained, as far as memory goes."""
+    batch_size: int = 8  # sequences per micro-batch per device
+    dtype: str = "bf16"  # autocast / FSDP compute precision
+    optimizer: str = "adamw"  # or "galore"
+    galore_rank: int = 128
+    activation_checkpointing: bool = False
+    world_size: int = 1  # devices the model is sharded over (FSDP); 1 = every device holds everything
+    fsdp: bool = False
+    cpu_offload: bool = False
+    cuda: bool = True  # count the CUDA context in the margin
+
+
+def parameter_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """Every unique parameter's shape (the tied head once), without allocating the model."""
+    return dict(_parameter_shapes(tuple(sorted((k, v) for k, v in cfg.to_dict().items() if k in ARCH_FIELDS))))
+
+
+@functools.lru_cache(maxsize=16)
+def _parameter_shapes(arch: tuple) -> tuple:
+    with torch.device("meta"):
+        model = GPTModel(GPTConfig(**dict(arch)))
+    return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+
+
+def galore_state_numel(shape: tuple[int, ...], rank: int) -> int:
+    """Floats GaLore keeps for one projected (m, n) matrix: the projector, and Adam's two moments of
+    the projected gradient (galore_torch's 'std' projection: from the right when m >= n)."""
+    m, n = shape
+    r = min(rank, m, n)
+    return r * n + 2 * m * r if m >= n else m * r + 2 * r * n
+
+
+def optimizer_state_bytes_of(cfg: GPTConfig, optimizer: str = "adamw", galore_rank: int = 128) -> int:
+    """Bytes of optimizer state after the first step: AdamW's two fp32 moments and its fp32 step
+    counter per parameter tensor; GaLore's projected state for the attention/MLP matrices (its step
+    counters are Python ints) and AdamW-like moments for the rest."""
+    total = 0
+    for name, shape in parameter_shapes(cfg).items():
+        numel = math.prod(shape)
+        if optimizer == "galore" and len(shape) == 2 and any(t in name for t in GALORE_TARGETS):
+            total += 4 * galore_state_numel(shape, galore_rank)
+        elif optimizer == "galore":
+            total += 8 * numel
+        else:
+            total += 8 * numel + 4
+    return total
+
+
+def activation_bytes_per_token(cfg: GPTConfig, dtype: str, checkpointing: bool) -> float:
+    """Bytes the backward pass keeps per token. Per block without checkpointing, in fp32: its input,
+    both LayerNorm outputs, q/k/v, the attention output and its projection input, the MLP's hidden
+    activations before and after GELU: about 17 x emb_dim floats (autocast keeps the matmul inputs
+    in 16 bits: about 38 x emb_dim bytes); explicit attention adds the (T x T) probabilities per head.
+    With checkpointing only each block's input is kept, plus one block's worth while it is recomputed."""
+    h, per_block = cfg.emb_dim, (68 if dtype == "fp32" else 38) * cfg.emb_dim
+    if not cfg.flash:
+        per_block += 2 * cfg.n_heads * cfg.context_length * DTYPE_BYTES[dtype]
+    if checkpointing:
+        return cfg.n_layers * 4 * h + per_block + 16 * h
+    return cfg.n_layers * per_block + 16 * h  # + embeddings and the final LayerNorm
+
+
+def logits_bytes_per_token(cfg: GPTConfig, dtype: str) -> int:
+    """The head's output and the loss: the logits, their fp32 copy or log-probabilities, and the
+    gradient written over them (fp32), per token."""
+    return cfg.padded_vocab_size * (12 if dtype == "fp32" else 14)
+
+
+def memory_plan(cfg: GPTConfig, setup: TrainSetup) -> dict[str, float]:
+    """Bytes per device for training `cfg` as `setup` says: parameters, gradients, optimizer state
+    (sharded over world_size with FSDP, on the host with CPU offload), activations and the logits for
+    one micro-batch, and a margin (10% plus the CUDA context)."""
+    shapes = parameter_shapes(cfg)
+    n_params = sum(math.prod(s) for s in shapes.values())
+    shard = setup.world_size if setup.fsdp else 1
+    on_device = 0.0 if setup.cpu_offload else 1.0
+    largest_block = sum(math.prod(s) for n, s in shapes.items() if n.startswith("h.0."))
+    plan = {
+        "parameters": on_device * 4 * n_params / shard,
+        "gradients": on_device * 4 * n_params / shard,
+        "optimizer": on_device * optimizer_state_bytes_of(cfg, setup.optimizer, setup.galore_rank) / shard,
+        # FSDP gathers a block's full parameters to compute it (and the next one, prefetched).
+        "gathered blocks": (2 * largest_block * DTYPE_BYTES[setup.dtype]) if setup.fsdp else 0.0,
+        "activations": setup.batch_size * cfg.context_length * activation_bytes_per_token(
+            cfg, setup.dtype, setup.activation_checkpointing),
+        "logits and loss": setup.batch_size * cfg.context_length * logits_bytes_per_token(cfg, setup.dtype),
+    }
+    subtotal = sum(plan.values())
+    plan["margin"] = 0.1 * subtotal + (0.5 * 2**30 if setup.cuda else 0.0)
+    plan["total"] = subtotal + plan["margin"]
+    return plan
+
+
+def largest_micro_batch(cfg: GPTConfig, setup: TrainSetup, memory_bytes: float) -> int:
+    """The largest per-device micro-batch whose plan fits in `memory_bytes` (0 if none does)."""
+    fits = lambda b: memory_plan(cfg, dataclasses.replace(setup, batch_size=b))["total"] <= memory_bytes  # noqa: E731
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2
+    while fits(hi) and hi < 1 << 16:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo

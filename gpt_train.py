@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from checkpointing import (  # noqa: F401  (re-exported)
+    SHARDED_DONE,
     CheckpointError,
     CheckpointState,
     DictPart,
@@ -64,11 +65,15 @@ from gpt_model import (  # noqa: F401  (re-exported)
     CausalSelfAttention,
     GPTConfig,
     GPTModel,
+    TrainSetup,
     UserError,
     count_parameters,
     count_parameters_from_config,
     flops_per_token,
     get_config,
+    largest_micro_batch,
+    memory_plan,
+    optimizer_state_bytes_of,
     unwrap_model,
 )
 
@@ -463,13 +468,21 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     dtype_reason: str = ""  # why this precision, for the log line
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over the ranks (FSDP2)
+    cpu_offload: bool = False  # with fsdp: keep them on the host, on the GPU only while a block computes
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def fsdp_mixed_precision(self) -> bool:
+        """On GPUs a sharded bf16 run computes in bf16 through FSDP's policy (parameters gathered in
+        bf16, gradients reduced in fp32), not through autocast."""
+        return self.fsdp and self.device.type == "cuda" and self.dtype == "bf16"
+
     def autocast(self):
-        if self.dtype == "fp32":
+        if self.dtype == "fp32" or self.fsdp_mixed_precision:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=DTYPES[self.dtype])
 
@@ -478,7 +491,9 @@ class Runtime:
         return torch.amp.GradScaler(self.device.type, enabled=self.dtype == "fp16")
 
     def prepare(self, model: nn.Module) -> nn.Module:
-        """Move to the device, compile if asked, and wrap in DDP under several processes."""
+        """Move to the device, then shard (FSDP2) or compile and wrap in DDP under several processes."""
+        if self.fsdp:
+            return self._shard(model)
         model = model.to(self.device)
         if self.compile:
             model = torch.compile(model)
@@ -488,9 +503,31 @@ class Runtime:
             model = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         return model
 
+    def _shard(self, model: nn.Module) -> nn.Module:
+        """FSDP2: each transformer block is a unit of its own (gathered to compute, freed after), the
+        root holds the embeddings, the final LayerNorm and the (tied) head."""
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+        kwargs = {}
+        if self.fsdp_mixed_precision:
+            kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if self.cpu_offload:
+            kwargs["offload_policy"] = CPUOffloadPolicy()
+        else:
+            model = model.to(self.device)
+        for block in model.h:
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+        return torch.compile(model) if self.compile else model
+
     @staticmethod
     def grad_sync(model: nn.Module, sync: bool):
-        """Gradients are all-reduced on the last micro-batch of a step only (DDP's no_sync before it)."""
+        """Gradients are reduced on the last micro-batch of a step only: DDP's no_sync before it, or
+        FSDP's set_requires_gradient_sync (no reduce-scatter per micro-batch)."""
+        sharded = unwrap_model(model)
+        if hasattr(sharded, "set_requires_gradient_sync"):
+            sharded.set_requires_gradient_sync(sync)
+            return contextlib.nullcontext()
         return contextlib.nullcontext() if sync or not hasattr(model, "no_sync") else model.no_sync()
 
     def barrier(self) -> None:
@@ -516,7 +553,8 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
 
 
 def setup_runtime(device: str = "auto", dtype: str = "fp32", compile: bool = False,
-                  rank: int = 0, world_size: int = 1, local_rank: int = 0) -> Runtime:
+                  rank: int = 0, world_size: int = 1, local_rank: int = 0, fsdp: bool = False,
+                  cpu_offload: bool = False) -> Runtime:
     """dtype "auto" is bf16 on a GPU that supports it (no loss scaling needed, half the memory traffic)
     and fp32 everywhere else."""
     dev = resolve_device(device, local_rank)
@@ -532,7 +570,7 @@ def setup_runtime(device: str = "auto", dtype: str = "fp32", compile: bool = Fal
         # TF32 matmuls: ~1e-3 relative error, far below training noise, several times the fp32 speed.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return Runtime(dev, dtype, compile, rank, world_size, reason)
+    return Runtime(dev, dtype, compile, rank, world_size, reason, fsdp, cpu_offload)
 
 
 def auto_dtype(dev: torch.device) -> tuple[str, str]:
@@ -809,6 +847,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Batc
     if on_grads is not None:
         on_grads()
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # sharded gradients: the norm over all shards
+        grad_norm = grad_norm.full_tensor()
     stats = torch.stack([loss_sum, (~torch.isfinite(loss_sum)).float(), grad_norm.float().to(runtime.device),
                          torch.tensor(float(bool(should_stop and should_stop())), device=runtime.device)])
     if runtime.world_size > 1:
@@ -1020,7 +1060,7 @@ def run_training(model: nn.Module, optimizer, runtime: Runtime, tcfg: TrainConfi
                            device=runtime.device)
     scaler = runtime.grad_scaler()  # its loss scale is part of an exact fp16 resume
     state = TrainState()
-    ckpt_state = CheckpointState(raw.cfg, run.run_id, model=ModelPart(raw), optimizer=OptimizerPart(optimizer),
+    ckpt_state = CheckpointState(raw.cfg, run.run_id, model=ModelPart(raw), optimizer=OptimizerPart(optimizer, raw),
                                  data=batches, scaler=ScalerPart(scaler), rng=RNGPart(runtime.rank, runtime.world_size, say),
                                  progress=state, run=DictPart({"run_id": run.run_id, **(run_info or {})}))
     if run.resume_point is not None:
@@ -1037,7 +1077,9 @@ def run_training(model: nn.Module, optimizer, runtime: Runtime, tcfg: TrainConfi
 
     def checkpoint(st: TrainState):
         ckpt = ckpt_state.state_dict()  # every rank: the RNG part gathers across ranks
-        if runtime.is_main:
+        if runtime.fsdp:  # every rank writes its shards
+            saved.append(run.save_sharded(ckpt, runtime.rank))
+        elif runtime.is_main:
             saved.append(run.save(ckpt))
         st.saved_step = st.step
 

@@ -65,7 +65,7 @@ BOOK_SUFFIXES = (".txt", ".txt.utf8", ".txt.utf-8")
 # Gutenberg's file names: N.txt (ASCII), N-8.txt (8-bit), N-0.txt (UTF-8), pgN.txt, and their .zip.
 BOOK_NAME_RE = re.compile(r"^(?:pg)?(\d+)(-[08])?(?:\.txt(?:\.utf-?8)?|\.zip)$", re.I)
 VARIANT_RANK = {"-0": 0, "-8": 1, "": 2}  # which copy of a book to keep: UTF-8, then 8-bit, then ASCII
-STAGING, OUTPUT_MANIFEST = ".prepare", "prep_manifest.json"
+STAGING, OUTPUT_MANIFEST = ".prepare", ".prep_manifest.json"  # hidden: not taken for data by token_cache
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,7 +301,7 @@ class CombinedWriter:
 
     def finish(self) -> list[Path]:
         """Close the last file and move every file into the output folder, replacing the earlier run's
-        (those its prep_manifest.json lists); combined_*.txt that no manifest lists are moved aside."""
+        (those its .prep_manifest.json lists); combined_*.txt that no manifest lists are moved aside."""
         if self.f is not None:
             self._finish_file()
         return publish(self.output_dir, self.staging, [e["name"] for e in self.state["files"]], self.state, self.log)

@@ -102,6 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write TensorBoard event files")
     g.add_argument("--histogram_every", type=int, default=0,
                    help="parameter and gradient histograms to W&B and TensorBoard every N steps (0: never)")
+    g.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=False,
+                   help="shard parameters, gradients and optimizer state over the torchrun processes (FSDP2) instead "
+                        "of keeping a whole copy on each (DDP): for models that do not fit one device")
+    g.add_argument("--cpu_offload", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --fsdp: keep parameters, gradients and optimizer state in host memory, on the GPU only "
+                        "while a block computes (the largest preset on one GPU)")
+    g.add_argument("--estimate_memory", action="store_true",
+                   help="print what training would need per device (parameters, gradients, optimizer, activations, "
+                        "logits), whether it fits and what would make it fit; then exit without training")
+    g.add_argument("--gpu_memory_gb", type=float, default=None,
+                   help="device memory the estimate is held against (default: the GPU's, or 24)")
     g.add_argument("--dist_timeout_min", type=float, default=30.0,
                    help="timeout of each collective under torchrun, in minutes (a token cache build on rank 0 is "
                         "waited for outside collectives, however long it takes)")
@@ -126,6 +137,7 @@ RULES = [
     ("emb_dim", lambda v: v >= 1, "at least 1"),
     ("dist_timeout_min", lambda v: gt.finite(v) and v > 0, "a number of minutes > 0"),
     ("histogram_every", lambda v: v >= 0, ">= 0"),
+    ("gpu_memory_gb", lambda v: gt.finite(v) and v > 0, "a number of GB > 0"),
 ]
 
 
@@ -134,6 +146,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     gt.check_flags(args, RULES)
     if args.min_lr is not None and args.min_lr > args.lr:
         raise gt.UserError(f"--min_lr {args.min_lr} is above --lr {args.lr}; the cosine decays from --lr down to --min_lr")
+    if args.fsdp and args.optimizer == "galore":
+        raise gt.UserError("--optimizer galore cannot run on sharded parameters (it projects whole matrices); use "
+                           "--fsdp with adamw, or GaLore with --activation_checkpointing and bf16 on one GPU")
+    if args.cpu_offload and not args.fsdp:
+        raise gt.UserError("--cpu_offload offloads FSDP's shards: add --fsdp (under torchrun, --nproc_per_node 1 for "
+                           "one GPU)")
+    if args.fsdp and "WORLD_SIZE" not in os.environ and not args.estimate_memory:
+        raise gt.UserError("--fsdp shards over the processes torchrun starts: run it as torchrun --nproc_per_node N "
+                           "pretraining_advanced.py --fsdp ... (N=1 with --cpu_offload for one GPU)")
     return args
 
 
@@ -199,7 +220,7 @@ def setup_distributed(args) -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's environment; plain `python` is rank 0 of 1.
     NCCL when the run is on GPUs, gloo when --device cpu (or no GPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
+    if world == 1 and not (args.fsdp and "WORLD_SIZE" in os.environ):  # FSDP needs a group, even of one
         return 0, 1, 0
     from datetime import timedelta
 
@@ -380,6 +401,107 @@ def start_sinks(args, run: gt.RunFolder, header: dict) -> tuple[list, list]:
 
 
 # ----------------------------------------------------------------------------------------------
+# Memory: the planner (--estimate_memory), and the estimate against what a run measures
+
+
+def train_setup(args, cfg: gt.GPTConfig, world: int, cuda: bool = True) -> gt.TrainSetup:
+    dtype = args.dtype if args.dtype != "auto" else ("bf16" if cuda else gt.auto_dtype(torch.device("cpu"))[0])
+    return gt.TrainSetup(batch_size=args.batch_size, dtype=dtype, optimizer=args.optimizer, galore_rank=args.galore_rank,
+                         activation_checkpointing=args.activation_checkpointing, world_size=world, fsdp=args.fsdp,
+                         cpu_offload=args.cpu_offload, cuda=cuda)
+
+
+# Changes to try when a plan does not fit, cheapest first: precision, recomputation, a smaller
+# optimizer state, then sharding over more GPUs, then the host's memory.
+FIT_OPTIONS = [
+    ("--dtype bf16", {"dtype": "bf16"}),
+    ("--activation_checkpointing", {"activation_checkpointing": True}),
+    ("--dtype bf16 --activation_checkpointing", {"dtype": "bf16", "activation_checkpointing": True}),
+    ("--optimizer galore --dtype bf16 --activation_checkpointing",
+     {"optimizer": "galore", "dtype": "bf16", "activation_checkpointing": True}),
+    *[(f"--fsdp over {n} GPUs --dtype bf16", {"fsdp": True, "world_size": n, "dtype": "bf16"}) for n in (2, 4, 8)],
+    *[(f"--fsdp over {n} GPUs --dtype bf16 --activation_checkpointing",
+       {"fsdp": True, "world_size": n, "dtype": "bf16", "activation_checkpointing": True}) for n in (2, 4, 8)],
+    ("--fsdp --cpu_offload --dtype bf16 --activation_checkpointing (1 GPU)",
+     {"fsdp": True, "cpu_offload": True, "world_size": 1, "dtype": "bf16", "activation_checkpointing": True}),
+]
+
+
+def cheapest_fit(cfg: gt.GPTConfig, setup: gt.TrainSetup, memory: float) -> tuple[str, int] | None:
+    """The first of FIT_OPTIONS (not already in use, not undoing a choice) that fits, and its largest micro-batch."""
+    for flags, change in FIT_OPTIONS:
+        if change.get("optimizer") == "galore" and setup.fsdp:
+            continue
+        candidate = dataclasses.replace(setup, **change)
+        if candidate == setup or (setup.fsdp and not candidate.fsdp) or candidate.world_size < setup.world_size:
+            continue
+        batch = gt.largest_micro_batch(cfg, candidate, memory)
+        if batch >= 1:
+            return flags, batch
+    return None
+
+
+def memory_report(cfg: gt.GPTConfig, setup: gt.TrainSetup, memory: float) -> list[str]:
+    """The plan in one screen: every part per device, the total against `memory`, the largest
+    micro-batch, and if it does not fit the cheapest flags that make it fit."""
+    plan = gt.memory_plan(cfg, setup)
+    gib = lambda b: f"{b / 2**30:7.2f} GiB"  # noqa: E731
+    ckpt_plan = gt.memory_plan(cfg, dataclasses.replace(setup, activation_checkpointing=not setup.activation_checkpointing))
+    lines = [f"memory per device: {gt.count_parameters_from_config(cfg)['tied'] / 1e6:.0f}M parameters, micro-batch "
+             f"{setup.batch_size} x {cfg.context_length}, {setup.dtype}, {setup.optimizer}"
+             f"{', FSDP over ' + str(setup.world_size) if setup.fsdp else ''}{', CPU offload' if setup.cpu_offload else ''}"]
+    for part in ("parameters", "gradients", "optimizer", "gathered blocks", "activations", "logits and loss", "margin"):
+        if part == "gathered blocks" and not setup.fsdp:
+            continue
+        extra = ""
+        if part == "activations":
+            extra = (f"   ({'without' if setup.activation_checkpointing else 'with'} activation checkpointing: "
+                     f"{ckpt_plan['activations'] / 2**30:.2f} GiB)")
+        lines.append(f"  {part:<17}{gib(plan[part])}{extra}")
+    fits = plan["total"] <= memory
+    largest = gt.largest_micro_batch(cfg, setup, memory)
+    lines.append(f"  {'total':<17}{gib(plan['total'])}  of {memory / 2**30:.0f} GiB: {'fits' if fits else 'does NOT fit'}; "
+                 f"largest micro-batch that fits: {largest or 'none'}")
+    if not fits:
+        fix = cheapest_fit(cfg, setup, memory)
+        lines.append(f"  cheapest change that fits: {fix[0]} (micro-batch up to {fix[1]}; raise --grad_accum to keep the "
+                     f"tokens per step)" if fix else "  nothing here makes it fit: use more GPUs or a smaller --model")
+    return lines
+
+
+def estimate_memory(args) -> dict:
+    """--estimate_memory: the plan for the given flags, printed; no data, no model, no training."""
+    cfg = model_config(args)
+    cuda = torch.cuda.is_available() and not args.device.startswith(("cpu", "mps"))
+    memory = (args.gpu_memory_gb or (torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 24)) * 2**30
+    world = int(os.environ.get("WORLD_SIZE", "1")) if args.fsdp else 1
+    setup = train_setup(args, cfg, world, cuda=True)
+    for line in memory_report(cfg, setup, memory):
+        print(line)
+    return {"plan": gt.memory_plan(cfg, setup), "largest_micro_batch": gt.largest_micro_batch(cfg, setup, memory)}
+
+
+class MemoryCheck:
+    """A log sink that prints, once, the planner's estimate next to the peak this run measured."""
+
+    def __init__(self, estimate: float, device: torch.device):
+        self.estimate, self.device, self.done = estimate, device, False
+
+    def __call__(self, kind: str, metrics: dict) -> None:
+        if self.done or kind != "train":
+            return
+        self.done = True
+        if self.device.type == "cuda":
+            measured, what = torch.cuda.max_memory_allocated(self.device), "allocated on the GPU"
+        else:
+            import resource
+
+            measured, what = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"
+        print(f"memory: estimated {self.estimate / 2**30:.2f} GiB per device, measured {measured / 2**30:.2f} GiB "
+              f"({what}) after step {metrics['step']}")
+
+
+# ----------------------------------------------------------------------------------------------
 # The steps of a run
 
 
@@ -459,12 +581,15 @@ def build_model(args, cfg: gt.GPTConfig, runtime: gt.Runtime, say) -> tuple[torc
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.estimate_memory:
+        return estimate_memory(args)
     rank, world, local_rank = setup_distributed(args)
-    if world == 1:
-        return train(args, rank, world, local_rank)
     import gc
 
     import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return train(args, rank, world, local_rank)
 
     try:
         result = train(args, rank, world, local_rank)
@@ -476,7 +601,8 @@ def main(argv=None) -> dict:
 
 
 def train(args, rank: int, world: int, local_rank: int) -> dict:
-    runtime = gt.setup_runtime(args.device, args.dtype, args.compile, rank, world, local_rank)
+    runtime = gt.setup_runtime(args.device, args.dtype, args.compile, rank, world, local_rank, args.fsdp,
+                               args.cpu_offload)
     cfg = model_config(args)
     if args.prepare_only:
         cache_dir, cache = prepare_cache(args, runtime)
@@ -484,7 +610,7 @@ def train(args, rank: int, world: int, local_rank: int) -> dict:
     plan = plan_batch(args, cfg, world)
     run_dir = args.run_dir or gt.default_run_dir(SCRIPT, args)
     run = gt.open_run(runtime, run_dir, SCRIPT, gt.args_to_dict(args), args.resume, args.overwrite, args.keep_last,
-                      gt.checkpoint_bytes(cfg))
+                      gt.checkpoint_bytes(cfg) // (world if args.fsdp else 1))
     closers = []
     try:
         cfg = dataclasses.replace(cfg, vocab_multiple=gt.vocab_multiple_for(args.pad_vocab, runtime, run))
@@ -510,6 +636,8 @@ def train_in(run: gt.RunFolder, args, cfg: gt.GPTConfig, runtime: gt.Runtime, pl
         f"{plan.tokens_per_step:,} tokens/step ({args.batch_size} x {cfg.context_length} x {plan.grad_accum} accum x "
         f"{runtime.world_size} devices) | {plan.max_steps} steps | {runtime.device} {runtime.dtype} "
         f"({runtime.dtype_reason}){' compiled' if args.compile else ''} | run {run.run_id} in {run.dir}")
+    setup = train_setup(args, cfg, runtime.world_size, cuda=runtime.device.type == "cuda")
+    estimate = gt.memory_plan(cfg, dataclasses.replace(setup, dtype=runtime.dtype))["total"]
     sinks = []
     if runtime.is_main:
         header = {"args": gt.args_to_dict(args), "model_config": cfg.to_dict(), "versions": library_versions(),
@@ -517,6 +645,7 @@ def train_in(run: gt.RunFolder, args, cfg: gt.GPTConfig, runtime: gt.Runtime, pl
                   "run_id": run.run_id}
         sinks, more = start_sinks(args, run, header)
         closers.extend(more)
+        sinks.append(MemoryCheck(estimate, runtime.device))
     tcfg = gt.train_config(args, plan.max_steps, plan.grad_accum)
     result = gt.run_training(
         model, optimizer, runtime, tcfg, train_data, val_data, run, log_sinks=sinks,
@@ -525,7 +654,7 @@ def train_in(run: gt.RunFolder, args, cfg: gt.GPTConfig, runtime: gt.Runtime, pl
         run_info={"script": SCRIPT, "args": gt.args_to_dict(args), "world_size": runtime.world_size,
                   "schedule": {"lr": args.lr, "min_lr": plan.min_lr, "warmup_steps": args.warmup_steps,
                                "max_steps": plan.max_steps}})
-    if runtime.world_size > 1:
+    if runtime.world_size > 1 and not runtime.fsdp:  # (FSDP ranks hold different shards by design)
         result["weights_in_sync"] = weights_in_sync(gt.unwrap_model(model), runtime.world_size)
         say(f"weights identical on all {runtime.world_size} ranks: {result['weights_in_sync']}")
     result.update(optimizer_state_bytes=optimizer_state_bytes(optimizer), tokens_per_step=plan.tokens_per_step,

@@ -248,14 +248,16 @@ def _txt_rows(path: str, column: str, batch_size: int) -> Iterator[list[str]]:
 
 
 def _json_rows(path: str, column: str, batch_size: int) -> Iterator[list[str]]:
+    """JSON lines, a JSON array of objects, or one object of columns ({"text": [...], ...})."""
     with open(path, encoding="utf-8") as f:
         head = f.read(1 << 16).lstrip()
         f.seek(0)
-        if head.startswith("["):  # a JSON array of objects
+        if head.startswith(("[", "{")) and not _first_line_parses(head):
             try:
-                records = json.load(f)
+                data = json.load(f)
             except json.JSONDecodeError as e:
                 raise gt.UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})")
+            records = data if isinstance(data, list) else _columns_to_records(data, column, path)
             yield [_text_of(r, column, path, i + 1) for i, r in enumerate(records)]
             return
         rows = []
@@ -272,6 +274,21 @@ def _json_rows(path: str, column: str, batch_size: int) -> Iterator[list[str]]:
                 rows = []
         if rows:
             yield rows
+
+
+def _first_line_parses(head: str) -> bool:
+    try:
+        json.loads(head.split("\n", 1)[0])
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
+def _columns_to_records(data, column: str, path: str) -> list:
+    if not isinstance(data, dict) or not isinstance(data.get(column), list):
+        cols = ", ".join(data) if isinstance(data, dict) else type(data).__name__
+        raise gt.UserError(f"{path} has no text column '{column}' (it holds: {cols}); pass --text_column with the right name")
+    return [{column: v} for v in data[column]]
 
 
 def _text_of(record, column: str, path: str, where: int) -> str:
@@ -321,12 +338,8 @@ def _probe_local(path: str, column: str) -> None:
         elif kind == "json":
             with open(path, encoding="utf-8") as f:
                 first = next((ln for ln in f if ln.strip()), "")
-            if first.lstrip() and not first.lstrip().startswith("["):
-                try:
-                    record = json.loads(first)
-                except json.JSONDecodeError as e:
-                    raise gt.UserError(f"{path} line 1 is not valid JSON ({e.msg}); fix or remove that line")
-                _text_of(record, column, path, 1)
+            if first.strip() and _first_line_parses(first):  # JSON lines (a whole document is checked when read)
+                _text_of(json.loads(first), column, path, 1)
         else:
             with open(path, "rb") as f:
                 f.read(1)

@@ -201,9 +201,30 @@ def load_openai(ckpt_dir: str) -> gt.GPTModel:
 # Our checkpoints
 
 
+def load_sharded_weights(path: Path, ckpt: dict) -> gt.GPTModel:
+    """The whole model of a sharded (FSDP) checkpoint folder, in this one process: its shards are read
+    by torch.distributed.checkpoint into full tensors, whatever number of ranks wrote them."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+    model = gt.GPTModel(gt.GPTConfig.from_dict(ckpt["config"]))
+    template = {"model": get_model_state_dict(model)}
+    try:
+        dcp.load(template, checkpoint_id=str(path))
+    except Exception as e:
+        raise gt.CheckpointError(f"the shards in {path} cannot be read ({str(e).strip().splitlines()[0][:120]})")
+    set_model_state_dict(model, template["model"])
+    return model
+
+
 def load_ours(path) -> tuple[gt.GPTModel, dict]:
-    """A GPTModel from a training checkpoint (.pt) or a weights-only .safetensors export."""
+    """A GPTModel from a training checkpoint (a .pt file or a sharded checkpoint's folder) or a
+    weights-only .safetensors export."""
     path = Path(path)
+    if path.is_dir():
+        ckpt = gt.load_checkpoint(path)
+        model = load_sharded_weights(path, ckpt)
+        return model.eval(), {**ckpt, "model": model.state_dict()}
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
@@ -227,7 +248,7 @@ def load_ours(path) -> tuple[gt.GPTModel, dict]:
 def load_any(source: str) -> gt.GPTModel:
     """Weights from a GPT-2 size name, hub id, HF folder, OpenAI folder, our checkpoint or export."""
     p = Path(source)
-    if p.is_file():
+    if p.is_file() or (p / gt.SHARDED_DONE).is_file():
         return load_ours(p)[0]
     if p.is_dir() and (p / "hparams.json").is_file():
         return load_openai(source)
@@ -418,14 +439,16 @@ def describe_checkpoint(path) -> dict:
     model, ckpt = load_ours(path)
     counts = gt.count_parameters(model)
     opt = ckpt.get("optimizer")
-    opt_desc = "none"
+    opt_desc = "sharded with the weights" if ckpt.get("sharded") else "none"
     if opt:
         kinds = sorted({k for s in opt["state"].values() for k in s})
         opt_desc = f"{len(opt['state'])} parameter states ({', '.join(kinds)})" if opt["state"] else "empty"
     extra = ckpt.get("run") or {}
-    return {"path": str(path), "size_mb": round(path.stat().st_size / 2**20, 2), "config": ckpt["config"],
+    size = sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
+    return {"path": str(path), "size_mb": round(size / 2**20, 2), "config": ckpt["config"],
+            "sharded": bool(ckpt.get("sharded")),
             "step": ckpt.get("step", 0), "tokens_seen": ckpt.get("tokens_seen", 0), "parameters": counts["tied"],
-            "optimizer_state": opt_desc, "optimizer": (opt or {}).get("kind"),
+            "optimizer_state": opt_desc, "optimizer": (opt or {}).get("kind") or ckpt.get("optimizer_kind"),
             "data_position": (ckpt.get("data") or {}).get("position"), "script": extra.get("script"),
             "run_id": ckpt.get("run_id")}
 

@@ -358,3 +358,13 @@ def test_a_killed_preparation_resumes_to_identical_files(sample_books, tmp_path)
     assert any(line.startswith("resuming: ") for line in logs)
     part = {p.name: p.read_bytes() for p in (tmp_path / "part").iterdir()}
     assert part.keys() == full.keys() and all(part[k] == full[k] for k in full)
+
+
+def test_prepared_folder_is_a_data_source_as_it_is(sample_books, tmp_path):
+    """What prep_dataset writes (combined files and its own hidden manifest) reads as exactly the books."""
+    import token_cache as tc
+
+    raw, _ = sample_books
+    summary = pd.prepare(raw, tmp_path / "clean", max_size_mb=1.5, workers=1, log=lambda *a: None, progress=False)
+    source = tc.resolve_source(str(tmp_path / "clean"))
+    assert sorted(source.parts[0]) == sorted(summary["files"])

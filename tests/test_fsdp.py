@@ -1,0 +1,152 @@
+"""Big models on the hardware people have: FSDP2 on 2 gloo ranks against one process, sharded
+checkpoints resumed on 2 and on 1 rank, activation checkpointing, the memory planner."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import types
+
+import pytest
+import torch
+from conftest import ROOT
+
+import gpt_train as gt
+import pretraining_advanced as adv
+import wt_load
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def flags(tmp_path_factory, small_corpus):
+    cache = tmp_path_factory.mktemp("fsdp_cache")
+    return ["--data", str(small_corpus), "--cache_dir", str(cache / "c"), "--val_fraction", "0.2", "--model", "debug",
+            "--batch_size", "4", "--warmup_steps", "3", "--lr", "2e-3", "--eval_iters", "2", "--no-progress",
+            "--log_every", "1", "--seed", "5", "--dtype", "fp32", "--device", "cpu", "--eval_every", "4",
+            "--save_every", "4", "--keep_last", "0", "--max_steps", str(STEPS)]
+
+
+def _torchrun(args, **popen):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "pretraining_advanced.py"), *args]
+    if popen:
+        return subprocess.Popen(cmd, env=env, **popen)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"stdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-4000:]}"
+    return r
+
+
+def _losses(run_dir):
+    return json.loads((run_dir / "losses.json").read_text())["train_loss"]
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(flags, tmp_path_factory):
+    """A full 2-rank FSDP run and the same global batch in one process (2 micro-batches of 4)."""
+    root = tmp_path_factory.mktemp("fsdp")
+    single = adv.main([*flags, "--run_dir", str(root / "single"), "--grad_accum", "2"])
+    _torchrun([*flags, "--fsdp", "--run_dir", str(root / "fsdp")])
+    return root, single
+
+
+def test_fsdp_on_two_ranks_matches_one_process(fsdp_run):
+    root, single = fsdp_run
+    assert _losses(root / "fsdp") == pytest.approx(single["history"]["train_loss"], abs=1e-5)
+    ckpt = root / "fsdp" / f"ckpt_{STEPS:08d}"
+    assert (ckpt / "complete.json").is_file() and len(list(ckpt.glob("*.distcp"))) == 2  # one shard file per rank
+    sharded, _ = wt_load.load_ours(ckpt)  # read directly: no conversion by hand
+    whole, _ = wt_load.load_ours(single["checkpoint"])
+    ids = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(sharded(ids), whole(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_sharded_checkpoint_exports_to_hugging_face(fsdp_run, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    root, _ = fsdp_run
+    r = subprocess.run([sys.executable, str(ROOT / "wt_load.py"), "to-hf", str(root / "fsdp" / f"ckpt_{STEPS:08d}"),
+                        str(tmp_path / "hf")], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    ours, _ = wt_load.load_ours(root / "fsdp" / f"ckpt_{STEPS:08d}")
+    ref = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    ids = torch.randint(0, 50257, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max().item() <= 1e-5
+
+
+def test_fsdp_stopped_by_sigterm_resumes_on_two_and_on_one_rank(flags, fsdp_run, tmp_path):
+    root, _ = fsdp_run
+    run = tmp_path / "run"
+    proc = _torchrun([*flags, "--fsdp", "--run_dir", str(run), "--save_every", "0"], stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step       3/"):
+            proc.send_signal(signal.SIGTERM)  # torchrun hands it to both workers, as a scheduler's preemption would
+            break
+    _, err = proc.communicate(timeout=120)
+    assert "SIGTERM received" in err
+    stopped = gt.RunFolder(run).latest_valid().checkpoint["step"]
+    assert 3 <= stopped < STEPS and (run / f"ckpt_{stopped:08d}" / "complete.json").is_file()
+    shutil.copytree(run, tmp_path / "one")
+    _torchrun([*flags, "--fsdp", "--run_dir", str(run), "--resume", "auto"])
+    assert _losses(run) == _losses(root / "fsdp")  # the same 2 ranks: bit for bit
+    # One process, no sharding: the shards are read into whole tensors, the data position carried over.
+    one = adv.main([*flags, "--run_dir", str(tmp_path / "one"), "--resume", "auto", "--grad_accum", "2"])
+    assert one["history"]["train_loss"] == pytest.approx(_losses(root / "fsdp"), abs=1e-5)
+
+
+def test_activation_checkpointing_gives_identical_losses_and_gradients():
+    torch.manual_seed(0)
+    cfg = gt.get_config("debug", drop_rate=0.1)
+    plain = gt.GPTModel(cfg)
+    recomputed = gt.GPTModel(cfg)
+    recomputed.load_state_dict(plain.state_dict())
+    recomputed.set_activation_checkpointing(True)
+    x = torch.randint(0, 50257, (4, 33), generator=torch.Generator().manual_seed(1))
+    losses, grads = [], []
+    for model in (plain, recomputed):
+        torch.manual_seed(7)  # the same dropout masks: recomputation replays the RNG
+        loss = gt.calc_loss_batch(x[:, :-1], x[:, 1:], model, "cpu")
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
+    assert losses[0] == losses[1]
+    assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
+
+
+def test_galore_with_activation_checkpointing_in_bf16_trains(flags, tmp_path):
+    res = adv.main([*flags, "--run_dir", str(tmp_path), "--max_steps", "3", "--optimizer", "galore", "--galore_rank",
+                    "8", "--activation_checkpointing", "--dtype", "bf16", "--eval_every", "0"])
+    assert res["state"].step == 3 and all(torch.isfinite(torch.tensor(res["history"]["train_loss"])))
+
+
+@pytest.mark.parametrize("preset", ["debug", "small"])
+@pytest.mark.parametrize("optimizer", ["adamw", "galore"])
+def test_planner_bytes_equal_the_tensors(preset, optimizer):
+    cfg = gt.get_config(preset)
+    args = types.SimpleNamespace(optimizer=optimizer, lr=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, galore_rank=16,
+                                 galore_update_proj_gap=10, galore_scale=0.25, galore_proj_type="std")
+    model = gt.GPTModel(cfg)
+    opt = adv.make_optimizer(model, args, torch.device("cpu"))
+    x = torch.randint(0, 50257, (1, 9))
+    gt.calc_loss_batch(x[:, :-1], x[:, 1:], model, "cpu").backward()
+    opt.step()
+    unique = {id(p): p for p in model.parameters()}.values()
+    plan = gt.memory_plan(cfg, gt.TrainSetup(batch_size=1, optimizer=optimizer, galore_rank=16, cuda=False))
+    assert plan["parameters"] == sum(p.numel() * p.element_size() for p in unique)
+    assert plan["gradients"] == sum(p.grad.numel() * p.grad.element_size() for p in unique)
+    assert plan["optimizer"] == adv.optimizer_state_bytes(opt)
+
+
+def test_estimate_memory_says_what_fits(capsys):
+    adv.main(["--model", "1558M", "--estimate_memory", "--gpu_memory_gb", "24", "--batch_size", "8"])
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out and "cheapest change that fits: " in out
+    for part in ("parameters", "gradients", "optimizer", "activations", "logits and loss", "margin", "total"):
+        assert f"  {part}" in out
+    adv.main(["--model", "124M", "--estimate_memory", "--gpu_memory_gb", "80", "--batch_size", "8"])
+    assert ": fits; largest micro-batch that fits: " in capsys.readouterr().out
