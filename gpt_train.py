@@ -208,11 +208,13 @@ class BatchSampler:
     """Micro-batches from a TokenWindowDataset that depend only on (seed, position): each epoch is a
     seeded permutation of the windows, and global micro-batch g = position * world_size + rank, so DDP
     ranks never share a window within an epoch and a resumed run sees exactly the batches it would have
-    seen without the interruption (restore `position`). On a GPU the next batch is cut and pinned in a
-    background thread while the current step runs; the batches are the same either way."""
+    seen without the interruption (restore `position`). With `prefetch` (the default on a GPU) the next
+    batch is cut in a background thread while the current step runs, into pinned memory when a GPU
+    will read it, so the copy can overlap compute; the batches are the same either way."""
 
     def __init__(self, dataset: TokenWindowDataset, batch_size: int, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, shuffle: bool = True, device: torch.device | None = None):
+                 world_size: int = 1, shuffle: bool = True, device: torch.device | None = None,
+                 prefetch: bool | None = None):
         self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
         self.rank, self.world_size, self.shuffle = rank, world_size, shuffle
         self.batches_per_epoch = len(dataset) // batch_size
@@ -226,6 +228,8 @@ class BatchSampler:
         self._perm_epoch, self._perm = -1, None
         self._lock = threading.Lock()  # the permutation cache is shared with the prefetch thread
         self.device = device or torch.device("cpu")
+        self.prefetch = self.device.type == "cuda" if prefetch is None else prefetch
+        self._pin = self.device.type == "cuda" and torch.cuda.is_available()
         self._ahead: tuple[int, object] | None = None  # (position, future batch)
 
     def _order(self, epoch: int) -> np.ndarray:
@@ -247,25 +251,24 @@ class BatchSampler:
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch at `position`, on the device; the position moves on by one."""
-        if self.device.type != "cuda":
-            out = self.batch(self.position)
-        else:
-            out = self._take_prefetched()
+        out = self._take_prefetched() if self.prefetch else self.batch(self.position)
         self.position += 1
         return out
 
     def _take_prefetched(self):
         if self._ahead is None or self._ahead[0] != self.position:
-            self._ahead = (self.position, self._pinned_future(self.position))
+            self._ahead = (self.position, self._future_batch(self.position))
         x, y = self._ahead[1].result()
-        self._ahead = (self.position + 1, self._pinned_future(self.position + 1))
+        self._ahead = (self.position + 1, self._future_batch(self.position + 1))
         return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    def _pinned_future(self, position: int):
+    def _future_batch(self, position: int):
         from concurrent.futures import ThreadPoolExecutor
 
         if not hasattr(self, "_pool"):
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="batch-prefetch")
+        if not self._pin:
+            return self._pool.submit(self.batch, position)
         return self._pool.submit(lambda: tuple(t.pin_memory() for t in self.batch(position)))
 
     def state_dict(self) -> dict:
@@ -318,13 +321,29 @@ class _MeanCrossEntropy(torch.autograd.Function):
         return g.to(ctx.logits_dtype), None
 
 
-def calc_loss_batch(input_batch, target_batch, model, device, reduction: str = "mean") -> torch.Tensor:
+def _fp32_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets)
+
+
+@functools.cache
+def compiled_cross_entropy() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The training loss as one compiled function: the cast to fp32, log-softmax and its backward fused
+    into a pass or two over the (B*T, vocab) logits instead of about ten eager ones, which on a GPU
+    cost a sizeable share of a small model's step."""
+    return torch.compile(_fp32_cross_entropy)
+
+
+def calc_loss_batch(input_batch, target_batch, model, device, reduction: str = "mean",
+                    compiled: bool = False) -> torch.Tensor:
+    """Cross-entropy of the model on one batch. `compiled` (the model is compiled too) fuses the loss
+    on GPUs; the CPU's training loss has its own lean backward; evaluation needs no backward."""
     input_batch = input_batch.to(device, non_blocking=True)
     target_batch = target_batch.to(device, non_blocking=True)
     logits = model(input_batch).flatten(0, 1)  # (B*T, vocab)
     if reduction == "mean" and logits.device.type == "cpu" and torch.is_grad_enabled():
         return _MeanCrossEntropy.apply(logits, target_batch.flatten())
-    # On GPUs torch.compile fuses the plain form; evaluation needs no backward.
+    if reduction == "mean" and compiled:
+        return compiled_cross_entropy()(logits, target_batch.flatten())
     return F.cross_entropy(logits.float(), target_batch.flatten(), reduction=reduction)
 
 
@@ -840,7 +859,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Batc
         x, y = batches.next()
         with runtime.grad_sync(model, micro == grad_accum_steps - 1):
             with runtime.autocast():
-                loss = calc_loss_batch(x, y, model, runtime.device) / grad_accum_steps
+                loss = calc_loss_batch(x, y, model, runtime.device, compiled=runtime.compile) / grad_accum_steps
             scaler.scale(loss).backward()
         loss_sum += loss.detach().float()
     scaler.unscale_(optimizer)
@@ -966,8 +985,10 @@ def train_model(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Bat
             if not r.skipped and _due(tcfg.save_every, state) and state.step < tcfg.max_steps:
                 _save(hooks, state)
             t_last = time.perf_counter()  # eval, sampling and saving are not training time
-    report.close()
-    _save(hooks, state)  # at the end, on a signal, and (last good weights) after bad steps
+        report.close()
+        # At the end, on a signal, and (last good weights) after bad steps. Still under StopSignal: a
+        # scheduler's repeated SIGTERM (or torchrun forwarding it) must not kill the process mid-save.
+        _save(hooks, state)
     return state
 
 

@@ -41,9 +41,11 @@ import wt_load
 
 SCRIPT = "pretraining_advanced"
 GALORE_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-# Peak dense bf16 tensor-core FLOP/s by GPU name, for MFU.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12,
-                   "RTX 4090": 165e12, "RTX 3090": 71e12, "V100": 125e12}
+# Peak dense bf16 tensor-core FLOP/s by GPU name, for MFU. The first name found in the device's name
+# wins, so the H100's PCIe and NVL variants come before the SXM figure.
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100 NVL": 835e12, "H200": 989e12, "H100": 989e12, "H800": 989e12,
+                   "A100": 312e12, "L40S": 362e12, "A10": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12,
+                   "V100": 125e12}
 VERSIONED_PACKAGES = ("torch", "numpy", "tiktoken", "datasets", "wandb", "galore-torch", "tensorboard", "transformers")
 CACHE_WAIT_S = 7 * 24 * 3600  # how long other ranks wait for rank 0's token cache build
 
@@ -237,8 +239,11 @@ def setup_distributed(args) -> tuple[int, int, int]:
 def peak_flops_for(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return peak_flops_of(torch.cuda.get_device_name(device))
+
+
+def peak_flops_of(gpu_name: str) -> float | None:
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in gpu_name), None)
 
 
 def weights_in_sync(model: torch.nn.Module, world: int) -> bool:

@@ -192,6 +192,25 @@ def test_lean_cross_entropy_equals_the_plain_one(dtype):
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-5 if dtype == torch.float32 else 1.6e-2, atol=1e-9)
 
 
+def test_compiled_cross_entropy_equals_the_plain_one():
+    """The fused loss that compiled GPU runs use, compiled here for the CPU: same value, same gradient,
+    on a strided (vocabulary-padded, sliced) bf16 input as the model returns it."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    padded = (3 * torch.randn(2, 16, 576)).to(torch.bfloat16)
+    targets = torch.randint(0, 500, (32,))
+    a = padded.clone().requires_grad_()
+    b = padded.clone().requires_grad_()
+    fused = gt.compiled_cross_entropy()(a[..., :500].flatten(0, 1), targets)
+    plain = F.cross_entropy(b[..., :500].flatten(0, 1).float(), targets)
+    (3 * fused).backward()
+    (3 * plain).backward()
+    assert fused.dtype == torch.float32 and fused.item() == pytest.approx(plain.item(), rel=1e-6)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1.6e-2, atol=1e-6)
+    assert not a.grad[..., 500:].any()  # padded columns get no gradient
+
+
 def test_dtype_auto_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(gt, "cpu_bf16_feature", lambda: "AVX512-BF16")

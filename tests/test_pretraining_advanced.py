@@ -33,6 +33,14 @@ def test_cosine_schedule_boundaries():
     assert all(a >= b for a, b in zip(values, values[1:]))
 
 
+def test_peak_flops_by_gpu_name():
+    assert adv.peak_flops_of("NVIDIA H100 80GB HBM3") == 989e12  # SXM: the MFU target's denominator
+    assert adv.peak_flops_of("NVIDIA H100 PCIe") == 756e12
+    assert adv.peak_flops_of("NVIDIA A100-SXM4-80GB") == 312e12
+    assert adv.peak_flops_of("NVIDIA H200") == 989e12 and adv.peak_flops_of("Tesla T4") is None
+    assert adv.peak_flops_for(torch.device("cpu")) is None  # no MFU on a CPU
+
+
 def test_clipping_caps_the_update_and_logs_the_preclip_norm(tiny_cfg, small_corpus):
     torch.manual_seed(0)
     model = gt.GPTModel(tiny_cfg)
@@ -44,6 +52,32 @@ def test_clipping_caps_the_update_and_logs_the_preclip_norm(tiny_cfg, small_corp
     delta = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
     assert state.history["grad_norm"][0] > 0.5  # the norm before clipping
     assert delta.item() == pytest.approx(0.05, rel=1e-3)  # SGD lr=1 moves by exactly the clipped gradient
+
+
+def test_prefetching_changes_no_batch_and_no_loss(tiny_cfg, small_corpus):
+    """The GPU input pipeline (next batch cut in a background thread while the step runs) forced on,
+    on CPU: the same batches in the same order, after a resume-style jump too, and the same losses."""
+    ds = gt.TokenWindowDataset(gt.encode_documents([(small_corpus / "combined_1.txt").read_text()]), 16)
+    plain, ahead = gt.BatchSampler(ds, 4, seed=5, prefetch=False), gt.BatchSampler(ds, 4, seed=5, prefetch=True)
+    assert ahead.prefetch and not ahead._pin  # pinned memory only when a GPU will read the batch
+    for _ in range(3):
+        assert all(torch.equal(a, b) for a, b in zip(plain.next(), ahead.next()))
+    assert ahead._ahead[0] == 3  # batch 3 is already being cut
+    jump = {**plain.state_dict(), "position": 11}
+    plain.load_state_dict(jump)
+    ahead.load_state_dict(jump)  # the batch prepared for position 3 must not be used
+    for _ in range(plain.batches_per_epoch + 2):  # across an epoch boundary
+        assert all(torch.equal(a, b) for a, b in zip(plain.next(), ahead.next()))
+
+    def losses(prefetch):
+        torch.manual_seed(0)
+        model = gt.GPTModel(tiny_cfg)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        tcfg = gt.TrainConfig(max_steps=6, grad_accum_steps=2, progress=False)
+        batches = gt.BatchSampler(ds, 4, seed=1, prefetch=prefetch)
+        return gt.train_model(model, opt, batches, gt.setup_runtime("cpu"), tcfg).history["train_loss"]
+
+    assert losses(True) == losses(False)
 
 
 def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_cfg, small_corpus, tmp_path, capsys):
@@ -149,6 +183,25 @@ def test_galore_trains_and_resumes_bit_identically(base, tmp_path):
     assert full["optimizer_state_bytes"] < adamw["optimizer_state_bytes"]
     with pytest.raises(gt.CheckpointError, match="--optimizer galore"):
         adv.main([*base, "--run_dir", str(tmp_path / "b"), "--max_steps", "9", "--resume", "auto"])
+
+
+def test_padded_vocabulary_is_recorded_and_resumed(base, tmp_path):
+    """--pad_vocab (the default on CUDA) rounds the embedding up to 50304 rows: the checkpoint records
+    it, --resume auto continues padded without the flag, bit-identically, and wt_load reads it back."""
+    import wt_load
+
+    full = adv.main([*base, "--pad_vocab", "--run_dir", str(tmp_path / "a"), "--max_steps", "6"])
+    adv.main([*base, "--pad_vocab", "--run_dir", str(tmp_path / "b"), "--max_steps", "3"])
+    ckpt = gt.load_checkpoint(tmp_path / "b" / "ckpt_00000003.pt")
+    assert ckpt["config"]["vocab_multiple"] == 64 and ckpt["model"]["wte.weight"].shape[0] == 50304
+    resumed = adv.main([*base, "--run_dir", str(tmp_path / "b"), "--max_steps", "6", "--resume", "auto"])
+    assert resumed["history"]["train_loss"] == full["history"]["train_loss"]
+    model = wt_load.load_any(str(tmp_path / "b" / "ckpt_00000006.pt"))
+    assert model.cfg.vocab_multiple == 64
+    with torch.no_grad():
+        assert model(torch.zeros(1, 4, dtype=torch.long)).shape[-1] == 50257
+    with pytest.raises(gt.CheckpointError, match="vocab_multiple"):
+        adv.main([*base, "--no-pad_vocab", "--run_dir", str(tmp_path / "b"), "--max_steps", "7", "--resume", "auto"])
 
 
 def test_total_batch_tokens_sets_accumulation(base, tmp_path):
@@ -341,6 +394,34 @@ def test_a_signal_during_non_finite_steps_still_stops_the_run(tiny_cfg, small_co
     tcfg = gt.TrainConfig(max_steps=50, batch_size=4, progress=False, max_bad_steps=40)
     state = gt.train_model(model, opt, gt.BatchSampler(ds, 4), gt.setup_runtime("cpu"), tcfg)
     assert state.stop_reason == "SIGTERM" and state.bad_steps == 3 and state.step == 0
+
+
+SECOND_SIGTERM = """
+import os, signal, numpy as np, torch, gpt_train as gt
+class Preempted(gt.GPTModel):
+    def forward(self, idx):
+        self.calls = getattr(self, "calls", 0) + 1
+        if self.calls == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's preemption, during step 2
+        return super().forward(idx)
+def checkpoint(st):
+    os.kill(os.getpid(), signal.SIGTERM)  # repeated (or forwarded by torchrun) while the checkpoint is written
+    print("saved step", st.step, flush=True)
+    st.saved_step = st.step
+torch.manual_seed(0)
+model = Preempted(gt.get_config("debug"))
+ds = gt.TokenWindowDataset(np.arange(4000, dtype=np.uint16) % 500, 16)
+st = gt.train_model(model, torch.optim.AdamW(model.parameters()), gt.BatchSampler(ds, 2), gt.setup_runtime("cpu"),
+                    gt.TrainConfig(max_steps=10, progress=False), hooks=gt.TrainHooks(checkpoint=checkpoint))
+print("stopped", st.stop_reason, st.step)
+"""
+
+
+def test_a_second_sigterm_does_not_kill_the_final_save():
+    r = subprocess.run([sys.executable, "-c", SECOND_SIGTERM], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split("\n")[:2] == ["saved step 2", "stopped SIGTERM 2"]
 
 
 def test_named_steps_of_a_run_work_alone(tmp_path):
