@@ -298,28 +298,45 @@ class FileLog:
         self.f.close()
 
 
-def wandb_logged_through(run: gt.RunFolder) -> int:
-    """The last step that earlier processes of this run saved in their local W&B files (offline-run-*
-    and run-* folders keep every record sent, as a LevelDB-style log of protobuf records after a
-    7-byte header). 0 when none can be read: then everything after the checkpoint is logged again."""
+def wandb_records(data: bytes):
+    """The protobuf payloads of a .wandb file: a LevelDB-style log after a 7-byte header, in 32 KiB
+    blocks of records (length, type) where a record that does not fit a block is split into first,
+    middle and last fragments. A torn record at the end of a killed process's file is dropped."""
     import struct
 
+    pos, pending, block = 7, None, 32768
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:  # a block's tail too short for a record header is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        payload, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        if len(payload) < length:
+            return
+        if kind == 1:  # full
+            yield payload
+        elif kind == 2:  # first
+            pending = payload
+        elif kind == 3 and pending is not None:  # middle
+            pending += payload
+        elif kind == 4 and pending is not None:  # last
+            yield pending + payload
+            pending = None
+
+
+def wandb_logged_through(run: gt.RunFolder) -> int:
+    """The last step that earlier processes of this run saved in their local W&B files (offline-run-*
+    and run-* folders keep every record sent). 0 when none can be read: then everything after the
+    checkpoint is logged again."""
     try:
         from wandb.proto import wandb_internal_pb2 as pb
     except ImportError:
         return 0
     last = 0
     for path in (run.dir / "wandb").glob(f"*-{run.run_id}/*.wandb"):
-        data = path.read_bytes()
-        pos, block = 7, 32768
-        while pos + 7 <= len(data):
-            if block - pos % block < 7:  # a block's tail too short for a record header is padding
-                pos += block - pos % block
-                continue
-            _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-            payload, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        for payload in wandb_records(path.read_bytes()):
             record = pb.Record()
-            if kind == 1 and _parses(record, payload) and record.WhichOneof("record_type") == "history":
+            if _parses(record, payload) and record.WhichOneof("record_type") == "history":
                 last = max(last, record.history.step.num)
     return last
 

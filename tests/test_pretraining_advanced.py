@@ -325,33 +325,45 @@ def test_fp16_loss_scaling_resumes_bit_identically(base, tmp_path):
 
 
 def wandb_history(offline_dir):
-    """The history rows of an offline W&B run, read from its .wandb file (a LevelDB-style log of
-    protobuf records after a 7-byte header)."""
-    import struct
-
+    """The history rows of an offline W&B run, read from its .wandb file."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    data = next(offline_dir.glob("*.wandb")).read_bytes()
-    pos, chunks, pending, block = 7, [], b"", 32768
-    while pos + 7 <= len(data):
-        if block - pos % block < 7:  # a block's tail too short for a record header is padding
-            pos += block - pos % block
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        payload, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind == 1:
-            chunks.append(payload)
-        elif kind in (2, 3):
-            pending = payload if kind == 2 else pending + payload
-        elif kind == 4:
-            chunks.append(pending + payload)
     rows = []
-    for chunk in chunks:
+    for payload in adv.wandb_records(next(offline_dir.glob("*.wandb")).read_bytes()):
         record = pb.Record()
-        record.ParseFromString(chunk)
+        record.ParseFromString(payload)
         if record.WhichOneof("record_type") == "history":
             rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
     return rows
+
+
+def test_wandb_records_are_joined_across_blocks_and_torn_ends_dropped():
+    """A large record (histograms) that does not fit its 32 KiB block is stored in fragments; the reader
+    behind 'which steps did W&B already get' must join them, or it would log those steps twice."""
+    import struct
+
+    def log_file(payloads):
+        out = bytearray(b":W&B\x00\x00\x01")
+        for p in payloads:
+            first, rest = True, p
+            while True:
+                left = 32768 - len(out) % 32768
+                if left < 7:
+                    out += bytes(left)
+                    continue
+                frag, rest = rest[: left - 7], rest[left - 7 :]
+                kind = (1 if not rest else 2) if first else (4 if not rest else 3)
+                out += struct.pack("<IHB", 0, len(frag), kind) + frag
+                first = False
+                if not rest:
+                    break
+        return bytes(out)
+
+    payloads = [b"a" * 10, b"b" * 70_000, b"c" * 28_246, b"d" * 5]  # "c" leaves a 6-byte block tail: padding
+    data = log_file(payloads)
+    assert list(adv.wandb_records(data)) == payloads
+    assert list(adv.wandb_records(data[:-2])) == payloads[:3]  # torn last record
+    assert list(adv.wandb_records(data[:40_000])) == payloads[:1]  # torn in the middle of fragments
 
 
 def test_wandb_offline_history_after_crash_and_resume_has_each_step_once(base, tmp_path):
