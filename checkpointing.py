@@ -482,13 +482,13 @@ def _seal(final: Path, tmp: Path, checkpoint: dict) -> None:
     files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
     header = {k: checkpoint[k] for k in ("format", "config", "run_id", "step", "tokens_seen", "saved_at")}
     write_json(tmp / SHARDED_DONE, {**header, "sharded": True, "files": files})
+    old = final.with_name(f".{final.name}.old")
     if final.exists():  # the same step of an earlier timeline of this run: replaced
-        old = final.with_name(f".{final.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
-        shutil.rmtree(old)
     os.replace(tmp, final)
     fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)  # only once the new one is in place: a kill never leaves neither
 
 
 def _read_sharded(path: Path, verify: bool) -> dict:
@@ -737,10 +737,7 @@ class RunFolder:
     def _claim_locked(self, script, settings, resume, overwrite, checkpoint_bytes) -> None:
         for p in remove_stale_temps(self.dir, lambda n: bool(CKPT_RE.match(n)) or n in RUN_OUTPUTS):
             self.log(f"removed {p.name}, a temp file left by a killed run")
-        for p in self.dir.iterdir():  # a sharded checkpoint a killed run was writing (or replacing)
-            if p.is_dir() and re.match(r"^\.ckpt_\d{8}\.(?:tmp|old)$", p.name):
-                shutil.rmtree(p)
-                self.log(f"removed {p.name}, an unfinished checkpoint folder left by a killed run")
+        self._recover_sharded_folders()
         info = self.read_info()
         if resume:
             self.resume_point = self._resolve_resume(resume, info, overwrite)
@@ -754,6 +751,22 @@ class RunFolder:
             write_json(self.dir / RUN_FILE, record)  # also the probe that the folder is writable
         except OSError as e:
             raise UserError(f"cannot write to run folder {self.dir} ({os_reason(e)}); pick another --run_dir")
+
+    def _recover_sharded_folders(self) -> None:
+        """Folders a killed run left while writing or replacing a sharded checkpoint: a sealed one
+        (complete.json is written last) whose final name is free takes that name; the rest of this
+        run's .ckpt_*.tmp/.old folders are removed."""
+        for p in sorted(self.dir.iterdir(), key=lambda p: (not p.name.endswith(".tmp"), p.name)):  # new before old
+            m = re.match(r"^\.(ckpt_\d{8})\.(tmp|old)$", p.name)
+            if not (m and p.is_dir()):
+                continue
+            final = self.dir / m[1]
+            if not final.exists() and (p / SHARDED_DONE).is_file():
+                os.replace(p, final)
+                self.log(f"completed {final.name} from {p.name}, left by a killed run")
+            else:
+                shutil.rmtree(p)
+                self.log(f"removed {p.name}, an unfinished checkpoint folder left by a killed run")
 
     def _clear_for_new_run(self, info: dict | None, overwrite: bool) -> None:
         """A new run needs a folder without another run's checkpoints (refused unless --overwrite);

@@ -99,6 +99,27 @@ def test_fsdp_stopped_by_sigterm_resumes_on_two_and_on_one_rank(flags, fsdp_run,
     assert one["history"]["train_loss"] == pytest.approx(_losses(root / "fsdp"), abs=1e-5)
 
 
+def test_a_kill_while_replacing_a_sharded_checkpoint_loses_nothing(fsdp_run, tmp_path):
+    """Replacing ckpt_X renames it to .ckpt_X.old, then the sealed .ckpt_X.tmp to ckpt_X. Killed between
+    the two, the folder holds no ckpt_X: the next start completes it from the sealed temp folder (the
+    newer one), and removes what is not a sealed checkpoint."""
+    root, _ = fsdp_run
+    run = tmp_path / "run"
+    shutil.copytree(root / "fsdp", run)
+    final = f"ckpt_{STEPS:08d}"
+    (run / final).rename(run / f".{final}.old")
+    shutil.copytree(run / f".{final}.old", run / f".{final}.tmp")
+    (run / f".{final}.tmp" / "marker").write_text("the newer one")
+    shutil.copytree(run / "ckpt_00000004", run / ".ckpt_00000004.tmp")
+    (run / ".ckpt_00000004.tmp" / "complete.json").unlink()  # killed before it was sealed
+    (run / "run.lock").unlink(missing_ok=True)
+    folder = gt.RunFolder(run).claim("pretraining_advanced.py", {}, resume="auto")
+    folder.release()
+    assert (run / final / "marker").is_file() and folder.resume_point.path == run / final
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".ckpt_")]
+    assert (run / "ckpt_00000004" / "complete.json").is_file()
+
+
 def test_activation_checkpointing_gives_identical_losses_and_gradients():
     torch.manual_seed(0)
     cfg = gt.get_config("debug", drop_rate=0.1)
