@@ -40,7 +40,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpt_train import EOT_TOKEN, HelpFormatter, UserError, atomic_write, progress_bar, run_cli, write_json
+from gpt_train import EOT_TOKEN, HelpFormatter, RunFailure, UserError, atomic_write, progress_bar, run_cli, write_json
 from gutenberg_text import (  # noqa: F401  (re-exported: the cleaning API lives there)
     EBOOK_ID_RE,
     END_RE,
@@ -308,11 +308,18 @@ class CombinedWriter:
 
 
 def publish(output_dir: Path, staging: Path, names: list[str], state: dict, log) -> list[Path]:
+    """Move the staged files into the output folder, each replacing the file of the same name, then
+    remove the earlier run's files (those its manifest lists) that this run has no file for. A name
+    missing from staging was moved by a publish that was killed: it is already in place. Safe to run
+    again after a kill at any point, and it never deletes a file no manifest of this tool lists."""
     manifest = output_dir / OUTPUT_MANIFEST
     previous = json.loads(manifest.read_text()).get("files", []) if manifest.is_file() else []
-    for name in previous:
-        (output_dir / name).unlink(missing_ok=True)
-    strangers = [p for p in output_dir.glob("combined_*.txt") if p.name not in previous]
+    moved_before = {n for n in names if not (staging / n).exists()}
+    for n in moved_before:
+        if not (output_dir / n).is_file():
+            raise RunFailure(f"{output_dir / n} was published by an interrupted run and is gone since; "
+                             f"delete {staging} and prepare again")
+    strangers = [p for p in output_dir.glob("combined_*.txt") if p.name not in previous and p.name not in moved_before]
     if strangers:
         aside = output_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
         aside.mkdir()
@@ -320,7 +327,10 @@ def publish(output_dir: Path, staging: Path, names: list[str], state: dict, log)
             os.replace(p, aside / p.name)
         log(f"moved {len(strangers)} combined_*.txt file(s) this tool had not recorded to {aside}")
     for name in names:
-        os.replace(staging / name, output_dir / name)
+        if name not in moved_before:
+            os.replace(staging / name, output_dir / name)
+    for name in set(previous) - set(names):
+        (output_dir / name).unlink(missing_ok=True)
     write_json(manifest, {"files": names, "books_read": state["books_read"], "skipped": len(state["skipped"])})
     shutil.rmtree(staging)
     return [output_dir / n for n in names]

@@ -360,6 +360,37 @@ def test_a_killed_preparation_resumes_to_identical_files(sample_books, tmp_path)
     assert part.keys() == full.keys() and all(part[k] == full[k] for k in full)
 
 
+def test_a_kill_while_publishing_resumes_to_identical_files(sample_books, tmp_path, monkeypatch):
+    """Killed after moving some staged files into place (over an earlier run's files of the same
+    names): the next run finishes the move and deletes neither the moved files nor anything else."""
+    import os
+
+    raw, _ = sample_books
+    quiet = dict(workers=1, log=lambda *a: None, progress=False)
+    pd.prepare(raw, tmp_path / "full", max_size_mb=1.0, **quiet)
+    full = {p.name: p.read_bytes() for p in (tmp_path / "full").iterdir()}
+    out = tmp_path / "out"
+    pd.prepare(raw, out, max_size_mb=0.6, **quiet)  # an earlier run with other files under the same names
+    (out / "notes.txt").write_text("the user's")
+    real, moves = os.replace, []
+
+    def replace_then_die(src, dst):
+        if Path(dst).parent == out and len(moves) == 2:
+            raise KeyboardInterrupt  # the kill, after two files were moved into place
+        real(src, dst)
+        if Path(dst).parent == out:
+            moves.append(dst)
+
+    monkeypatch.setattr(pd.os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        pd.prepare(raw, out, max_size_mb=1.0, **quiet)
+    monkeypatch.setattr(pd.os, "replace", real)
+    assert len(moves) == 2 and (out / pd.STAGING).is_dir()
+    pd.prepare(raw, out, max_size_mb=1.0, **quiet)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "notes.txt"} == full
+    assert (out / "notes.txt").read_text() == "the user's"
+
+
 def test_prepared_folder_is_a_data_source_as_it_is(sample_books, tmp_path):
     """What prep_dataset writes (combined files and its own hidden manifest) reads as exactly the books."""
     import token_cache as tc
