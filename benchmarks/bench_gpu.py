@@ -10,11 +10,13 @@ stages that would not finish inside --budget_s are skipped and say so:
   torchrun  torchrun --nproc_per_node 1 (NCCL): SIGTERM to the job mid-run (as a scheduler would), the
             checkpoint of that step, then --resume auto from it
   eager     the headline without torch.compile
-  unpadded  the headline with the plain 50257-row vocabulary
   explicit  attention written out (no SDPA), eager, half the batch
   fp16      fp16 autocast with loss scaling
   galore    GaLore AdamW (rank 128) instead of AdamW
   355M      GPT-2 medium, compiled
+  unpadded  the headline with the plain 50257-row vocabulary
+  1558M_24GB  GPT-2 XL on the GPU capped to 24 GB (set_per_process_memory_fraction): the single-card
+            path for the big presets, bf16 + activation checkpointing + GaLore, batch 1
 
 MFU counts 6N + 12 L d T FLOPs per token (PaLM's appendix) against the GPU's dense bf16 peak (989
 TFLOP/s for an H100 SXM). Each row is appended to --out (JSON lines) as soon as it is measured.
@@ -46,10 +48,10 @@ import gpt_train as gt
 import pretraining_advanced as adv
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("headline", "real_run", "torchrun", "eager", "unpadded", "explicit", "fp16", "galore", "355M")
+STAGES = ("headline", "real_run", "torchrun", "eager", "explicit", "fp16", "galore", "355M", "unpadded", "1558M_24GB")
 # About how long each stage takes on an H100 (compiles dominate), to skip what would overrun the budget.
 STAGE_SECONDS = {"headline": 150, "real_run": 100, "torchrun": 70, "eager": 15, "unpadded": 45, "explicit": 15,
-                 "fp16": 50, "galore": 50, "355M": 70}
+                 "fp16": 50, "galore": 50, "355M": 70, "1558M_24GB": 60}
 LOG_LINE = re.compile(r"^step\s+(\d+)/\d+ \| loss ([\d.]+) .*\| tok/s\s+(\d+) \| ms/step\s+([\d.]+)(?: \| mfu ([\d.]+)%)?")
 
 
@@ -59,6 +61,7 @@ class Plan:
     device: str = "cuda"
     model: str = "124M"
     big_model: str = "355M"
+    huge_model: str = "1558M"
     dtype: str = "bf16"
     compile: bool = True
     batch_sizes: tuple[int, ...] = (16, 32, 64)
@@ -68,7 +71,7 @@ class Plan:
     data: str = "gutenberg"  # --data of the script runs
 
 
-SMOKE = Plan(device="cpu", model="debug", big_model="small", compile=False, batch_sizes=(2, 4), iters=2,
+SMOKE = Plan(device="cpu", model="debug", big_model="small", huge_model="small", compile=False, batch_sizes=(2, 4), iters=2,
              run_steps=6, budget_s=600.0)
 
 
@@ -241,7 +244,22 @@ def run_stage(name: str, plan: Plan, best: dict, work: Path) -> list[dict]:
         return [measure("fp16", plan, plan.model, b, dtype="fp16")]
     if name == "galore":
         return [measure("galore", plan, plan.model, b, optimizer="galore")]
+    if name == "1558M_24GB":
+        return [capped_24gb(plan)]
     return [measure(name, plan, plan.big_model, max(1, b // 2))]
+
+
+def capped_24gb(plan: Plan) -> dict:
+    """The biggest preset on a 24 GB card, simulated by capping this process's share of the GPU."""
+    if plan.device == "cuda":
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, 24 * 2**30 / total))
+    try:
+        return measure("1558M_24GB", plan, plan.huge_model, 1, compile_=False, optimizer="galore",
+                       activation_checkpointing=True)
+    finally:
+        if plan.device == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0)
 
 
 def sweep(plan: Plan, best: dict) -> list[dict]:
