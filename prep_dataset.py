@@ -115,26 +115,36 @@ def find_books(data_dir: Path, exclude: Path | None = None, wanted=None) -> tupl
     a .zip. `wanted(id)` can refuse an id before its file is opened. Returns (books, duplicates dropped)."""
     best: dict = {}
     seen = 0
+    for key, candidate in _book_candidates(data_dir, exclude, wanted):
+        seen += 1
+        if key not in best or candidate < best[key]:
+            best[key] = candidate
+    books = sorted((ref for _, ref in best.values()), key=lambda r: r.name)
+    return books, seen - len(books)
+
+
+def _book_candidates(data_dir: Path, exclude: Path | None, wanted):
+    """(book id, or the file's name without one; ((variant rank, in a zip, name), BookRef)) for every
+    book file and zip member under data_dir, outside `exclude`."""
     excluded = exclude.resolve() if exclude else None
     for p in sorted(data_dir.rglob("*")):
-        if not p.is_file() or (excluded and excluded in p.resolve().parents):
-            continue
-        is_zip = p.suffix.lower() == ".zip"
-        if not (is_zip or p.name.lower().endswith(BOOK_SUFFIXES)):
+        if not _is_book_file(p, excluded):
             continue
         bid, rank = book_id(p.name)
         if bid is not None and wanted is not None and not wanted(bid):
             continue
+        is_zip = p.suffix.lower() == ".zip"
         for ref in [BookRef(str(p), m) for m in _zip_members(p)] if is_zip else [BookRef(str(p))]:
-            rid, rrank = book_id(ref.member) if ref.member else (bid, rank)
-            rid, rrank = (rid, rrank) if rid is not None else (bid, rank)
-            key = rid if rid is not None else ref.name
-            seen += 1
-            candidate = ((rrank, is_zip, ref.name), ref)
-            if key not in best or candidate < best[key]:
-                best[key] = candidate
-    books = sorted((ref for _, ref in best.values()), key=lambda r: r.name)
-    return books, seen - len(books)
+            rid, rrank = book_id(ref.member) if ref.member else (None, 0)
+            if rid is None:  # a member named otherwise (or a plain file) counts as the book its file names
+                rid, rrank = bid, rank
+            yield (rid if rid is not None else ref.name), ((rrank, is_zip, ref.name), ref)
+
+
+def _is_book_file(p: Path, excluded: Path | None) -> bool:
+    if not (p.suffix.lower() == ".zip" or p.name.lower().endswith(BOOK_SUFFIXES)) or not p.is_file():
+        return False
+    return not (excluded and excluded in p.resolve().parents)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -563,14 +573,19 @@ def download_ids(args, selection: Selection) -> list[int]:
         raise UserError(f"--download takes Gutenberg ids or 'all', got {' '.join(args.download)}")
 
 
-def main(argv=None) -> dict:
-    args = build_parser().parse_args(argv)
-    data_dir = args.data_dir or DEFAULT_RAW_DIR
+def check_download_flags(args) -> None:
     for name, ok in (("retries", args.retries >= 1), ("delay", math.isfinite(args.delay) and args.delay >= 0),
                      ("max_books", args.max_books is None or args.max_books >= 1)):
         if not ok:
             raise UserError(f"--{name} is out of range: {getattr(args, name)}")
-    check_prepare_inputs(data_dir, args.max_size_mb, args.workers) if data_dir.exists() else None
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    data_dir = args.data_dir or DEFAULT_RAW_DIR
+    check_download_flags(args)
+    if data_dir.exists():
+        check_prepare_inputs(data_dir, args.max_size_mb, args.workers)
     selection = Selection(read_catalog(args.catalog) if args.catalog else None,
                           tuple(s.strip().lower() for s in args.languages.split(",") if s.strip()),
                           tuple(s.strip() for s in args.types.split(",") if s.strip()))

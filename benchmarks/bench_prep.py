@@ -59,16 +59,22 @@ def _index(lines: list[str], text: str, start: int, last: bool = False) -> int:
     return hits[-1] if last else hits[0]
 
 
-def score(entry: dict, raw: str, clean) -> dict:
-    """Licence lines left, credit/note lines left, body lines lost, and whether the first and last
-    body lines are right, for one book cleaned by `clean(raw) -> text`."""
-    lines = gtext.normalize_text(raw).splitlines()
-    start = _after_start(lines)
+def _credit_lines(entry: dict, lines: list[str], start: int) -> set[int]:
+    """Indices of the lines inside the hand-marked credit/note blocks (first and last line of each)."""
     marked = set()
     for a, b in entry["credit_blocks"]:
         i = _index(lines, a, start)
         j = _index(lines, b, i + 1 if a == b and lines.count(a) > 1 else i)
         marked.update(range(i, j + 1))
+    return marked
+
+
+def score(entry: dict, raw: str, clean) -> dict:
+    """Licence lines left, credit/note lines left, body lines lost, and whether the first and last
+    body lines are right, for one book cleaned by `clean(raw) -> text`."""
+    lines = gtext.normalize_text(raw).splitlines()
+    start = _after_start(lines)
+    marked = _credit_lines(entry, lines, start)
     first, last = _index(lines, entry["first"], start), _index(lines, entry["last"], start, last=True)
     body = Counter(lines[i].strip() for i in range(first, last + 1) if i not in marked and lines[i].strip())
     credits = {lines[i].strip() for i in marked if lines[i].strip()}
