@@ -566,9 +566,16 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name} was asked for but CUDA is not available here; use --device cpu or auto")
     try:
-        return torch.device(name)
+        dev = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    if dev.type != "cuda":
+        return dev
+    if dev.index is None:  # plain "cuda": this process's GPU under torchrun (LOCAL_RANK), else the first
+        return torch.device("cuda", local_rank)
+    if dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s), numbered from 0")
+    return dev
 
 
 def setup_runtime(device: str = "auto", dtype: str = "fp32", compile: bool = False,
@@ -650,7 +657,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def make_adamw(model: nn.Module, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95),
                device: torch.device | None = None) -> torch.optim.AdamW:
-    fused = device is not None and device.type == "cuda"  # one kernel for all params: faster on GPU
+    # One kernel for all parameters: faster on a GPU. Not with FSDP's CPU offload (parameters on the host).
+    fused = device is not None and device.type == "cuda" and all(p.device.type == "cuda" for p in model.parameters())
     return torch.optim.AdamW(param_groups(unwrap_model(model), weight_decay), lr=lr, betas=betas, fused=fused or None)
 
 

@@ -109,10 +109,11 @@ def test_advanced_script_checkpoints_and_resumes_on_cuda(flags, tmp_path, capsys
 
 
 @needs_gpu
-def test_fsdp_bf16_policy_under_torchrun_nccl(flags, tmp_path):
+@pytest.mark.parametrize("offload", [[], ["--cpu_offload"]], ids=["on_gpu", "cpu_offload"])
+def test_fsdp_bf16_policy_under_torchrun_nccl(flags, tmp_path, offload):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-           str(ROOT / "pretraining_advanced.py"), *flags, "--fsdp", "--run_dir", str(tmp_path / "f")]
+           str(ROOT / "pretraining_advanced.py"), *flags, "--fsdp", *offload, "--run_dir", str(tmp_path / "f")]
     for steps in ("4", "6"):
         r = subprocess.run([*cmd, "--max_steps", steps, "--resume", "auto"], env=env, capture_output=True, text=True,
                            timeout=300)

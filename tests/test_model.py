@@ -211,6 +211,18 @@ def test_compiled_cross_entropy_equals_the_plain_one():
     assert not a.grad[..., 500:].any()  # padded columns get no gradient
 
 
+def test_plain_cuda_means_this_processs_gpu(monkeypatch):
+    """'--device cuda' carries no index, which torch.cuda.set_device refuses: it means the GPU of this
+    process (LOCAL_RANK under torchrun)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert gt.resolve_device("cuda", local_rank=1) == torch.device("cuda", 1)
+    assert gt.resolve_device("cuda:0", local_rank=1) == torch.device("cuda", 0)
+    with pytest.raises(gt.UserError, match="2 GPU"):
+        gt.resolve_device("cuda:2")
+    assert gt.resolve_device("cpu", local_rank=1) == torch.device("cpu")
+
+
 def test_dtype_auto_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(gt, "cpu_bf16_feature", lambda: "AVX512-BF16")

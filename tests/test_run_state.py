@@ -158,6 +158,25 @@ BAD_INPUTS = [
 ]
 
 
+def test_cuda_rng_state_is_this_processs_gpu_only(monkeypatch):
+    """Saved: the current GPU's generator, once CUDA is in use (never a context opened on every GPU).
+    Restored: that state, or from an older checkpoint's per-GPU list the entry of this process's GPU."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert "cuda" not in gt.capture_rng_state()  # a CPU run on a GPU machine
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: calls.append("all"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda t: calls.append(int(t[0])))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    state = gt.capture_rng_state()
+    assert state["cuda"].tolist() == [7]
+    gt.restore_rng_state(state)
+    gt.restore_rng_state({**state, "cuda": [torch.tensor([3], dtype=torch.uint8), torch.tensor([4], dtype=torch.uint8)]})
+    assert calls == [7, 4]
+
+
 @pytest.mark.parametrize("main,argv,fragment", BAD_INPUTS, ids=[f"{m.__module__}:{' '.join(a)[:40]}"
                                                                  for m, a, _ in BAD_INPUTS])
 def test_bad_input_is_one_error_line_and_touches_nothing(world, capsys, monkeypatch, main, argv, fragment):
