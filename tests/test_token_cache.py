@@ -31,6 +31,25 @@ def corpora(tmp_path):
     return tmp_path, docs
 
 
+def interrupted_build(monkeypatch, src, cache_dir, kw, at_shard: int, torn_temp: bool = False) -> None:
+    """A cache build interrupted (Ctrl-C) as it starts writing shard number `at_shard`, optionally
+    leaving a torn temp file of that shard, as a kill mid-write would."""
+    real, calls = tc._write_shard, {"n": 0}
+
+    def stop(path, tokens):
+        calls["n"] += 1
+        if calls["n"] == at_shard:
+            if torn_temp:
+                path.with_name(f".{path.name}.tmp").write_bytes(tokens.tobytes()[:10])
+            raise KeyboardInterrupt
+        real(path, tokens)
+
+    monkeypatch.setattr(tc, "_write_shard", stop)
+    with pytest.raises(KeyboardInterrupt):
+        tc.build_cache(src, cache_dir, **kw)
+    monkeypatch.setattr(tc, "_write_shard", real)
+
+
 @pytest.mark.parametrize("kind,column", [("j", "text"), ("p", "body"), ("t", "text")])
 def test_cache_matches_direct_tokenization(corpora, kind, column):
     root, docs = corpora
@@ -77,20 +96,7 @@ def test_interrupted_build_resumes_to_an_identical_cache(corpora, monkeypatch):
     src = tc.resolve_source(str(root / "j"))
     kw = dict(val_fraction=0.25, shard_tokens=2000, batch_docs=16, progress=False)
     tc.build_cache(src, root / "full", **kw)
-    real = tc._write_shard
-    calls = {"n": 0}
-
-    def crash_on_fourth_shard(path, tokens):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            path.with_name(f".{path.name}.tmp").write_bytes(tokens.tobytes()[:10])  # a torn temp file
-            raise KeyboardInterrupt
-        real(path, tokens)
-
-    monkeypatch.setattr(tc, "_write_shard", crash_on_fourth_shard)
-    with pytest.raises(KeyboardInterrupt):
-        tc.build_cache(src, root / "part", **kw)
-    monkeypatch.setattr(tc, "_write_shard", real)
+    interrupted_build(monkeypatch, src, root / "part", kw, at_shard=4, torn_temp=True)
     m = json.loads((root / "part" / "manifest.json").read_text())
     assert not m["complete"] and m["shards_written"] == 3
     with pytest.raises(gt.UserError, match="incomplete"):
@@ -280,19 +286,7 @@ def test_an_interrupted_build_of_changed_data_starts_over(corpora, monkeypatch):
     root, _ = corpora
     src = tc.resolve_source(str(root / "j"))
     kw = dict(val_fraction=0.25, shard_tokens=2000, batch_docs=16, progress=False)
-    calls = {"n": 0}
-    real = tc._write_shard
-
-    def stop_on_third(path, tokens):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        real(path, tokens)
-
-    monkeypatch.setattr(tc, "_write_shard", stop_on_third)
-    with pytest.raises(KeyboardInterrupt):
-        tc.build_cache(src, root / "c", **kw)
-    monkeypatch.setattr(tc, "_write_shard", real)
+    interrupted_build(monkeypatch, src, root / "c", kw, at_shard=3)
     data = root / "j" / "part.jsonl"
     data.write_text(data.read_text().replace("Document 3:", "Document 9:"))  # same size, other content
     logs = []
