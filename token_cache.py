@@ -106,19 +106,21 @@ def file_fingerprint(path, known: dict | None = None) -> dict:
     st = path.stat()
     if known and known.get("bytes") == st.st_size and known.get("mtime_ns") == st.st_mtime_ns:
         return dict(known)
-    h = hashlib.sha256()
+    whole = st.st_size <= FULL_HASH_BYTES
+    return {"path": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "sha256": gt.sha256_file(path) if whole else _sampled_sha256(path, st.st_size),
+            "hashed": "whole" if whole else "sampled"}
+
+
+def _sampled_sha256(path: Path, size: int) -> str:
+    """The size, the first and last 4 MiB and 16 evenly spaced 64 KiB samples of a large file."""
+    h = hashlib.sha256(str(size).encode())
+    offsets = [0, *(size * i // 17 for i in range(1, 17)), size - (4 << 20)]
     with open(path, "rb") as f:
-        if st.st_size <= FULL_HASH_BYTES:
-            while block := f.read(1 << 22):
-                h.update(block)
-        else:
-            h.update(str(st.st_size).encode())
-            offsets = [0, *(st.st_size * i // 17 for i in range(1, 17)), st.st_size - (4 << 20)]
-            for off, n in zip(offsets, [4 << 20, *[64 << 10] * 16, 4 << 20]):
-                f.seek(off)
-                h.update(f.read(n))
-    return {"path": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest(),
-            "hashed": "whole" if st.st_size <= FULL_HASH_BYTES else "sampled"}
+        for off, n in zip(offsets, [4 << 20, *[64 << 10] * 16, 4 << 20]):
+            f.seek(off)
+            h.update(f.read(n))
+    return h.hexdigest()
 
 
 def resolve_source(data: str, text_column: str = "text", data_mix: str | None = None, seed: int = 0,
