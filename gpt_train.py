@@ -1147,13 +1147,15 @@ HISTOGRAM_VALUES = 1 << 16  # values per tensor in a histogram: an even sample o
 
 
 def _sample(t: torch.Tensor) -> torch.Tensor:
+    # FSDP: rank 0's shard, a sample of the tensor already, and no collective (only rank 0 logs).
+    t = t.to_local() if hasattr(t, "to_local") else t
     flat = t.detach().flatten()
     return flat[:: -(-flat.numel() // HISTOGRAM_VALUES)].float().cpu()
 
 
 def _histogrammer(raw: nn.Module, runtime: Runtime, log_sinks):
     """Parameter and gradient values of every weight (an even sample of at most HISTOGRAM_VALUES
-    each), to the sinks as kind "histograms" (rank 0)."""
+    each; under FSDP of rank 0's shard), to the sinks as kind "histograms" (rank 0)."""
     if not log_sinks:
         return None
 

@@ -49,7 +49,7 @@ def fsdp_run(flags, tmp_path_factory):
     """A full 2-rank FSDP run and the same global batch in one process (2 micro-batches of 4)."""
     root = tmp_path_factory.mktemp("fsdp")
     single = adv.main([*flags, "--run_dir", str(root / "single"), "--grad_accum", "2"])
-    _torchrun([*flags, "--fsdp", "--run_dir", str(root / "fsdp")])
+    _torchrun([*flags, "--fsdp", "--run_dir", str(root / "fsdp"), "--tensorboard", "--histogram_every", "4"])
     return root, single
 
 
@@ -63,6 +63,16 @@ def test_fsdp_on_two_ranks_matches_one_process(fsdp_run):
     ids = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(sharded(ids), whole(ids), atol=1e-4, rtol=1e-4)
+
+
+def test_fsdp_histograms_sample_rank_zeros_shard(fsdp_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, _ = fsdp_run
+    acc = EventAccumulator(str(root / "fsdp" / "tensorboard"), size_guidance={"histograms": 0})
+    acc.Reload()
+    assert {"params/wte.weight", "grads/h.1.mlp.c_fc.weight"} <= set(acc.Tags()["histograms"])
+    assert [e.step for e in acc.Histograms("params/wte.weight")] == [4, 8]
 
 
 def test_sharded_checkpoint_exports_to_hugging_face(fsdp_run, tmp_path):
