@@ -20,6 +20,7 @@ import functools
 import hashlib
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -432,15 +433,124 @@ class CheckpointState:
     def _load_shards(self, ckpt: dict) -> None:
         """Model and optimizer of a sharded checkpoint, read by torch.distributed.checkpoint into this
         run's own layout: the same or another number of ranks, sharded or whole."""
-        import torch.distributed.checkpoint as dcp
-
         template = {name: self.parts[name].dcp_state_dict() for name in SHARDED_PARTS if name in self.parts}
         if "optimizer" in template:
             self.parts["optimizer"]._check_kind(ckpt.get("optimizer_kind", self.parts["optimizer"].kind))
-        dcp.load(template, checkpoint_id=ckpt["sharded"])
+        dcp_load(template, ckpt["sharded"])
         self.parts["model"].load_dcp_state_dict(template["model"])
         if "optimizer" in template:
             self.parts["optimizer"].load_dcp_state_dict(template["optimizer"], ckpt.get("optimizer_kind"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading torch.distributed.checkpoint shards without running code from the files
+
+# The only globals a DCP `.metadata` pickle needs (plus torch's dtypes): its dataclasses, torch.Size,
+# a layout and memory-format decoder, and the path the checkpoint was saved to.
+DCP_METADATA_GLOBALS = frozenset({
+    *(("torch.distributed.checkpoint.metadata", n) for n in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
+})
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """A pickle reader that builds DCP's metadata classes and nothing else: any other global (a
+    function to call, a class with side effects) is refused before it is looked up."""
+
+    def __init__(self, file, source: Path):
+        super().__init__(file)
+        self.source = source
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in DCP_METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                         torch.dtype)):
+            return super().find_class(module, name)
+        raise CheckpointError(f"{self.source} is not a checkpoint this toolkit reads: its shard index asks to load "
+                              f"{module}.{name}, which a checkpoint never holds (a crafted file?); it was not loaded")
+
+
+@functools.cache
+def _safe_dcp_classes():
+    """A FileSystemReader that unpickles `.metadata` through the allowlist and opens shard files only
+    inside the checkpoint's folder, and a load planner that reads non-tensor values with
+    weights_only=True (DCP's own planner unpickles them with weights_only=False)."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint._traverse import set_element
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs) -> Metadata:
+            path = Path(self._get_metadata_path(kwargs.get("rank")))
+            try:
+                with open(path, "rb") as f:
+                    metadata = _MetadataUnpickler(f, path.parent).load()
+            except CheckpointError:
+                raise
+            except Exception as e:
+                raise CheckpointError(f"{path.parent} has a damaged shard index ({path.name}: {_first_words(e)})")
+            if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+                raise CheckpointError(f"{path.parent}: {path.name} is not a shard index")
+            for info in metadata.storage_data.values():
+                name = getattr(info, "relative_path", None)
+                if not (isinstance(name, str) and is_plain_name(name)):
+                    raise CheckpointError(f"{path.parent}: its shard index names {name!r}, not a file of the "
+                                          "checkpoint's own folder; it was not loaded")
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            fqn = read_item.dest_index.fqn
+            try:
+                obj = torch.load(value, weights_only=True)
+            except Exception as e:
+                raise CheckpointError(f"the value {fqn} in the checkpoint's shards is not plain data and was not loaded "
+                                      f"({_first_words(e)})")
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[fqn], obj)
+            else:
+                self.state_dict[fqn] = obj
+
+    return SafeReader, SafePlanner
+
+
+def _first_words(e: Exception) -> str:
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:120]
+
+
+def is_plain_name(name: str) -> bool:
+    """A file name that stays in its folder: no separators, not '.', '..' or empty, no NUL."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+def dcp_load(state: dict, folder) -> None:
+    """torch.distributed.checkpoint.load into `state`, reading only data: the shard index through the
+    allowlist, non-tensor values with weights_only=True, shard files only from `folder` itself."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    reader_cls, planner_cls = _safe_dcp_classes()
+    if not (Path(folder) / ".metadata").is_file():
+        raise CheckpointError(f"{folder} has no shard index (.metadata); it is not a complete sharded checkpoint")
+    reader_cls(str(folder)).read_metadata()  # refuses a crafted index here, with its own message
+    try:
+        dcp.load(state, storage_reader=reader_cls(str(folder)), planner=planner_cls())
+    except CheckpointException as e:  # DCP wraps each rank's error (and is a BaseException)
+        errors = [f[0] for f in e.failures.values() if isinstance(f, tuple) and f]
+        ours = next((x for x in errors if isinstance(x, CheckpointError)), None)
+        if ours is not None:
+            raise ours from None
+        why = _first_words(errors[0]) if errors else "unknown error"
+        raise CheckpointError(f"the shards in {folder} cannot be read ({why})") from None
+    except (OSError, RuntimeError, ValueError, KeyError, AssertionError) as e:
+        raise CheckpointError(f"the shards in {folder} cannot be read ({_first_words(e)})") from None
 
 
 def save_checkpoint(path, checkpoint: dict) -> Path:
@@ -458,7 +568,6 @@ def save_sharded(path, checkpoint: dict, rank: int) -> Path:
     (torch.distributed.checkpoint), state.pt with the other parts (rank 0), and complete.json last,
     holding the header and the sha256 of every file. It is written under a temp name and renamed:
     a folder without complete.json is never a checkpoint. Every rank calls this (it is collective)."""
-    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
     final = Path(path)
@@ -466,18 +575,26 @@ def save_sharded(path, checkpoint: dict, rank: int) -> Path:
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    dist.barrier()
+    _barrier()
     shards = {"model": checkpoint["model"], "optimizer": {k: v for k, v in checkpoint["optimizer"].items() if k != "kind"}}
     try:
         dcp.save(shards, checkpoint_id=str(tmp))
-        dist.barrier()
+        _barrier()
         if rank == 0:
             _seal(final, tmp, checkpoint)
     except OSError as e:
         raise RunFailure(f"could not write checkpoint {final} ({os_reason(e)}); free some space or check the folder, "
                          "then continue with --resume auto")
-    dist.barrier()
+    _barrier()
     return final
+
+
+def _barrier() -> None:
+    """A barrier across the process group; nothing in a single process without one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _seal(final: Path, tmp: Path, checkpoint: dict) -> None:
@@ -504,9 +621,10 @@ def _read_sharded(path: Path, verify: bool) -> dict:
         raise CheckpointError(f"{path} is not a complete sharded checkpoint (no readable {SHARDED_DONE})")
     if verify:
         for name, digest in header.get("files", {}).items():
-            if not (path / name).is_file() or sha256_file(path / name) != digest:
+            if not (is_plain_name(name) and (path / name).is_file()) or sha256_file(path / name) != digest:
                 raise CheckpointError(f"checkpoint {path} is damaged: {name} does not match the checksum it was "
                                       "written with")
+        _safe_dcp_classes()[0](str(path)).read_metadata()  # a crafted shard index is refused before any work
     try:
         rest = torch.load(path / SHARDED_STATE, map_location="cpu", weights_only=True)
     except Exception as e:

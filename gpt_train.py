@@ -47,6 +47,7 @@ from checkpointing import (  # noqa: F401  (re-exported)
     atomic_write,
     capture_rng_state,
     check_config_matches,
+    dcp_load,
     dir_mode,
     file_mode,
     load_checkpoint,

@@ -181,3 +181,117 @@ def test_estimate_memory_says_what_fits(capsys):
         assert f"  {part}" in out
     adv.main(["--model", "124M", "--estimate_memory", "--gpu_memory_gb", "80", "--batch_size", "8"])
     assert ": fits; largest micro-batch that fits: " in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------------------------
+# A sharded checkpoint from elsewhere is data: a crafted shard index or value is refused, never run
+
+
+class _Payload:
+    """What an attacker pickles: loading it runs a shell command (here: it creates a marker file)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _reseal(folder):
+    """Rewrite complete.json's checksums, as whoever crafts the files would."""
+    done = json.loads((folder / "complete.json").read_text())
+    done["files"] = {p.name: gt.sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != "complete.json"}
+    (folder / "complete.json").write_text(json.dumps(done))
+
+
+@pytest.fixture(scope="module")
+def crafted(fsdp_run, tmp_path_factory):
+    """Copies of a real sharded checkpoint: one whose .metadata is a payload, one whose optimizer
+    learning rate (a non-tensor value DCP stores pickled) is a payload; each in a run folder of its own."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    root, _ = fsdp_run
+    out = tmp_path_factory.mktemp("crafted")
+    marker = out / "PAYLOAD_RAN"
+    ckpts = {}
+    for kind in ("index", "value"):
+        run = out / kind
+        run.mkdir()
+        shutil.copy(root / "fsdp" / "run.json", run / "run.json")
+        ckpt = run / f"ckpt_{STEPS:08d}"
+        shutil.copytree(root / "fsdp" / f"ckpt_{STEPS:08d}", ckpt)
+        if kind == "index":
+            (ckpt / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+        else:
+            model = gt.GPTModel(gt.get_config("debug"))
+            opt = gt.make_adamw(model, 1e-3)
+            state = {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, opt)}
+            gt.dcp_load(state, ckpt)  # the real values (through the safe reader)
+            state["optimizer"]["param_groups"][0]["lr"] = _Payload(marker)
+            for p in ckpt.glob("*.distcp"):
+                p.unlink()
+            (ckpt / ".metadata").unlink()
+            dcp.save(state, checkpoint_id=str(ckpt))
+        _reseal(ckpt)
+        ckpts[kind] = ckpt
+    return ckpts, marker
+
+
+def _refused(main, argv, capsys):
+    from conftest import run_cli
+
+    code, out, err = run_cli(main, argv, capsys)
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    return code, lines
+
+
+@pytest.mark.parametrize("reader", ["inspect", "to-hf", "to-safetensors", "generate", "adv --resume PATH",
+                                    "adv --resume auto", "adv --init_from", "simple --init_from", "simple --resume PATH"])
+def test_a_crafted_shard_index_is_refused_by_every_reader(reader, crafted, flags, small_corpus, tmp_path, capsys):
+    import pretraining_simple as simple
+
+    ckpts, marker = crafted
+    ckpt = ckpts["index"]
+    simple_flags = ["--data_dir", str(small_corpus), "--model", "debug", "--batch_size", "4", "--max_steps", "2",
+                    "--no-progress", "--dtype", "fp32"]
+    calls = {
+        "inspect": (wt_load.main, ["inspect", ckpt]),
+        "to-hf": (wt_load.main, ["to-hf", ckpt, tmp_path / "hf"]),
+        "to-safetensors": (wt_load.main, ["to-safetensors", ckpt, tmp_path / "w.safetensors"]),
+        "generate": (wt_load.main, ["generate", ckpt, "--max_new_tokens", "2"]),
+        "adv --resume PATH": (adv.main, [*flags, "--run_dir", tmp_path / "r", "--resume", ckpt]),
+        "adv --resume auto": (adv.main, [*flags, "--run_dir", ckpt.parent, "--resume", "auto"]),
+        "adv --init_from": (adv.main, [*flags, "--run_dir", tmp_path / "r", "--init_from", ckpt]),
+        "simple --init_from": (simple.main, [*simple_flags, "--run_dir", tmp_path / "r", "--init_from", ckpt]),
+        "simple --resume PATH": (simple.main, [*simple_flags, "--run_dir", tmp_path / "r", "--resume", ckpt]),
+    }
+    main, argv = calls[reader]
+    code, lines = _refused(main, argv, capsys)
+    assert not marker.exists(), "the payload ran"
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "posix.system" in lines[0], lines
+    assert not (tmp_path / "hf").exists() and not (tmp_path / "w.safetensors").exists()
+
+
+def test_a_crafted_value_in_the_shards_is_refused_on_resume(crafted, flags, tmp_path, capsys):
+    ckpts, marker = crafted
+    code, lines = _refused(adv.main, [*flags, "--run_dir", tmp_path / "r", "--resume", ckpts["value"]], capsys)
+    assert not marker.exists(), "the payload ran"
+    assert code == 2 and len(lines) == 1 and "is not plain data" in lines[0], lines
+    # Readers of the weights alone never touch the optimizer's values: the model loads.
+    model, _ = wt_load.load_ours(ckpts["value"])
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", ["index", "value"])
+def test_torchrun_fsdp_resume_refuses_a_crafted_checkpoint(kind, crafted, flags, tmp_path):
+    ckpts, marker = crafted
+    run = tmp_path / "run"
+    shutil.copytree(ckpts[kind].parent, run)
+    proc = _torchrun([*flags, "--fsdp", "--run_dir", str(run), "--resume", "auto"], stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and not marker.exists()
+    assert "posix.system" in err if kind == "index" else "is not plain data" in err
