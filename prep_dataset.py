@@ -258,7 +258,7 @@ class CombinedWriter:
 
     def _resume_or_reset(self) -> None:
         progress = self.staging / "progress.json"
-        old = json.loads(progress.read_text()) if progress.is_file() else None
+        old = read_record(progress, "files")
         if old and old.get("signature") == self.state["signature"]:
             self.state = old
             self.log(f"resuming: {old['done']:,} books already in {len(old['files'])} finished file(s)")
@@ -317,13 +317,34 @@ class CombinedWriter:
         return publish(self.output_dir, self.staging, [e["name"] for e in self.state["files"]], self.state, self.log)
 
 
+COMBINED_NAME_RE = re.compile(r"^combined_\d+\.txt$")
+
+
+def read_record(path: Path, key: str) -> dict | None:
+    """One of this tool's own records (the staging progress or the output manifest), or None if there
+    is none. Its `key` list (names, or entries with a name) may name only combined_N.txt files: those are what a rerun replaces or
+    deletes, so a record edited to name anything else (../x, /x) is refused, and nothing is deleted."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} cannot be read ({getattr(e, 'strerror', None) or e}); remove it and prepare again")
+    names = record.get(key) if isinstance(record, dict) else None
+    names = [n.get("name") if isinstance(n, dict) else n for n in names] if isinstance(names, list) else None
+    if names is None or not all(isinstance(n, str) and COMBINED_NAME_RE.match(n) for n in names):
+        raise UserError(f"{path} is damaged or was edited (its '{key}' are not combined_N.txt names); nothing was "
+                        f"deleted: remove {path.name} and prepare again")
+    return record
+
+
 def publish(output_dir: Path, staging: Path, names: list[str], state: dict, log) -> list[Path]:
     """Move the staged files into the output folder, each replacing the file of the same name, then
     remove the earlier run's files (those its manifest lists) that this run has no file for. A name
     missing from staging was moved by a publish that was killed: it is already in place. Safe to run
     again after a kill at any point, and it never deletes a file no manifest of this tool lists."""
     manifest = output_dir / OUTPUT_MANIFEST
-    previous = json.loads(manifest.read_text()).get("files", []) if manifest.is_file() else []
+    previous = (read_record(manifest, "files") or {}).get("files", [])
     moved_before = {n for n in names if not (staging / n).exists()}
     for n in moved_before:
         if not (output_dir / n).is_file():

@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import queue
+import re
 import threading
 import time
 from collections import deque
@@ -549,6 +550,9 @@ class _Builder:
         gt.write_json(self.cache_dir / MANIFEST, m)
         if old and old != carry:
             (self.cache_dir / old).unlink(missing_ok=True)
+            if m["complete"]:  # the finished cache reserves nothing (a kill before this: _tidy_complete)
+                m["reserved"] = []
+                gt.write_json(self.cache_dir / MANIFEST, m)
 
     def restore_carry(self) -> None:
         path = self.cache_dir / self.manifest["carry"]
@@ -601,7 +605,55 @@ def read_manifest(cache_dir: Path) -> dict | None:
         m = None
     if not isinstance(m, dict) or "version" not in m:
         raise gt.UserError(f"{path} is damaged or not a token cache manifest; delete {cache_dir} to rebuild the cache")
+    if m.get("version") == CACHE_VERSION:
+        problem = manifest_problem(m)
+        if problem:
+            raise gt.UserError(f"{path} is damaged or was edited ({problem}); nothing was read or deleted: delete "
+                               f"{cache_dir} to rebuild the cache")
     return m
+
+
+# The only file names a manifest may hold: the cache's own shards and carry files, in its own folder.
+SHARD_NAME_RE = {"train": re.compile(r"^train_\d{6}\.bin$"), "val": re.compile(r"^val_\d{6}\.bin$")}
+CARRY_NAME_RE = re.compile(r"^carry_\d{6}\.npz$")
+OWN_NAME_RE = re.compile(r"^(?:train_\d{6}\.bin|val_\d{6}\.bin|carry_\d{6}\.npz)$")
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def manifest_problem(m: dict) -> str | None:
+    """What makes a manifest unusable, in words, or None. Every name it holds must be one of the
+    cache's own file names (a name like ../x or /x would have the build delete a stranger's file),
+    and its counts must add up (a complete cache has train shards holding every token it counts)."""
+    shards = m.get("shards")
+    if not (isinstance(shards, dict) and all(isinstance(shards.get(k), list) for k in ("train", "val"))):
+        return "'shards' must hold a 'train' and a 'val' list"
+    for split, entries in ((k, shards[k]) for k in ("train", "val")):
+        for e in entries:
+            if not (isinstance(e, dict) and isinstance(e.get("name"), str) and SHARD_NAME_RE[split].match(e["name"])
+                    and _count(e.get("tokens"))):
+                return f"a {split} shard entry {str(e)[:80]!r} is not a {split}_NNNNNN.bin name with a token count"
+    names = m.get("reserved", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) and OWN_NAME_RE.match(n) for n in names):
+        return f"'reserved' holds {str(names)[:80]!r}, not only the cache's own file names"
+    carry = m.get("carry")
+    if carry is not None and not (isinstance(carry, str) and CARRY_NAME_RE.match(carry)):
+        return f"'carry' is {str(carry)[:80]!r}, not a carry_NNNNNN.npz name"
+    for key in ("train_tokens", "val_tokens", "tokens_consumed", "documents"):
+        if not _count(m.get(key)):
+            return f"'{key}' is {m.get(key)!r}, not a count"
+    for split in ("train", "val"):
+        if sum(e["tokens"] for e in shards[split]) != m[f"{split}_tokens"]:
+            return f"its {split} shards hold {sum(e['tokens'] for e in shards[split])} tokens, it counts {m[f'{split}_tokens']}"
+    if m.get("complete") is True:
+        held = m["train_tokens"] + m["val_tokens"]
+        if held != m["tokens_consumed"]:
+            return f"it is marked complete but its shards hold {held} of the {m['tokens_consumed']} tokens it read"
+        if not shards["train"] and held > VAL_BLOCK_TOKENS:  # a corpus of one block has no train split at all
+            return f"it is marked complete but lists no train shard for {held} tokens"
+    return None
 
 
 def identity_changes(old: dict, new: dict) -> list[str]:
@@ -674,6 +726,26 @@ def _clean_leftovers(cache_dir: Path, manifest: dict) -> None:
     remove_stale_temps(cache_dir, lambda n: n in own)
 
 
+def _tidy_complete(cache_dir: Path) -> None:
+    """A build killed right after its last record leaves the previous carry file, which the complete
+    manifest still reserves: remove it and the reservation (under the build lock; if another process
+    holds it, the next start does this)."""
+    lock = FolderLock(cache_dir / LOCK, what="cache build")
+    try:
+        lock.acquire()
+    except gt.UserError:
+        return
+    try:
+        m = read_manifest(cache_dir)
+        if m is not None and m.get("complete") and m.get("reserved"):
+            for name in m["reserved"]:
+                (cache_dir / name).unlink(missing_ok=True)
+            m["reserved"] = []
+            gt.write_json(cache_dir / MANIFEST, m)
+    finally:
+        lock.release()
+
+
 def build_cache(source: DataSource, cache_dir, *, max_tokens: int | None = None, val_fraction: float = 0.01,
                 shard_tokens: int = 100_000_000, batch_docs: int = 512, num_threads: int | None = None,
                 progress: bool = True, log=print) -> dict:
@@ -687,6 +759,8 @@ def build_cache(source: DataSource, cache_dir, *, max_tokens: int | None = None,
     manifest = _claim_folder(cache_dir)
     if manifest is not None and manifest.get("complete"):
         check_manifest(manifest, cache_dir, source, max_tokens, val_fraction)
+        if manifest.get("reserved"):
+            _tidy_complete(cache_dir)
         FolderLock(cache_dir / LOCK).clear_if_stale()  # a build killed right after finishing leaves its lock file
         return manifest
     with FolderLock(cache_dir / LOCK, what="cache build"):

@@ -1,4 +1,5 @@
 import http.server
+import json
 import threading
 import time
 from pathlib import Path
@@ -399,3 +400,26 @@ def test_prepared_folder_is_a_data_source_as_it_is(sample_books, tmp_path):
     summary = pd.prepare(raw, tmp_path / "clean", max_size_mb=1.5, workers=1, log=lambda *a: None, progress=False)
     source = tc.resolve_source(str(tmp_path / "clean"))
     assert sorted(source.parts[0]) == sorted(summary["files"])
+
+
+@pytest.mark.parametrize("record", ["output manifest", "staging progress"])
+def test_names_in_prep_records_never_reach_outside_the_folder(sample_books, tmp_path, record):
+    raw, _ = sample_books
+    quiet = dict(workers=1, log=lambda *a: None, progress=False)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's")
+    out = tmp_path / "out"
+    pd.prepare(raw, out, max_size_mb=1.0, **quiet)
+    if record == "output manifest":
+        path = out / pd.OUTPUT_MANIFEST
+        m = json.loads(path.read_text())
+        m["files"].append("../victim.txt")
+    else:
+        (out / pd.STAGING).mkdir()
+        path = out / pd.STAGING / "progress.json"
+        m = {"signature": "another input", "done": 1, "files": [{"name": str(victim), "bytes": 3}], "books_read": 1,
+             "skipped": [], "warnings": [], "bytes_in": 0}
+    path.write_text(json.dumps(m))
+    with pytest.raises(pd.UserError, match="damaged or was edited"):
+        pd.prepare(raw, out, max_size_mb=0.6, **quiet)
+    assert victim.read_text() == "the user's"

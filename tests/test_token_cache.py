@@ -313,3 +313,92 @@ def test_a_copied_corpus_keeps_its_cache(corpora, tmp_path):
     (tmp_path / "elsewhere" / "combined_2.txt").write_text("other text")
     with pytest.raises(gt.UserError, match="combined_2.txt changed size"):
         tc.load_cache(tmp_path / "elsewhere" / ".token_cache", tc.resolve_source(str(tmp_path / "elsewhere")))
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.name != "cache.lock"}
+
+
+def test_a_build_killed_right_after_each_record_ends_identical_with_nothing_left(corpora, monkeypatch):
+    """Killed just after the manifest of record k is written (before the old carry file is removed),
+    for every k in turn: each restart continues, and the last one leaves exactly the uninterrupted
+    build's files (the final record's leftover carry included)."""
+    root, _ = corpora
+    src = tc.resolve_source(str(root / "j"))
+    kw = dict(val_fraction=0.25, shard_tokens=2000, batch_docs=16, progress=False, log=lambda *a: None)
+    tc.build_cache(src, root / "full", **kw)
+    real, seen = gt.write_json, {"n": 0, "kill_at": 1}
+
+    def write_then_die(path, obj):
+        out = real(path, obj)
+        if path.name == "manifest.json":
+            seen["n"] += 1
+            if seen["n"] == seen["kill_at"]:
+                raise KeyboardInterrupt
+        return out
+
+    monkeypatch.setattr(gt, "write_json", write_then_die)
+    kills = 0
+    while True:
+        seen["n"] = 0
+        try:
+            tc.build_cache(src, root / "part", **kw)
+            break
+        except KeyboardInterrupt:
+            kills += 1
+            seen["kill_at"] += 1
+    monkeypatch.setattr(gt, "write_json", real)
+    tc.build_cache(src, root / "part", **kw)  # a later start on the finished cache
+    assert kills > 5
+    assert _files(root / "part") == _files(root / "full")
+
+
+@pytest.mark.parametrize("field", ["reserved", "shard", "carry"])
+@pytest.mark.parametrize("where", ["../victim.txt", "ABSOLUTE"])
+def test_names_in_a_manifest_never_reach_outside_the_cache(corpora, monkeypatch, field, where):
+    root, _ = corpora
+    victim = root / "victim.txt"
+    victim.write_text("the user's file")
+    name = str(victim) if where == "ABSOLUTE" else where
+    src = tc.resolve_source(str(root / "j"))
+    kw = dict(val_fraction=0.25, shard_tokens=2000, batch_docs=16, progress=False, log=lambda *a: None)
+    interrupted_build(monkeypatch, src, root / "c", kw, at_shard=3)
+    path = root / "c" / "manifest.json"
+    m = json.loads(path.read_text())
+    if field == "reserved":
+        m["reserved"].append(name)
+    elif field == "shard":
+        next(e for split in ("train", "val") for e in m["shards"][split])["name"] = name
+    else:
+        m["carry"] = name
+    path.write_text(json.dumps(m))
+    for call in (lambda: tc.build_cache(src, root / "c", **kw), lambda: tc.load_cache(root / "c"),
+                 lambda: tc.main(["verify", str(root / "c")])):
+        with pytest.raises(gt.UserError, match="damaged or was edited"):
+            call()
+    assert victim.read_text() == "the user's file"
+
+
+@pytest.mark.parametrize("edit", ["no shards at all", "train list emptied", "train list and count emptied"])
+def test_an_edited_manifest_is_refused_by_verify_inspect_and_training(corpora, edit, tmp_path, capsys):
+    from conftest import run_cli
+
+    import pretraining_advanced as adv
+
+    root, _ = corpora
+    src = tc.resolve_source(str(root / "j"))
+    tc.build_cache(src, root / "c", val_fraction=0.25, shard_tokens=2000, progress=False, log=lambda *a: None)
+    path = root / "c" / "manifest.json"
+    m = json.loads(path.read_text())
+    if edit == "no shards at all":
+        m["shards"] = []
+    else:
+        m["shards"]["train"] = []
+        if edit == "train list and count emptied":
+            m["train_tokens"] = 0
+    path.write_text(json.dumps(m))
+    for main, argv in ((tc.main, ["verify", root / "c"]), (tc.main, ["inspect", root / "c"]),
+                       (adv.main, ["--data", root / "j", "--cache_dir", root / "c", "--model", "debug", "--max_steps",
+                                   "1", "--run_dir", tmp_path / "r", "--no-progress", "--val_fraction", "0.25"])):
+        code, out, err = run_cli(main, argv, capsys)
+        assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
