@@ -958,7 +958,7 @@ class RunFolder:
                 raise UserError(f"{self.dir} holds newer checkpoints of this run (step {', '.join(map(str, newer))}) that "
                                 f"resuming from step {point.checkpoint['step']} would overwrite; resume with --resume "
                                 "auto, or add --overwrite to move the newer ones aside")
-            self.move_aside(info, only=[self.dir / f"ckpt_{s:08d}.pt" for s in newer])
+            self.move_aside(info, only=[p for s, p in self.checkpoints(own) if s > point.checkpoint["step"]])
         return point
 
     def latest_valid(self) -> ResumePoint | None:
@@ -1007,7 +1007,7 @@ class RunFolder:
                 if include_unreadable:  # in this run's folder, so presumably its own: resume names it as damaged
                     found.append((int(CKPT_RE.match(p.name).group(1)), 0.0, p))
                 continue
-            if run_id is None or head.get("run_id") in (run_id, None):
+            if run_id is None or head.get("run_id") == run_id:  # a file without a run id is nobody's to prune
                 found.append((int(head["step"]), float(head.get("saved_at") or 0), p))
         return [(s, p) for s, _, p in sorted(found)]
 
@@ -1016,16 +1016,34 @@ class RunFolder:
 
     def save(self, checkpoint: dict) -> Path:
         """Write this run's checkpoint, then (once it is durable) prune this run's older ones."""
-        path = save_checkpoint(self.path_for(checkpoint["step"]), checkpoint)
+        path = self.path_for(checkpoint["step"])
+        self._make_way(path)
+        path = save_checkpoint(path, checkpoint)
         self.prune(keep=path)
         return path
 
     def save_sharded(self, checkpoint: dict, rank: int) -> Path:
         """The same for a sharded checkpoint (a folder); every rank calls it, rank 0 prunes."""
-        path = save_sharded(self.dir / f"ckpt_{checkpoint['step']:08d}", checkpoint, rank)
+        path = self.dir / f"ckpt_{checkpoint['step']:08d}"
+        if rank == 0:
+            self._make_way(path)
+        path = save_sharded(path, checkpoint, rank)
         if rank == 0:
             self.prune(keep=path)
         return path
+
+    def _make_way(self, path: Path) -> None:
+        """A file or folder at a checkpoint's name that is not this run's (another run's, a weights
+        file put there by hand, an unreadable one) is moved aside, never written over."""
+        for other in (path, path.with_suffix("") if path.suffix == ".pt" else path.with_name(path.name + ".pt")):
+            if not other.exists():
+                continue
+            try:
+                mine = checkpoint_header(other).get("run_id") == self.run_id
+            except CheckpointError:
+                mine = False
+            if not mine:
+                self.move_aside(None, only=[other], label="not-this-run")
 
     def prune(self, keep: Path) -> list[Path]:
         """Keep this run's `keep_last` newest checkpoints by recorded step, `keep` (the one just
@@ -1040,14 +1058,20 @@ class RunFolder:
 
     # -- moving aside ---------------------------------------------------------------------------
 
-    def move_aside(self, info: dict | None, only: list[Path] | None = None) -> Path:
-        """Move a previous run's files (or `only` these) into previous/<run>-<time>/; nothing is deleted."""
-        label = (info or {}).get("run_id") or "earlier"
-        dest = self.dir / "previous" / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
-        dest.mkdir(parents=True, exist_ok=True)
+    def move_aside(self, info: dict | None, only: list[Path] | None = None, label: str | None = None) -> Path:
+        """Move a previous run's files (or `only` these) into a new folder previous/<run>-<time>[-N]/;
+        nothing is deleted or written over."""
+        label = label or (info or {}).get("run_id") or "earlier"
+        base = self.dir / "previous" / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
+        dest, n = base, 1
+        while dest.exists():
+            n += 1
+            dest = base.with_name(f"{base.name}-{n}")
+        dest.mkdir(parents=True)
         for p in only if only is not None else self._run_outputs():
             os.replace(p, dest / p.name)
-        self.log(f"moved {'the newer checkpoints' if only else 'the earlier run'} aside to {dest}")
+        what = ", ".join(p.name for p in only) if only is not None else "the earlier run"
+        self.log(f"moved {what} aside to {dest}")
         return dest
 
     def release(self) -> None:

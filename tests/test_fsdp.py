@@ -295,3 +295,17 @@ def test_torchrun_fsdp_resume_refuses_a_crafted_checkpoint(kind, crafted, flags,
     out, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and not marker.exists()
     assert "posix.system" in err if kind == "index" else "is not plain data" in err
+
+
+def test_overwrite_resuming_older_behind_newer_sharded_checkpoints(fsdp_run, flags, tmp_path):
+    """--resume OLDER --overwrite in a folder of sharded checkpoints: the newer folders are moved aside
+    (by their real names), and the run goes on from the older one to the same losses."""
+    root, _ = fsdp_run
+    run = tmp_path / "run"
+    shutil.copytree(root / "fsdp", run)
+    res = adv.main([*flags, "--run_dir", str(run), "--resume", str(run / "ckpt_00000004"), "--overwrite",
+                    "--grad_accum", "2"])
+    assert res["state"].step == STEPS
+    assert res["history"]["train_loss"] == pytest.approx(_losses(root / "fsdp"), abs=1e-5)
+    moved = list((run / "previous").glob(f"*/ckpt_{STEPS:08d}"))
+    assert len(moved) == 1 and (moved[0] / "complete.json").is_file()

@@ -366,3 +366,19 @@ def test_training_killed_at_random_points_resumes_bit_identically(fault_corpus, 
              {"after_s": 1.0}, {"in_write": 4, "phase": "before_rename"}]
     r = bench_faults.training_trial(fault_corpus, tmp_path / "t", reference, plans, 12)
     assert r["kills"] >= 3 and r["recovered"] and not r["leftovers"], r
+
+
+def test_keep_last_never_prunes_a_checkpoint_without_this_runs_id(small_corpus, tmp_path):
+    """A weights file written into the run folder by hand (wt_load from-hf writes no run id) is not
+    this run's: pruning leaves it, and a save at its name moves it aside instead of writing over it."""
+    common = ["--data_dir", str(small_corpus), "--run_dir", str(tmp_path), *DEBUG, "--save_every", "1", "--keep_last", "1"]
+    simple.main([*common, "--max_steps", "2"])
+    for step in (1, 3):
+        wt_load.save_from_model(gt.GPTModel(gt.get_config("debug")), tmp_path / f"ckpt_{step:08d}.pt", "by hand")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    simple.main([*common, "--max_steps", "4", "--resume", "auto"])
+    kept = tmp_path / "ckpt_00000001.pt"
+    assert kept.read_bytes() == before["ckpt_00000001.pt"]  # not pruned
+    moved = list((tmp_path / "previous").glob("not-this-run-*/ckpt_00000003.pt"))
+    assert len(moved) == 1 and moved[0].read_bytes() == before["ckpt_00000003.pt"]  # moved, not overwritten
+    assert sorted(p.name for p in tmp_path.glob("ckpt_*")) == ["ckpt_00000001.pt", "ckpt_00000004.pt"]
