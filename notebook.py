@@ -36,13 +36,45 @@ import torch
 import torch.nn.functional as F
 
 import gpt_train as gt
-import pretraining_advanced as adv
 import pretraining_simple
+import wt_load
+from gptkit.schedules import ScheduleConfig, lr_function, resolve
 
-QUICK = os.environ.get("NOTEBOOK_QUICK") == "1"
-CHECKPOINT = os.environ.get("NOTEBOOK_CHECKPOINT")
-OUT = Path(os.environ.get("NOTEBOOK_OUT", "runs/notebook"))
-OUT.mkdir(parents=True, exist_ok=True)
+
+def _one_line(kind, value, tb, _default=sys.excepthook):
+    """Run headless, a bad setting or input is one `error:` line and exit code 2, as in the scripts."""
+    if not isinstance(value, gt.UserError):
+        return _default(kind, value, tb)
+    print(f"error: {value}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(value.exit_code)
+
+
+if "ipykernel" not in sys.modules:
+    sys.excepthook = _one_line
+
+
+def settings() -> tuple[bool, Path | None, Path]:
+    """NOTEBOOK_QUICK (0 or 1), NOTEBOOK_CHECKPOINT (an existing checkpoint, sharded folder or .safetensors)
+    and NOTEBOOK_OUT (a folder), checked before any work."""
+    quick = os.environ.get("NOTEBOOK_QUICK", "0")
+    if quick not in ("0", "1", ""):
+        raise gt.UserError(f"NOTEBOOK_QUICK must be 0 or 1, got {quick!r}")
+    checkpoint = os.environ.get("NOTEBOOK_CHECKPOINT") or None
+    if checkpoint is not None and not Path(checkpoint).exists():
+        raise gt.UserError(f"NOTEBOOK_CHECKPOINT {checkpoint} does not exist; point it at a checkpoint (.pt), a sharded "
+                           "checkpoint's folder or a .safetensors export, or unset it to train a small model here")
+    out = Path(os.environ.get("NOTEBOOK_OUT") or "runs/notebook")
+    if out.exists() and not out.is_dir():
+        raise gt.UserError(f"NOTEBOOK_OUT {out} is a file; point it at a folder for the figures")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise gt.UserError(f"NOTEBOOK_OUT {out} cannot be made ({e.strerror}); point it at a writable folder")
+    return quick == "1", Path(checkpoint) if checkpoint else None, out
+
+
+QUICK, CHECKPOINT, OUT = settings()
 tokenizer = gt.get_tokenizer()
 figures = []
 
@@ -67,36 +99,36 @@ if CHECKPOINT is None:
                                    "--eval_freq", "10", "--eval_iter", "3", "--print_sample_iter", "0",
                                    "--no-progress", "--log_every", "10", "--overwrite"])
     CHECKPOINT = run["checkpoint"]
-ckpt = gt.load_checkpoint(CHECKPOINT)
-model = gt.GPTModel(gt.GPTConfig.from_dict(ckpt["config"]))
-model.load_state_dict(ckpt["model"])
-model.eval()
-print(f"{CHECKPOINT}: step {ckpt['step']}, {gt.count_parameters(model)['tied']:,} parameters")
+model, ckpt = wt_load.load_ours(CHECKPOINT)  # a .pt file, a sharded checkpoint's folder or a .safetensors export
+print(f"{CHECKPOINT}: step {ckpt.get('step', 0)}, {gt.count_parameters(model)['tied']:,} parameters")
 
 # %% [markdown]
 # ## 2. Train and validation loss
 # The checkpoint carries its own history: the loss of every step, and validation at each evaluation.
 
 # %%
-h = ckpt["progress"]["history"]
-fig, ax = plt.subplots(figsize=(6, 3.5))
-ax.plot(h["step"], h["train_loss"], label="train (per step)")
-if h["val_loss"]:
-    ax.plot(h["val_step"], h["val_loss"], "o--", label="validation")
-ax.set(xlabel="step", ylabel="cross-entropy loss", title="loss curves")
-ax.legend()
-save(fig, "loss_curves")
+h = (ckpt.get("progress") or {}).get("history") or {}
+if h.get("step"):
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(h["step"], h["train_loss"], label="train (per step)")
+    if h.get("val_loss"):
+        ax.plot(h["val_step"], h["val_loss"], "o--", label="validation")
+    ax.set(xlabel="step", ylabel="cross-entropy loss", title="loss curves")
+    ax.legend()
+    save(fig, "loss_curves")
+else:
+    print("this checkpoint carries no training history (a weights-only export): no loss curves")
 
 # %% [markdown]
-# ## 3. The learning-rate schedule `pretraining_advanced.py` would use
-# Parsed from the script's own flags, drawn from its own `cosine_lr`: linear warmup, then cosine decay.
+# ## 3. The learning-rate schedule `pretraining_advanced.py` uses by default
+# From the schedule registry the scripts use (gptkit/schedules.py): linear warmup, then cosine decay.
 
 # %%
-flags = adv.build_parser().parse_args(["--lr", "6e-4", "--warmup_steps", "200", "--max_steps", "2000"])
-min_lr = flags.min_lr if flags.min_lr is not None else flags.lr / 10
-steps = range(flags.max_steps + 1)
+spec, schedule = resolve(ScheduleConfig(schedule="cosine", warmup_steps=200), lr=6e-4, max_steps=2000)
+lr_at = lr_function(spec, schedule)
+steps = range(schedule.max_steps + 1)
 fig, ax = plt.subplots(figsize=(6, 3))
-ax.plot(steps, [adv.cosine_lr(s, flags.lr, min_lr, flags.warmup_steps, flags.max_steps) for s in steps])
+ax.plot(steps, [lr_at(s) for s in steps])
 ax.set(xlabel="step", ylabel="learning rate", title="warmup + cosine (--lr 6e-4 --warmup_steps 200)")
 save(fig, "lr_schedule")
 

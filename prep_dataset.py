@@ -17,11 +17,10 @@ output files are recorded, and a rerun continues after them with identical resul
 
 from __future__ import annotations
 
-import signal
-import sys
+from gptkit.cli import quiet_interrupt_while_importing
 
-if __name__ == "__main__":  # Ctrl-C while torch loads: a quiet exit 130, not a traceback
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+if __name__ == "__main__":
+    quiet_interrupt_while_importing()
 
 import argparse
 import csv
@@ -40,7 +39,12 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpt_train import EOT_TOKEN, HelpFormatter, RunFailure, UserError, atomic_write, progress_bar, run_cli, write_json
+from gptkit.cli import run_cli
+from gptkit.config import HelpFormatter
+from gptkit.errors import RunFailure, UserError
+from gptkit.files import atomic_write, write_json
+from gptkit.progress import progress_bar
+from gptkit.tokenizer import EOT_TOKEN
 from gutenberg_text import (  # noqa: F401  (re-exported: the cleaning API lives there)
     EBOOK_ID_RE,
     END_RE,
@@ -192,10 +196,6 @@ class BookResult:
     reason: str = ""  # why it was skipped
     warnings: list[str] = field(default_factory=list)
     bytes_in: int = 0
-
-
-def read_book_file(path) -> tuple[str, list[str]]:
-    return decode_book(Path(path).read_bytes())
 
 
 def process_book(ref) -> BookResult:

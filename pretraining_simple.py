@@ -1,6 +1,6 @@
 """Pretrain a GPT on Project Gutenberg books: the simple path.
 
-    python pretraining_simple.py                       # embedded sample, small model, ~6 min on a laptop CPU
+    python pretraining_simple.py                       # embedded sample, small model, ~5 min on a laptop CPU
     python pretraining_simple.py --data_dir data/gutenberg_clean --model 124M --device cuda
 
 The combined_*.txt files in --data_dir are tokenized once into a token cache (by default a
@@ -8,47 +8,65 @@ The combined_*.txt files in --data_dir are tokenized once into a token cache (by
 every 10th block of 4,096 tokens (--val_fraction) is held out for validation. Train and validation
 losses are printed every --eval_every steps, a sample every --sample_every steps; checkpoints,
 losses.json and loss_plot.png go to the run folder (printed at the start). Ctrl-C saves a checkpoint;
-the same command with --resume auto continues it.
+the same command with --resume auto continues it. AdamW at a constant LR by default; --optimizer and
+--schedule choose others.
 """
 
-import signal
-import sys
+from gptkit.cli import quiet_interrupt_while_importing
 
-if __name__ == "__main__":  # Ctrl-C while torch loads: a quiet exit 130, not a traceback
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+if __name__ == "__main__":
+    quiet_interrupt_while_importing()
 
 import argparse
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import gpt_train as gt
 import prep_dataset
-import token_cache
 import wt_load
+from gptkit.args import SharedSettings, add_shared_flags, shared_settings
+from gptkit.config import HelpFormatter, add_flags, at_least, between, from_args, parse, setting
+from gptkit.data import cache as token_cache
+from gptkit.data.sources import DataSource
+from gptkit.optim import build_optimizer, optimizer_spec
+from gptkit.schedules import lr_function, resolve
 
 SCRIPT = "pretraining_simple"
+DEFAULTS = dict(model="small", batch_size=16, seed=123, eval_every=50, eval_iters=10, sample_every=200, save_every=500,
+                log_every=50, schedule="constant", warmup_steps=0)
+
+
+@dataclass
+class BookData:
+    data_dir: Path | None = setting(None, "folder of combined_*.txt files from prep_dataset.py (default: the embedded "
+                                          f"Gutenberg sample, prepared into {prep_dataset.DEFAULT_CLEAN_DIR})")
+    val_fraction: float = setting(0.1, "share of the token stream held out for validation (whole 4,096-token blocks)",
+                                  check=(between(0, 1), "between 0 and 1"))
+    cache_dir: Path | None = setting(None, "token cache of the text (default: .token_cache in --data_dir, made on the "
+                                           "first run)")
+    n_epochs: int = setting(1, "passes over the training text (unless --max_steps)", check=(at_least(1), "at least 1"))
+
+
+@dataclass
+class Settings:
+    data: BookData
+    shared: SharedSettings
+    args: argparse.Namespace  # as parsed: recorded in run.json and checkpoints
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=gt.HelpFormatter)
-    p.add_argument("--data_dir", type=Path, default=None,
-                   help="folder of combined_*.txt files from prep_dataset.py (default: the embedded Gutenberg sample, "
-                        f"prepared into {prep_dataset.DEFAULT_CLEAN_DIR})")
-    p.add_argument("--val_fraction", type=float, default=0.1,
-                   help="share of the token stream held out for validation (whole 4,096-token blocks)")
-    p.add_argument("--cache_dir", type=Path, default=None,
-                   help="token cache of the text (default: .token_cache in --data_dir, made on the first run)")
-    p.add_argument("--n_epochs", type=int, default=1, help="passes over the training text (unless --max_steps)")
-    p.add_argument("--debug", action="store_true", help="tiny model and a handful of steps, for a smoke test")
-    gt.add_shared_flags(p, model="small", batch_size=16, seed=123, eval_every=50, eval_iters=10, sample_every=200,
-                        save_every=500, log_every=50)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add_flags(p.add_argument_group("data"), BookData)
+    add_shared_flags(p, **DEFAULTS)
     return p
 
 
-RULES = [
-    ("val_fraction", lambda v: gt.finite(v) and 0 < v < 1, "between 0 and 1"),
-    ("n_epochs", lambda v: v >= 1, "at least 1"),
-]
+def parse_args(argv=None) -> Settings:
+    args, given = parse(build_parser(), argv)
+    shared = shared_settings(args, given)
+    gt.refuse_together(given, ("max_steps", "n_epochs", "--max_steps sets the length of the run, --n_epochs too"))
+    return Settings(from_args(BookData, args), shared, args)
 
 
 def load_corpus(data_dir: Path | None, val_fraction: float, context_length: int, cache_dir: Path | None = None,
@@ -64,7 +82,7 @@ def load_corpus(data_dir: Path | None, val_fraction: float, context_length: int,
         files = sorted(data_dir.glob("combined_*.txt")) or sorted(data_dir.glob("*.txt"))
         if not files:
             raise gt.UserError(f"no combined_*.txt or .txt files in {data_dir}; run prep_dataset.py first")
-    source = token_cache.DataSource("local", [[str(f) for f in files]], None, "text", [str(files[0].parent)])
+    source = DataSource("local", [[str(f) for f in files]], None, "text", [f"{files[0].parent} ({len(files)} file(s))"])
     cache_dir = cache_dir or files[0].parent / ".token_cache"
     token_cache.build_cache(source, cache_dir, val_fraction=val_fraction, progress=progress)
     cache = token_cache.load_cache(cache_dir, source)
@@ -76,52 +94,46 @@ def load_corpus(data_dir: Path | None, val_fraction: float, context_length: int,
     return train, val, files
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    if args.debug:
-        args.model = "debug"
-        args.max_steps = args.max_steps or 20
-        args.eval_every, args.sample_every, args.log_every = 10, 10, 5
-        args.batch_size = min(args.batch_size, 4)
-    gt.check_flags(args, RULES)
-    return args
-
-
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    cfg = gt.get_config(args.model, context_length=args.context_length, drop_rate=args.drop_rate, flash=args.flash,
-                        activation_checkpointing=args.activation_checkpointing)
-    runtime = gt.setup_runtime(args.device, args.dtype, args.compile)
-    run_dir = args.run_dir or gt.default_run_dir(SCRIPT, args)
-    run = gt.open_run(runtime, run_dir, SCRIPT, gt.args_to_dict(args), args.resume, args.overwrite, args.keep_last,
-                      gt.checkpoint_bytes(cfg))
+    s = parse_args(argv)
+    sh = s.shared
+    cfg = sh.model.config()
+    runtime = gt.setup_runtime(sh.runtime.device, sh.runtime.dtype, sh.runtime.compile)
+    run_dir = sh.run.run_dir or gt.default_run_dir(SCRIPT, s.args, build_parser())
+    run = gt.open_run(runtime, run_dir, SCRIPT, gt.args_to_dict(s.args), sh.run.resume, sh.run.overwrite,
+                      sh.run.keep_last, gt.checkpoint_bytes(cfg, sh.optim.optimizer, sh.optimizer_config))
     try:
-        cfg = dataclasses.replace(cfg, vocab_multiple=gt.vocab_multiple_for(args.pad_vocab, runtime, run))
-        return train(args, cfg, runtime, run)
+        cfg = dataclasses.replace(cfg, vocab_multiple=gt.vocab_multiple_for(sh.model.pad_vocab, runtime, run))
+        return train(s, cfg, runtime, run)
     finally:
         run.release()
 
 
-def train(args, cfg: gt.GPTConfig, runtime: gt.Runtime, run: gt.RunFolder) -> dict:
-    gt.seed_everything(args.seed)
-    model = wt_load.new_model(cfg, args.init_from)  # before the corpus: a bad --init_from fails fast
-    train_data, val_data, files = load_corpus(args.data_dir, args.val_fraction, cfg.context_length, args.cache_dir,
-                                              args.progress)
-    steps_per_epoch = len(train_data) // (args.batch_size * args.grad_accum)
-    max_steps = args.max_steps or max(1, args.n_epochs * steps_per_epoch)
+def train(s: Settings, cfg: gt.GPTConfig, runtime: gt.Runtime, run: gt.RunFolder) -> dict:
+    sh = s.shared
+    gt.seed_everything(sh.run.seed)
+    model = wt_load.new_model(cfg, sh.run.init_from)  # before the corpus: a bad --init_from fails fast
+    train_data, val_data, files = load_corpus(s.data.data_dir, s.data.val_fraction, cfg.context_length,
+                                              s.data.cache_dir, sh.log.progress)
+    steps_per_epoch = len(train_data) // (sh.batch.batch_size * sh.batch.grad_accum)
+    max_steps = sh.batch.max_steps or max(1, s.data.n_epochs * steps_per_epoch)
     print(f"data: {len(files)} file(s), {train_data.num_tokens():,} train / {val_data.num_tokens():,} val tokens; "
           f"{steps_per_epoch} steps per epoch, {max_steps} steps")
     counts = gt.count_parameters(model)
-    print(f"model: {args.model} ({counts['tied'] / 1e6:.1f}M parameters, {counts['non_embedding'] / 1e6:.1f}M "
-          f"non-embedding) | {runtime.device} {runtime.dtype} ({runtime.dtype_reason}) | run folder {run.dir}")
+    print(f"model: {sh.model.model} ({counts['tied'] / 1e6:.1f}M parameters, {counts['non_embedding'] / 1e6:.1f}M "
+          f"non-embedding) | {runtime.device} {runtime.dtype} ({runtime.dtype_reason}) | {sh.optim.optimizer}, "
+          f"{sh.schedule.schedule} LR | run folder {run.dir}")
     model = runtime.prepare(model)
-    optimizer = gt.make_adamw(model, args.lr, args.weight_decay, device=runtime.device)
-    tcfg = gt.train_config(args, max_steps)
-    result = gt.run_training(model, optimizer, runtime, tcfg, train_data, val_data, run,
-                             run_info={"script": SCRIPT, "args": gt.args_to_dict(args)})
+    spec = optimizer_spec(sh.optim.optimizer)
+    optimizer = build_optimizer(model, sh.optim, sh.optimizer_config, runtime.device)
+    sched_spec, schedule = resolve(sh.schedule, sh.optim.lr, max_steps, sh.given)
+    result = gt.run_training(model, optimizer, runtime, gt.train_config(sh, max_steps), train_data, val_data, run,
+                             lr_fn=lr_function(sched_spec, schedule), optimizer_spec=spec,
+                             run_info={"script": SCRIPT, "args": gt.args_to_dict(s.args), "optimizer": spec.name,
+                                       "schedule": {"name": sched_spec.name, **dataclasses.asdict(schedule)}})
     if not result["stop_reason"]:
         result["sample"] = gt.generate_and_print_sample(
-            gt.unwrap_model(model), gt.get_tokenizer(), runtime.device, args.sample_prompt, 50,
+            gt.unwrap_model(model), gt.get_tokenizer(), runtime.device, sh.log.sample_prompt, 50,
             printer=lambda t: print(f"final sample: {t}"))
     return result
 

@@ -191,9 +191,9 @@ def check_hub(timeout: float = 3.0) -> list[Check]:
 
 def check_wandb() -> Check:
     try:
-        import pretraining_advanced as adv
+        from gptkit.sinks import wandb_mode
 
-        mode = adv.wandb_mode()
+        mode = wandb_mode()
     except Exception as e:
         return Check("W&B", "FAIL", f"{type(e).__name__}: {str(e)[:100]}", INSTALL_HINT)
     if mode == "online":

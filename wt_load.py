@@ -13,11 +13,10 @@ GPT-2 has Conv1D, so converting is a rename plus a transpose of four matrices pe
 
 from __future__ import annotations
 
-import signal
-import sys
+from gptkit.cli import quiet_interrupt_while_importing
 
-if __name__ == "__main__":  # Ctrl-C while torch loads: a quiet exit 130, not a traceback
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(130))
+if __name__ == "__main__":
+    quiet_interrupt_while_importing()
 
 import argparse
 import dataclasses
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 
 import gpt_train as gt
+from gptkit.evals import hellaswag
 
 HF_SIZES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gpt2-medium",
             "gpt2-large": "openai-community/gpt2-large", "gpt2-xl": "openai-community/gpt2-xl"}
@@ -281,6 +281,9 @@ def save_from_model(model: gt.GPTModel, out, source: str) -> Path:
 
 
 def ours_to_hf(model: gt.GPTModel) -> dict[str, torch.Tensor]:
+    if not gt.attention_spec(model.cfg.attention).hf_gpt2:
+        raise gt.UserError(f"this model's attention ({model.cfg.attention}) is not GPT-2's, so it has no Hugging Face "
+                           "GPT-2 form; export it with to-safetensors instead")
     sd, cfg = unpadded_state_dict(model)
     out = {}
     for k, v in sd.items():
@@ -322,8 +325,8 @@ def hf_tokenizer_files(folder: Path, context_length: int) -> None:
                                                   "normalized": True, "single_word": False}}}, indent=2))
     # GPT-2 has no padding token: generation pads with end-of-text, as transformers does for GPT-2.
     (folder / "generation_config.json").write_text(json.dumps({
-        "bos_token_id": gt.EOT_ID, "eos_token_id": gt.EOT_ID, "pad_token_id": gt.EOT_ID, "do_sample": False,
-        "max_length": context_length}, indent=2))
+        "bos_token_id": gt.EOT_ID, "eos_token_id": gt.EOT_ID, "pad_token_id": gt.EOT_ID, "do_sample": False},
+        indent=2))
 
 
 def model_card(cfg: gt.GPTConfig, ckpt: dict | None, source: str) -> str:
@@ -355,7 +358,7 @@ A GPT-2 architecture model ({cfg.n_layers} layers, {cfg.emb_dim} wide, {cfg.n_he
 | final validation loss | {last("val_loss")} |
 | training script | {run.get("script", "unknown")} (run {ckpt.get("run_id") or "unknown"}) |
 
-Made with `python wt_load.py to-hf {source} OUT_DIR` on {time.strftime("%Y-%m-%d")}. Load it with
+Made with `python wt_load.py to-hf {Path(source).name} OUT_DIR` on {time.strftime("%Y-%m-%d")}. Load it with
 `AutoModelForCausalLM.from_pretrained(OUT_DIR)` and `AutoTokenizer.from_pretrained(OUT_DIR)`.
 
 ## Config
@@ -430,6 +433,14 @@ def export_safetensors(model: gt.GPTModel, out, ckpt: dict | None = None) -> Pat
 # Inspect and CLI
 
 
+def _optimizer_summary(opt: dict) -> str:
+    """How many parameter states an optimizer state dict holds (one optimizer's, or each of a chain's)."""
+    parts = [opt] if "state" in opt else [v for v in opt.values() if isinstance(v, dict) and "state" in v]
+    states = [s for part in parts for s in part["state"].values()]
+    kinds = sorted({k for st in states for k in st})
+    return f"{len(states)} parameter states ({', '.join(kinds)})" if states else "empty"
+
+
 def describe_checkpoint(path) -> dict:
     path = Path(path)
     model, ckpt = load_ours(path)
@@ -437,8 +448,7 @@ def describe_checkpoint(path) -> dict:
     opt = ckpt.get("optimizer")
     opt_desc = "sharded with the weights" if ckpt.get("sharded") else "none"
     if opt:
-        kinds = sorted({k for s in opt["state"].values() for k in s})
-        opt_desc = f"{len(opt['state'])} parameter states ({', '.join(kinds)})" if opt["state"] else "empty"
+        opt_desc = _optimizer_summary(opt)
     extra = ckpt.get("run") or {}
     size = sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
     return {"path": str(path), "size_mb": round(size / 2**20, 2), "config": ckpt["config"],
@@ -454,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=gt.HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("inspect", help="print what a checkpoint holds", formatter_class=fmt)
-    s.add_argument("path", help="a checkpoint (.pt) or weights export (.safetensors)")
+    s.add_argument("path", help="a checkpoint (.pt), a sharded checkpoint's folder or a weights export (.safetensors)")
     s.add_argument("--json", action="store_true", help="machine-readable output")
     s = sub.add_parser("from-hf", help="Hugging Face GPT-2 (folder, hub id or size name) -> our checkpoint",
                        formatter_class=fmt)
@@ -464,42 +474,79 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("source", help="folder with hparams.json and model.ckpt.*")
     s.add_argument("out", help="checkpoint file to write (.pt)")
     s = sub.add_parser("to-hf", help="our checkpoint -> Hugging Face GPT-2 folder", formatter_class=fmt)
-    s.add_argument("checkpoint", help="a training checkpoint (.pt) of either script")
+    s.add_argument("checkpoint", help="a training checkpoint (.pt or a sharded checkpoint's folder) of either script")
     s.add_argument("out_dir", help="new folder for config.json + model.safetensors")
     s = sub.add_parser("to-safetensors", help="our checkpoint -> weights-only .safetensors", formatter_class=fmt)
-    s.add_argument("checkpoint", help="a training checkpoint (.pt)")
+    s.add_argument("checkpoint", help="a training checkpoint (.pt or a sharded checkpoint's folder)")
     s.add_argument("out", help=".safetensors file to write")
     s = sub.add_parser("generate", help="generate text from any weights this tool reads", formatter_class=fmt)
     s.add_argument("source", help="checkpoint, .safetensors, HF folder or GPT-2 size name")
-    s.add_argument("--prompt", default="Every effort moves you", help="text to continue")
-    s.add_argument("--max_new_tokens", type=int, default=50, help="tokens to generate")
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    s.add_argument("--top_k", type=int, default=None, help="sample from the k most likely tokens")
+    s.add_argument("--prompt", default="Every effort moves you", help="text to continue (empty: from <|endoftext|>)")
+    s.add_argument("--max_new_tokens", type=int, default=50, help="tokens to generate (at least 1)")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; above 0 samples")
+    s.add_argument("--top_k", type=int, default=None, help="sample from the k most likely tokens (at least 1)")
     s.add_argument("--seed", type=int, default=123, help="sampling seed")
+    s = sub.add_parser("eval", help="score any weights on HellaSwag exactly as lm-evaluation-harness does",
+                       formatter_class=fmt)
+    s.add_argument("source", help="checkpoint, sharded checkpoint folder, .safetensors, HF folder or GPT-2 size name")
+    s.add_argument("--hellaswag", type=Path, required=True,
+                   help=f"HellaSwag's hellaswag_val.jsonl (from {hellaswag.HELLASWAG_URL})")
+    s.add_argument("--limit", type=int, default=None, help="score only the first N items (default: all)")
+    s.add_argument("--batch_items", type=int, default=8, help="items per forward pass (each with its 4 endings)")
+    s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    s.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="precision of the forward pass")
+    s.add_argument("--json", action="store_true", help="print the result as JSON only")
     return p
+
+
+GENERATE_RULES = [
+    ("max_new_tokens", lambda v: v >= 1, "at least 1"),
+    ("temperature", lambda v: gt.finite(v) and v >= 0, "a finite number >= 0 (0: greedy)"),
+    ("top_k", lambda v: v is None or v >= 1, "at least 1"),
+    ("seed", lambda v: 0 <= v < 2**32, "a whole number from 0 to 4294967295"),
+    ("limit", lambda v: v is None or v >= 1, "at least 1"),
+    ("batch_items", lambda v: v >= 1, "at least 1"),
+]
+
+
+def _check(args) -> None:
+    for name, ok, what in GENERATE_RULES:
+        if hasattr(args, name) and not ok(getattr(args, name)):
+            raise gt.UserError(f"--{name} must be {what}, got {getattr(args, name)}")
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.command == "inspect":
-        info = describe_checkpoint(args.path)
-        if args.json:
-            print(json.dumps(info, indent=2))
-        else:
-            for k, v in info.items():
-                print(f"{k:>15}: {json.dumps(v) if isinstance(v, dict) else v}")
-        return info
-    if args.command in ("from-hf", "from-openai"):
-        _fresh_file(Path(args.out))
-        model = load_hf(args.source) if args.command == "from-hf" else load_openai(args.source)
-        out = save_from_model(model, args.out, args.source)
-        print(f"wrote {out} ({gt.count_parameters(model)['tied'] / 1e6:.1f}M parameters)")
-        return out
-    if args.command == "generate":
-        model = load_any(args.source)
-        torch.manual_seed(args.seed)
-        return gt.generate_and_print_sample(model, gt.get_tokenizer(), "cpu", args.prompt, args.max_new_tokens,
-                                            args.temperature, args.top_k, args.seed)
+    _check(args)
+    return COMMANDS[args.command](args)
+
+
+def _inspect(args) -> dict:
+    info = describe_checkpoint(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:>15}: {json.dumps(v) if isinstance(v, dict) else v}")
+    return info
+
+
+def _convert_in(args) -> Path:
+    _fresh_file(Path(args.out))
+    model = load_hf(args.source) if args.command == "from-hf" else load_openai(args.source)
+    out = save_from_model(model, args.out, args.source)
+    print(f"wrote {out} ({gt.count_parameters(model)['tied'] / 1e6:.1f}M parameters)")
+    return out
+
+
+def _generate(args) -> str:
+    model = load_any(args.source)
+    torch.manual_seed(args.seed)
+    return gt.generate_and_print_sample(model, gt.get_tokenizer(), "cpu", args.prompt, args.max_new_tokens,
+                                        args.temperature, args.top_k, args.seed)
+
+
+def _export(args) -> Path:
     model, ckpt = load_ours(args.checkpoint)
     if args.command == "to-hf":
         out = export_hf(model, args.out_dir, ckpt, args.checkpoint)
@@ -507,6 +554,26 @@ def main(argv=None):
         out = export_safetensors(model, args.out, ckpt)
     print(f"wrote {out}")
     return out
+
+
+def _eval(args) -> dict:
+    items = hellaswag.read_items(args.hellaswag, args.limit)  # before the model: a bad file fails fast
+    device = gt.resolve_device(args.device)
+    model = load_any(args.source).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else None
+    t0 = time.perf_counter()
+    result = hellaswag.score(model, items, device, autocast, items_per_batch=args.batch_items)
+    result["items_per_sec"] = round(result["n"] / (time.perf_counter() - t0), 2)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"hellaswag: acc {result['acc']:.4f} | acc_norm {result['acc_norm']:.4f} | n {result['n']} | "
+              f"{result['items_per_sec']} items/s")
+    return result
+
+
+COMMANDS = {"inspect": _inspect, "from-hf": _convert_in, "from-openai": _convert_in, "generate": _generate,
+            "to-hf": _export, "to-safetensors": _export, "eval": _eval}
 
 
 if __name__ == "__main__":

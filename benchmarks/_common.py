@@ -68,6 +68,15 @@ def random_batches(cfg, batch_size: int, steps: int, device, seed: int = 0) -> "
     return gt.BatchSampler(gt.TokenWindowDataset(ids, cfg.context_length), batch_size, seed=seed, device=device)
 
 
+def make_optimizer(name: str, model, device, lr: float = 3e-4, **config):
+    """An optimizer of the registry by name, its own settings from `config` (defaults otherwise)."""
+    from gptkit.optim import OptimArgs, build_optimizer, optimizer_spec
+
+    spec = optimizer_spec(name)
+    return build_optimizer(model, OptimArgs(optimizer=name, lr=lr), spec.config(**config) if spec.config else None,
+                           device)
+
+
 def make_train_step(cfg, batch_size: int, runtime: "gt.Runtime", steps: int, optimizer=None, grad_accum: int = 1):
     """(fn, model, optimizer): fn() runs one `gt.train_step` (the training loop's own step: micro-batches,
     autocast, scaling, clipping, the reduction and the update) on a fresh model of `cfg`."""

@@ -48,8 +48,8 @@ CACHE_KW = dict(val_fraction=0.2, shard_tokens=2048, batch_docs=8, progress=Fals
 
 def _arm(plan: dict) -> None:
     """In the child: SIGKILL ourselves at the planned point."""
-    import checkpointing
-    import token_cache as tc
+    from gptkit import files
+    from gptkit.data import cache as tc
 
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
     counts = {"record": 0, "write": 0}
@@ -63,7 +63,7 @@ def _arm(plan: dict) -> None:
                 die()
         tc._Builder.record = record
     if plan.get("in_write"):
-        real_replace, real_fsync_dir = os.replace, checkpointing.fsync_dir
+        real_replace, real_fsync_dir = os.replace, files.fsync_dir
 
         def replace(src, dst):  # atomic_write's rename: die before it, or after it (before the dir fsync)
             counts["write"] += 1
@@ -74,8 +74,8 @@ def _arm(plan: dict) -> None:
             real_replace(src, dst)
             if counts["write"] == plan["in_write"] and plan.get("phase") == "after_rename":
                 die()
-        checkpointing.os.replace = replace
-        checkpointing.fsync_dir = real_fsync_dir
+        files.os.replace = replace
+        files.fsync_dir = real_fsync_dir
     if plan.get("after_s"):
         import threading
 

@@ -37,15 +37,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
-from _common import make_train_step, peak_memory_mb, print_table, reset_peak_memory, timed
+from _common import make_optimizer, make_train_step, peak_memory_mb, print_table, reset_peak_memory, timed
 
 import torch
 
 import gpt_train as gt
-import pretraining_advanced as adv
+from gptkit.runtime import peak_flops_for
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("headline", "real_run", "torchrun", "eager", "explicit", "fp16", "galore", "355M", "unpadded", "1558M_24GB")
@@ -99,10 +98,7 @@ def measure(stage: str, plan: Plan, preset: str, batch: int, dtype: str | None =
     runtime = gt.setup_runtime(plan.device, dtype, compile_)
     make_opt = None
     if optimizer == "galore":
-        args = types.SimpleNamespace(optimizer="galore", lr=3e-4, weight_decay=0.1, beta1=0.9, beta2=0.95,
-                                     galore_rank=min(128, cfg.emb_dim // 2), galore_update_proj_gap=200,
-                                     galore_scale=0.25, galore_proj_type="std")
-        make_opt = lambda m: adv.make_optimizer(m, args, runtime.device)  # noqa: E731
+        make_opt = lambda m: make_optimizer("galore", m, runtime.device, rank=min(128, cfg.emb_dim // 2))  # noqa: E731
     row = {"stage": stage, "model": preset, "batch": batch, "context": cfg.context_length, "dtype": dtype,
            "attention": "sdpa" if cfg.flash else "explicit", "compile": compile_, "optimizer": optimizer,
            "vocab": cfg.padded_vocab_size}
@@ -116,7 +112,7 @@ def measure(stage: str, plan: Plan, preset: str, batch: int, dtype: str | None =
         if runtime.device.type == "cuda":
             torch.cuda.empty_cache()
     tokens = batch * cfg.context_length
-    peak = adv.peak_flops_for(runtime.device)
+    peak = peak_flops_for(runtime.device)
     mfu = gt.flops_per_token(cfg) * tokens / sec / peak if peak else None
     return {**row, "ms/step": round(1000 * sec, 2), "tokens/s": round(tokens / sec),
             "MFU %": round(100 * mfu, 1) if mfu else None, "peak GiB": round(peak_mb / 1024, 2),
@@ -280,7 +276,7 @@ def environment(plan: Plan) -> dict:
     if plan.device == "cuda":
         row.update(gpu=torch.cuda.get_device_name(), memory_gib=round(torch.cuda.get_device_properties(0).total_memory
                                                                        / 2**30, 1),
-                   peak_bf16_tflops=(adv.peak_flops_for(torch.device("cuda")) or 0) / 1e12,
+                   peak_bf16_tflops=(peak_flops_for(torch.device("cuda")) or 0) / 1e12,
                    flash_sdp=torch.backends.cuda.flash_sdp_enabled(), nccl=str(torch.cuda.nccl.version()))
     return row
 

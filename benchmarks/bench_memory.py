@@ -14,14 +14,12 @@ import json
 import subprocess
 import sys
 import time
-import types
 
-from _common import make_train_step, print_table
+from _common import make_optimizer, make_train_step, print_table
 
 import torch
 
 import gpt_train as gt
-import pretraining_advanced as adv
 
 
 def rss_bytes() -> int:
@@ -46,13 +44,11 @@ def measure(preset: str, ctx: int, batch: int, dtype: str, optimizer: str, ckpt:
         total = torch.cuda.get_device_properties(runtime.device).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gb * 2**30 / total), runtime.device)
     cfg = gt.get_config(preset, context_length=ctx, activation_checkpointing=ckpt)
-    args = types.SimpleNamespace(optimizer=optimizer, lr=3e-4, weight_decay=0.1, beta1=0.9, beta2=0.95, galore_rank=128,
-                                 galore_update_proj_gap=200, galore_scale=0.25, galore_proj_type="std")
     if optimizer == "galore":  # its imports (bitsandbytes) are not training memory
         import galore_torch  # noqa: F401
     base = torch.cuda.memory_allocated(runtime.device) if runtime.device.type == "cuda" else rss_bytes()
     step, _, _ = make_train_step(cfg, batch, runtime, steps + 1,
-                                 optimizer=lambda m: adv.make_optimizer(m, args, runtime.device))
+                                 optimizer=lambda m: make_optimizer(optimizer, m, runtime.device))
     step()  # the optimizer state exists from the first step on
     if runtime.device.type == "cuda":
         torch.cuda.synchronize()
@@ -65,7 +61,7 @@ def measure(preset: str, ctx: int, batch: int, dtype: str, optimizer: str, ckpt:
         peak = torch.cuda.max_memory_allocated(runtime.device) - base
     else:
         peak = peak_rss_bytes() - base
-    setup = gt.TrainSetup(batch_size=batch, dtype=runtime.dtype, optimizer=optimizer, galore_rank=128,
+    setup = gt.TrainSetup(batch_size=batch, dtype=runtime.dtype, optimizer=optimizer,
                           activation_checkpointing=ckpt, cuda=runtime.device.type == "cuda")
     plan = gt.memory_plan(cfg, setup)
     estimate = plan["total"] - plan["margin"]

@@ -16,14 +16,13 @@ import statistics
 import subprocess
 import sys
 import time
-import types
 
-from _common import make_train_step, peak_memory_mb, print_table, reset_peak_memory, timed
+from _common import make_optimizer, make_train_step, peak_memory_mb, print_table, reset_peak_memory, timed
 
 import torch
 
 import gpt_train as gt
-import pretraining_advanced as adv
+from gptkit.optim import measured_state_bytes, optimizer_spec
 
 
 def bench_step(preset, batch_size, context_length, runtime, flash, compile_, iters):
@@ -61,12 +60,11 @@ def precision_rounds(preset, batch_size, context_length, device, rounds, steps_p
 
 
 def optimizer_bytes(optimizer_name, runtime, rank=128):
-    args = types.SimpleNamespace(optimizer=optimizer_name, lr=3e-4, weight_decay=0.1, beta1=0.9, beta2=0.95,
-                                 galore_rank=rank, galore_update_proj_gap=200, galore_scale=0.25, galore_proj_type="std")
+    config = {"rank": rank} if optimizer_name == "galore" else {}
     step, _, opt = make_train_step(gt.get_config("124M", context_length=64), 1, runtime, 2,
-                                   optimizer=lambda m: adv.make_optimizer(m, args, runtime.device))
+                                   optimizer=lambda m: make_optimizer(optimizer_name, m, runtime.device, **config))
     step()
-    return adv.optimizer_state_bytes(opt)
+    return measured_state_bytes(opt, optimizer_spec(optimizer_name))
 
 
 def main(argv=None):

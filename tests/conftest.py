@@ -46,6 +46,14 @@ def small_corpus(tmp_path_factory, sample_books):
     return d
 
 
+def newest_checkpoint(run_dir):
+    """(step, path) of the newest checkpoint of the run in run_dir (by the step recorded inside)."""
+    import gpt_train as gt
+
+    info = gt.read_run_info(run_dir)
+    return gt.RunFolder(run_dir).index.entries(info["run_id"] if info else None)[-1]
+
+
 def run_script(args, cwd, timeout=300, env_extra=None):
     """Run one of the repo's scripts (args[0], relative to the repo root) as a user would."""
     import subprocess

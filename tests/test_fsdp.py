@@ -1,17 +1,17 @@
 """Big models on the hardware people have: FSDP2 on 2 gloo ranks against one process, sharded
 checkpoints resumed on 2 and on 1 rank, activation checkpointing, the memory planner."""
 
+import dataclasses
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, newest_checkpoint
 
 import gpt_train as gt
 import pretraining_advanced as adv
@@ -99,7 +99,7 @@ def test_fsdp_stopped_by_sigterm_resumes_on_two_and_on_one_rank(flags, fsdp_run,
             break
     _, err = proc.communicate(timeout=120)
     assert "SIGTERM received" in err
-    stopped = gt.RunFolder(run).latest_valid().checkpoint["step"]
+    stopped = newest_checkpoint(run)[0]
     assert 3 <= stopped < STEPS and (run / f"ckpt_{stopped:08d}" / "complete.json").is_file()
     shutil.copytree(run, tmp_path / "one")
     _torchrun([*flags, "--fsdp", "--run_dir", str(run), "--resume", "auto"])
@@ -134,9 +134,8 @@ def test_activation_checkpointing_gives_identical_losses_and_gradients():
     torch.manual_seed(0)
     cfg = gt.get_config("debug", drop_rate=0.1)
     plain = gt.GPTModel(cfg)
-    recomputed = gt.GPTModel(cfg)
+    recomputed = gt.GPTModel(dataclasses.replace(cfg, activation_checkpointing=True))
     recomputed.load_state_dict(plain.state_dict())
-    recomputed.set_activation_checkpointing(True)
     x = torch.randint(0, 50257, (4, 33), generator=torch.Generator().manual_seed(1))
     losses, grads = [], []
     for model in (plain, recomputed):
@@ -156,21 +155,23 @@ def test_galore_with_activation_checkpointing_in_bf16_trains(flags, tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["debug", "small"])
-@pytest.mark.parametrize("optimizer", ["adamw", "galore"])
+@pytest.mark.parametrize("optimizer", ["adamw", "galore", "muon"])
 def test_planner_bytes_equal_the_tensors(preset, optimizer):
     cfg = gt.get_config(preset)
-    args = types.SimpleNamespace(optimizer=optimizer, lr=1e-3, weight_decay=0.1, beta1=0.9, beta2=0.95, galore_rank=16,
-                                 galore_update_proj_gap=10, galore_scale=0.25, galore_proj_type="std")
+    from gptkit.optim import OptimArgs, build_optimizer, measured_state_bytes, optimizer_spec
+
+    spec = optimizer_spec(optimizer)
+    config = spec.config(rank=16, update_proj_gap=10) if optimizer == "galore" else spec.config() if spec.config else None
     model = gt.GPTModel(cfg)
-    opt = adv.make_optimizer(model, args, torch.device("cpu"))
+    opt = build_optimizer(model, OptimArgs(optimizer=optimizer, lr=1e-3), config, torch.device("cpu"))
     x = torch.randint(0, 50257, (1, 9))
     gt.calc_loss_batch(x[:, :-1], x[:, 1:], model, "cpu").backward()
     opt.step()
     unique = {id(p): p for p in model.parameters()}.values()
-    plan = gt.memory_plan(cfg, gt.TrainSetup(batch_size=1, optimizer=optimizer, galore_rank=16, cuda=False))
+    plan = gt.memory_plan(cfg, gt.TrainSetup(batch_size=1, optimizer=optimizer, optimizer_config=config, cuda=False))
     assert plan["parameters"] == sum(p.numel() * p.element_size() for p in unique)
     assert plan["gradients"] == sum(p.grad.numel() * p.grad.element_size() for p in unique)
-    assert plan["optimizer"] == adv.optimizer_state_bytes(opt)
+    assert plan["optimizer"] == measured_state_bytes(opt, spec)
 
 
 def test_estimate_memory_says_what_fits(capsys):

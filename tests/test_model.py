@@ -1,9 +1,12 @@
+import dataclasses
 import math
 
 import pytest
 import torch
 
 import gpt_train as gt
+from gptkit import runtime
+from gptkit.optim import decay_groups, trainable
 
 GPT2_PARAMS = {  # tied parameter counts of OpenAI's GPT-2 checkpoints (biases included)
     "124M": 124_439_808,
@@ -63,18 +66,15 @@ def test_too_long_input_is_refused(tiny_cfg):
 def test_sdpa_and_explicit_attention_agree(tiny_cfg):
     torch.manual_seed(0)
     model = gt.GPTModel(tiny_cfg).eval()
+    plain = gt.GPTModel(dataclasses.replace(tiny_cfg, flash=False)).eval()
+    plain.load_state_dict(model.state_dict())
     x = torch.randint(0, tiny_cfg.vocab_size, (3, tiny_cfg.context_length))
-    flash = model(x)
-    model.set_flash(False)
-    explicit = model(x)
-    torch.testing.assert_close(flash, explicit, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(x), plain(x), atol=1e-5, rtol=1e-5)
     # and gradients
-    model.set_flash(True)
     loss_a = gt.calc_loss_batch(x[:, :-1], x[:, 1:], model, "cpu")
     ga = torch.autograd.grad(loss_a, model.h[0].attn.c_attn.weight)[0]
-    model.set_flash(False)
-    loss_b = gt.calc_loss_batch(x[:, :-1], x[:, 1:], model, "cpu")
-    gb = torch.autograd.grad(loss_b, model.h[0].attn.c_attn.weight)[0]
+    loss_b = gt.calc_loss_batch(x[:, :-1], x[:, 1:], plain, "cpu")
+    gb = torch.autograd.grad(loss_b, plain.h[0].attn.c_attn.weight)[0]
     torch.testing.assert_close(ga, gb, atol=1e-6, rtol=1e-4)
 
 
@@ -132,28 +132,33 @@ def test_tiny_model_overfits_a_short_text(tiny_cfg):
     loader = gt.create_dataloader(text, batch_size=4, context_length=tiny_cfg.context_length, tokenizer=tok)
     model = gt.GPTModel(tiny_cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    start = gt.calc_loss_loader(loader, model, "cpu")
+    start = _mean_loss(loader, model)
     for _ in range(20):
         for x, y in loader:
             loss = gt.calc_loss_batch(x, y, model, "cpu")
             opt.zero_grad()
             loss.backward()
             opt.step()
-    end = gt.calc_loss_loader(loader, model, "cpu")
+    end = _mean_loss(loader, model)
     assert start > 10.0
     assert end < 1.0
+
+
+def _mean_loss(loader, model) -> float:
+    total, count = gt.loss_sums(loader, model, "cpu")
+    return total / count
 
 
 def test_empty_loader_is_an_error(tiny_cfg):
     loader = gt.create_dataloader("too short", batch_size=2, context_length=tiny_cfg.context_length)
     assert len(loader) == 0
     with pytest.raises(gt.UserError, match="empty data loader"):
-        gt.calc_loss_loader(loader, gt.GPTModel(tiny_cfg), "cpu")
+        _mean_loss(loader, gt.GPTModel(tiny_cfg))
 
 
 def test_weight_decay_groups(tiny_cfg):
     model = gt.GPTModel(tiny_cfg)
-    decay, no_decay = gt.param_groups(model, 0.1)
+    decay, no_decay = decay_groups(trainable(model), 0.1)
     assert all(p.dim() == 2 for p in decay["params"]) and decay["weight_decay"] == 0.1
     assert all(p.dim() == 1 for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
     n_unique = len({id(p) for p in model.parameters()})
@@ -225,11 +230,11 @@ def test_plain_cuda_means_this_processs_gpu(monkeypatch):
 
 def test_dtype_auto_is_bf16_only_where_the_cpu_computes_it(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(gt, "cpu_bf16_feature", lambda: "AVX512-BF16")
+    monkeypatch.setattr(runtime, "cpu_bf16_feature", lambda: "AVX512-BF16")
     assert gt.auto_dtype(cpu) == ("bf16", "auto: the CPU has AVX512-BF16")
     rt = gt.setup_runtime("cpu", "auto")
     assert rt.dtype == "bf16" and "AVX512-BF16" in rt.dtype_reason
-    monkeypatch.setattr(gt, "cpu_bf16_feature", lambda: None)
+    monkeypatch.setattr(runtime, "cpu_bf16_feature", lambda: None)
     dtype, why = gt.auto_dtype(cpu)
     assert dtype == "fp32" and "no native bf16" in why
     assert gt.setup_runtime("cpu", "fp32").dtype == "fp32"  # always available

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, newest_checkpoint
 
 import gpt_train as gt
 import prep_dataset
@@ -102,8 +102,9 @@ BAD_INPUTS = [
     (S, ["--grad_accum", "0"], "--grad_accum must be at least 1"),
     (S, ["--max_grad_norm", "-1"], "--max_grad_norm must be a finite number >= 0"),
     (S, ["--max_steps", "-5"], "--max_steps must be at least 1"),
-    (S, ["--lr", "-1"], "--lr must be a finite number >= 0"),
-    (S, ["--lr", "nan"], "--lr must be a finite number >= 0"),
+    (S, ["--lr", "-1"], "--lr must be a number > 0"),
+    (S, ["--lr", "nan"], "--lr must be a number > 0"),
+    (S, ["--lr", "0"], "--lr must be a number > 0"),
     (S, ["--eval_iters", "0"], "--eval_iters must be at least 1"),
     (S, ["--context_length", "100000"], "--context_length must be between 1 and 65536"),
     (S, ["--drop_rate", "1.5"], "--drop_rate must be in [0, 1)"),
@@ -121,8 +122,9 @@ BAD_INPUTS = [
     (S, ["--run_dir", "W/new3", "--data_dir", "W/latin1"], "is not UTF-8"),
     (S, ["--run_dir", "W/new4", "--init_from", "W/missing_weights"], "missing_weights"),
     (A, ["--warmup_steps", "-1"], "--warmup_steps must be >= 0"),
-    (A, ["--galore_rank", "0"], "--galore_rank must be at least 1"),
-    (A, ["--max_tokens", "nan"], "--max_tokens must be a number of tokens"),
+    (A, ["--optimizer", "galore", "--galore_rank", "0"], "--galore_rank must be at least 1"),
+    (A, ["--galore_rank", "8"], "--galore_rank is a setting of --optimizer galore"),
+    (A, ["--max_tokens", "nan"], "--cache_max_tokens must be a number of tokens"),
     (A, ["--beta2", "1.5"], "--beta2 must be in [0, 1)"),
     (A, ["--lr", "1e-4", "--min_lr", "1e-3"], "--min_lr 0.001 is above --lr"),
     (A, ["--total_batch_tokens", "100"], "not a multiple"),
@@ -215,7 +217,7 @@ def test_read_only_or_full_disk_is_refused_before_training(small_corpus, tmp_pat
     def refuse(*a, **k):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr("checkpointing.atomic_write", refuse)
+    monkeypatch.setattr("gptkit.checkpoint.folder.write_json", refuse)
     with pytest.raises(gt.UserError, match=r"cannot write to run folder .*Permission denied"):
         simple.main(["--data_dir", str(small_corpus), "--run_dir", str(tmp_path / "ro"), *DEBUG, "--max_steps", "2"])
 
@@ -285,7 +287,7 @@ def test_reused_default_folder_never_loses_the_new_run(small_corpus, tmp_path):
         simple.main([*common, "--max_steps", "4"])
     res = simple.main([*common, "--max_steps", "4", "--overwrite"])
     assert res["checkpoint"].exists() and res["checkpoint"].name == "ckpt_00000004.pt"
-    assert gt.RunFolder(tmp_path).latest_valid().checkpoint["step"] == 4
+    assert newest_checkpoint(tmp_path)[0] == 4
     previous = list((tmp_path / "previous").iterdir())
     assert len(previous) == 1 and (previous[0] / "ckpt_00000008.pt").exists()  # moved aside, not deleted
 

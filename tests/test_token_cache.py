@@ -5,6 +5,8 @@ import pytest
 
 import gpt_train as gt
 import token_cache as tc
+from gptkit.data import cache as cache_mod
+from gptkit.data import smollm
 
 
 def _docs(n, seed=0):
@@ -34,7 +36,7 @@ def corpora(tmp_path):
 def interrupted_build(monkeypatch, src, cache_dir, kw, at_shard: int, torn_temp: bool = False) -> None:
     """A cache build interrupted (Ctrl-C) as it starts writing shard number `at_shard`, optionally
     leaving a torn temp file of that shard, as a kill mid-write would."""
-    real, calls = tc._write_shard, {"n": 0}
+    real, calls = cache_mod._write_shard, {"n": 0}
 
     def stop(path, tokens):
         calls["n"] += 1
@@ -44,10 +46,10 @@ def interrupted_build(monkeypatch, src, cache_dir, kw, at_shard: int, torn_temp:
             raise KeyboardInterrupt
         real(path, tokens)
 
-    monkeypatch.setattr(tc, "_write_shard", stop)
+    monkeypatch.setattr(cache_mod, "_write_shard", stop)
     with pytest.raises(KeyboardInterrupt):
         tc.build_cache(src, cache_dir, **kw)
-    monkeypatch.setattr(tc, "_write_shard", real)
+    monkeypatch.setattr(cache_mod, "_write_shard", real)
 
 
 @pytest.mark.parametrize("kind,column", [("j", "text"), ("p", "body"), ("t", "text")])
@@ -173,13 +175,19 @@ def test_hub_mix_path_with_local_streams(tmp_path, monkeypatch):
             for i in range(500):
                 f.write(json.dumps({"text": f"{prefix} {i} " + "words " * 30, **extra}) + "\n")
         files[name] = path
-    monkeypatch.setattr(tc, "open_hub_subset",
+    monkeypatch.setattr(smollm, "open_hub_subset",
                         lambda s: load_dataset("json", data_files=str(files[s]), split="train", streaming=True))
-    src = tc.resolve_source("smollm:cosmopedia-v2,fineweb-edu-dedup", data_mix="3,1", seed=7)
+    src = tc.resolve_source("smollm:cosmopedia-v2,fineweb-edu-dedup", data_mix="3,1")
     assert src.weights == [0.75, 0.25]
     def first_400():
-        batches = tc.iter_documents(src, batch_size=100)
-        return [d.split()[0] for _, batch in zip(range(4), batches) for d in batch]
+        from gptkit.data.sources import Mixer
+
+        mixer = Mixer(src, [0, 0], [0, 0], batch_docs=100)
+        try:
+            docs = [gt.get_tokenizer().decode(mixer.next()[1][:-1].tolist()) for _ in range(400)]
+        finally:
+            mixer.close()
+        return [d.split()[0] for d in docs]
 
     docs = first_400()
     share = docs.count("COSMO") / len(docs)
@@ -264,7 +272,7 @@ def test_hub_and_local_snapshot_give_the_same_cache(snapshot, tmp_path, monkeypa
         files = sorted(str(p) for p in (snapshot / subset).glob("*.parquet"))
         return load_dataset("parquet", data_files=files, split="train", streaming=True)
 
-    monkeypatch.setattr(tc, "open_hub_subset", from_snapshot)
+    monkeypatch.setattr(smollm, "open_hub_subset", from_snapshot)
     kw = dict(max_tokens=15_000, val_fraction=0.2, shard_tokens=4096, progress=False)
     hub = tc.resolve_source("smollm:cosmopedia-v2,fineweb-edu-dedup", data_mix="0.7,0.3")
     local = tc.resolve_source("smollm:cosmopedia-v2,fineweb-edu-dedup", data_mix="0.7,0.3", smollm_dir=str(snapshot))
@@ -327,7 +335,7 @@ def test_a_build_killed_right_after_each_record_ends_identical_with_nothing_left
     src = tc.resolve_source(str(root / "j"))
     kw = dict(val_fraction=0.25, shard_tokens=2000, batch_docs=16, progress=False, log=lambda *a: None)
     tc.build_cache(src, root / "full", **kw)
-    real, seen = gt.write_json, {"n": 0, "kill_at": 1}
+    real, seen = cache_mod.write_json, {"n": 0, "kill_at": 1}
 
     def write_then_die(path, obj):
         out = real(path, obj)
@@ -337,7 +345,7 @@ def test_a_build_killed_right_after_each_record_ends_identical_with_nothing_left
                 raise KeyboardInterrupt
         return out
 
-    monkeypatch.setattr(gt, "write_json", write_then_die)
+    monkeypatch.setattr(cache_mod, "write_json", write_then_die)
     kills = 0
     while True:
         seen["n"] = 0
@@ -347,7 +355,7 @@ def test_a_build_killed_right_after_each_record_ends_identical_with_nothing_left
         except KeyboardInterrupt:
             kills += 1
             seen["kill_at"] += 1
-    monkeypatch.setattr(gt, "write_json", real)
+    monkeypatch.setattr(cache_mod, "write_json", real)
     tc.build_cache(src, root / "part", **kw)  # a later start on the finished cache
     assert kills > 5
     assert _files(root / "part") == _files(root / "full")

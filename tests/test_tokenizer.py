@@ -4,6 +4,7 @@ import socket
 import pytest
 
 import gpt_train as gt
+from gptkit import tokenizer
 
 
 @pytest.fixture
@@ -31,8 +32,8 @@ def test_expected_hashes_are_tiktokens_own():
     from tiktoken_ext import openai_public
 
     src = inspect.getsource(openai_public.gpt2)
-    assert gt.GPT2_VOCAB_BPE_SHA256 in src
-    assert gt.GPT2_ENCODER_JSON_SHA256 in src
+    assert tokenizer.GPT2_VOCAB_BPE_SHA256 in src
+    assert tokenizer.GPT2_ENCODER_JSON_SHA256 in src
 
 
 def test_encode_documents_separates_with_eot():

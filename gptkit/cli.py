@@ -1,0 +1,57 @@
+"""How a script ends: `run_cli` runs its main() and turns the outcome into an exit code a scheduler
+can act on, with one `error:` line (never a traceback) for anything the user or the machine did."""
+
+from __future__ import annotations
+
+import errno
+import signal
+import sys
+from collections.abc import Callable
+
+from gptkit.errors import UserError
+from gptkit.files import DISK_FULL, disk_full, os_reason
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
+OOM_HINT = ("out of GPU memory: lower --batch_size (raise --grad_accum to keep the batch), use "
+            "--activation_checkpointing, shorten --context_length, use --dtype bf16, or pick a smaller --model")
+
+
+def quiet_interrupt_while_importing() -> None:
+    """Ctrl-C while torch loads (seconds): a quiet exit 130, not a traceback. run_cli undoes it."""
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(EXIT_SIGINT))
+
+
+def _is_oom(e: BaseException) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(e, getattr(torch, "OutOfMemoryError", ()))
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a script's main() and exit with a code a scheduler can act on: 0 finished, 143 stopped by
+    SIGTERM after saving a checkpoint (requeue it with --resume auto), 130 stopped by Ctrl-C, 2 bad
+    input (one `error:` line), 1 any other failure (a full disk or out of memory: one line too)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the script's import-time handler is done
+    try:
+        result = main()
+    except UserError as e:
+        _fail(str(e), getattr(e, "exit_code", EXIT_BAD_INPUT))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(EXIT_SIGINT)
+    except OSError as e:
+        if e.errno in DISK_FULL:
+            _fail(str(disk_full(e.filename or "a file", e)), EXIT_FAILED)
+        if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            _fail(f"cannot write {e.filename or 'a file'}: {os_reason(e)}; check its permissions or pick another "
+                  "folder", EXIT_BAD_INPUT)
+        raise
+    except Exception as e:
+        if _is_oom(e):
+            _fail(OOM_HINT, EXIT_FAILED)
+        raise
+    sys.exit(result.get("exit_code", EXIT_OK) if isinstance(result, dict) else EXIT_OK)
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)

@@ -1,0 +1,297 @@
+"""Local files as a data source: a file, a folder (searched recursively) or a glob, several of them
+separated by commas (mixed by tokens with --data_mix). Each file is read by the FileFormat its suffix
+names, and every error names the file (and line). Hidden files and folders (.git, .token_cache) are
+not data. A file that is a symlink is read where it points, and the output says so when that is
+outside the folder given; symlinked folders are not entered (a loop could never end).
+
+How to add a local format: a `rows(path, column, batch_size)` generator of document lists and a
+`probe(path, column)`, registered with `register_format(FileFormat("name", (".suffix",), rows, probe))`.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from gptkit.data.sources import DataOptions, DataSource, SourceKind, first_line, parse_mix, register_source
+from gptkit.errors import UserError
+from gptkit.files import sha256_file
+
+# Local files up to this size are hashed whole for the cache's source identity; larger ones by their
+# size, first and last 4 MiB and 16 evenly spaced 64 KiB samples (an edit elsewhere that keeps the
+# size goes unnoticed there). A file whose size and mtime match the manifest is not hashed again.
+FULL_HASH_BYTES = 64 << 20
+
+
+@dataclass(frozen=True)
+class FileFormat:
+    name: str
+    suffixes: tuple[str, ...]
+    rows: Callable[[str, str, int], Iterator[list[str]]]  # (path, text column, batch size) -> lists of texts
+    probe: Callable[[str, str], None]  # fail fast on a wrong file or column, reading little
+
+
+FORMATS: dict[str, FileFormat] = {}
+
+
+def register_format(fmt: FileFormat) -> FileFormat:
+    for suffix in fmt.suffixes:
+        FORMATS[suffix] = fmt
+    return fmt
+
+
+def _format_of(path: str) -> FileFormat:
+    return FORMATS[Path(path).suffix]
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding files
+
+
+def find_local_files(data: str, notes: list[str] | None = None) -> list[str]:
+    """The data files of one --data part, sorted; `notes` collects what the user should know."""
+    p = Path(data)
+    if p.is_dir():
+        files = _walk(p, notes if notes is not None else [])
+    elif p.is_file():
+        files = [str(p)]
+    else:
+        files = sorted(f for f in glob.glob(data, recursive=True) if Path(f).is_file())
+        if not files and not any(c in data for c in "*?["):
+            raise UserError(f"--data {data} is neither smollm:SUBSET nor an existing file, folder or glob")
+    suffixes = "/".join(sorted(FORMATS))
+    if not files:
+        raise UserError(f"no {suffixes} files found for --data {data}")
+    unknown = sorted({Path(f).suffix for f in files} - set(FORMATS))
+    if unknown:
+        raise UserError(f"--data {data} names files of an unknown kind ({', '.join(unknown)}); use {suffixes}")
+    return files
+
+
+def _is_data_file(path: str) -> bool:
+    name = os.path.basename(path)
+    return not name.startswith(".") and Path(name).suffix in FORMATS and os.path.isfile(path)
+
+
+def _leaves(path: str, root: str) -> bool:
+    """Whether a symlink points outside the folder `root` (a real path)."""
+    return os.path.islink(path) and os.path.commonpath([root, os.path.realpath(path)]) != root
+
+
+def _walk(folder: Path, notes: list[str]) -> list[str]:
+    """Data files under a folder (not hidden ones); symlinked files are read where they point (a note
+    names those outside the folder), symlinked folders are not entered (a note names them)."""
+    root = os.path.realpath(folder)
+    files, skipped_dirs = [], []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        skipped_dirs += [os.path.join(dirpath, d) for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        files += [p for p in (os.path.join(dirpath, n) for n in filenames) if _is_data_file(p)]
+    outside = [f"{p} -> {os.path.realpath(p)}" for p in files if _leaves(p, root)]
+    if outside:
+        notes.append(f"note: {len(outside)} file(s) in {folder} are symlinks to files outside it, read as data "
+                     f"(first: {outside[0]})")
+    if skipped_dirs:
+        notes.append(f"note: {len(skipped_dirs)} symlinked folder(s) in {folder} were not entered (first: "
+                     f"{skipped_dirs[0]}); pass them as --data parts of their own to read them")
+    return sorted(files)
+
+
+# ----------------------------------------------------------------------------------------------
+# The source kind
+
+
+def claims(data: str, options: DataOptions) -> bool:
+    return True  # the catch-all: asked last
+
+
+def resolve(data: str, options: DataOptions) -> DataSource:
+    if options.smollm_dir:
+        raise UserError(f"--smollm_dir reads smollm:SUBSET data; --data {data} is local files: drop --smollm_dir, or "
+                        "use --data smollm:SUBSET")
+    specs = [s for s in data.split(",") if s] if "," in data and not Path(data).exists() else [data]
+    notes: list[str] = []
+    parts = [find_local_files(s, notes) for s in specs]
+    return DataSource("local", parts, parse_mix(options.data_mix, len(parts)), options.text_column,
+                      [f"{s} ({len(p)} file(s))" for s, p in zip(specs, parts)], notes)
+
+
+def identity(source: DataSource, known: dict | None = None) -> dict:
+    """Files are named relative to the folder they share, so a copied or moved corpus (with its
+    cache) is the same source; what identifies a file is its content."""
+    paths = [Path(os.path.abspath(p)) for part in source.parts for p in part]
+    root = Path(os.path.commonpath([p.parent for p in paths]))
+    known = {f["path"]: f for f in (known or {}).get("files", [])}
+    files = []
+    for p in paths:
+        rel = p.relative_to(root).as_posix()
+        files.append({**file_fingerprint(p, known.get(rel)), "path": rel})
+    return {"kind": "local", "root": str(root), "files": files, "parts": [len(part) for part in source.parts],
+            "weights": source.weights, "text_column": source.text_column}
+
+
+def file_fingerprint(path, known: dict | None = None) -> dict:
+    """A local file's content identity; reuses `known` (the manifest's record) when size and mtime match."""
+    path = Path(path)
+    st = path.stat()
+    if known and known.get("bytes") == st.st_size and known.get("mtime_ns") == st.st_mtime_ns:
+        return dict(known)
+    whole = st.st_size <= FULL_HASH_BYTES
+    return {"path": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+            "sha256": sha256_file(path) if whole else _sampled_sha256(path, st.st_size),
+            "hashed": "whole" if whole else "sampled"}
+
+
+def _sampled_sha256(path: Path, size: int) -> str:
+    """The size, the first and last 4 MiB and 16 evenly spaced 64 KiB samples of a large file."""
+    h = hashlib.sha256(str(size).encode())
+    offsets = [0, *(size * i // 17 for i in range(1, 17)), size - (4 << 20)]
+    with open(path, "rb") as f:
+        for off, n in zip(offsets, [4 << 20, *[64 << 10] * 16, 4 << 20]):
+            f.seek(off)
+            h.update(f.read(n))
+    return h.hexdigest()
+
+
+def rows(source: DataSource, i: int, skip: int, batch_size: int) -> Iterator[list[str]]:
+    """Rows of part i's files in order, from row `skip` on; every error names its file."""
+    for path in source.parts[i]:
+        try:
+            for batch in _format_of(path).rows(path, source.text_column, batch_size):
+                if skip >= len(batch):
+                    skip -= len(batch)
+                    continue
+                yield batch[skip:]
+                skip = 0
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8")
+        except OSError as e:
+            raise UserError(f"cannot read {path} ({e.strerror or first_line(e)})")
+
+
+def probe(source: DataSource) -> None:
+    for part in source.parts:
+        for path in part:
+            try:
+                _format_of(path).probe(path, source.text_column)
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8")
+            except OSError as e:
+                raise UserError(f"cannot read {path} ({e.strerror or first_line(e)})")
+
+
+register_source(SourceKind("local", claims, resolve, identity, rows, probe))
+
+
+# ----------------------------------------------------------------------------------------------
+# Formats: .txt, .json/.jsonl, .parquet
+
+
+def _txt_rows(path: str, column: str, batch_size: int) -> Iterator[list[str]]:
+    # A whole .txt file is one row (prep_dataset output separates books with <|endoftext|> inside).
+    yield [Path(path).read_text(encoding="utf-8")]
+
+
+def _txt_probe(path: str, column: str) -> None:
+    with open(path, "rb") as f:
+        f.read(1)
+
+
+def _json_rows(path: str, column: str, batch_size: int) -> Iterator[list[str]]:
+    """JSON lines, a JSON array of objects, or one object of columns ({"text": [...], ...})."""
+    with open(path, encoding="utf-8") as f:
+        head = f.read(1 << 16).lstrip()
+        f.seek(0)
+        if head.startswith(("[", "{")) and not _first_line_parses(head):
+            yield _whole_json(f, path, column)
+            return
+        batch = []
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {lineno} is not valid JSON ({e.msg}); fix or remove that line")
+            batch.append(_text_of(record, column, path, lineno))
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
+def _whole_json(f, path: str, column: str) -> list[str]:
+    try:
+        data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})")
+    records = data if isinstance(data, list) else _columns_to_records(data, column, path)
+    return [_text_of(r, column, path, i + 1) for i, r in enumerate(records)]
+
+
+def _first_line_parses(head: str) -> bool:
+    try:
+        json.loads(head.split("\n", 1)[0])
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
+def _columns_to_records(data, column: str, path: str) -> list:
+    if not isinstance(data, dict) or not isinstance(data.get(column), list):
+        cols = ", ".join(data) if isinstance(data, dict) else type(data).__name__
+        raise UserError(f"{path} has no text column '{column}' (it holds: {cols}); pass --text_column with the right name")
+    return [{column: v} for v in data[column]]
+
+
+def _text_of(record, column: str, path: str, where: int) -> str:
+    if not isinstance(record, dict) or column not in record:
+        cols = ", ".join(record) if isinstance(record, dict) else type(record).__name__
+        raise UserError(f"{path} has no text column '{column}' (record {where} has: {cols}); "
+                        "pass --text_column with the right name")
+    value = record[column]
+    return value if isinstance(value, str) else ("" if value is None else str(value))
+
+
+def _json_probe(path: str, column: str) -> None:
+    with open(path, encoding="utf-8") as f:
+        first = next((ln for ln in f if ln.strip()), "")
+    if first.strip() and _first_line_parses(first):  # JSON lines (a whole document is checked when read)
+        _text_of(json.loads(first), column, path, 1)
+
+
+def _parquet_file(path: str, column: str):
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable parquet file ({first_line(e)})")
+    if column not in pf.schema_arrow.names:
+        raise UserError(f"{path} has no text column '{column}' (columns: {', '.join(pf.schema_arrow.names)}); "
+                        "pass --text_column with the right name")
+    return pf
+
+
+def _parquet_rows(path: str, column: str, batch_size: int) -> Iterator[list[str]]:
+    pf = _parquet_file(path, column)
+    try:
+        for batch in pf.iter_batches(batch_size=batch_size, columns=[column]):  # only the text column is read
+            yield [t or "" for t in batch.column(0).to_pylist()]
+    except Exception as e:
+        raise UserError(f"{path} could not be read ({type(e).__name__}: {first_line(e)})")
+
+
+def _parquet_probe(path: str, column: str) -> None:
+    next(_parquet_rows(path, column, 1), None)
+
+
+register_format(FileFormat("text", (".txt",), _txt_rows, _txt_probe))
+register_format(FileFormat("json", (".json", ".jsonl"), _json_rows, _json_probe))
+register_format(FileFormat("parquet", (".parquet",), _parquet_rows, _parquet_probe))

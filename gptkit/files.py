@@ -1,0 +1,248 @@
+"""Files the toolkit owns, written safely: atomic writes with the permissions open() would give,
+checksums, names that stay inside their folder, a full disk said in one line, and the lock that keeps
+a second process out of a folder. No torch here: the data tools import this without it."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import functools
+import hashlib
+import json
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from gptkit.errors import RunFailure, UserError
+
+# ----------------------------------------------------------------------------------------------
+# Permissions
+
+
+@functools.lru_cache(maxsize=1)
+def process_umask() -> int:
+    """The process umask, read from /proc where it can be (os.umask can only be read by setting it,
+    which races with other threads)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in open("/proc/self/status"):
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def file_mode() -> int:
+    """What open() gives a new file: 0o666 less the umask."""
+    return 0o666 & ~process_umask()
+
+
+def dir_mode() -> int:
+    """What mkdir() gives a new folder: 0o777 less the umask."""
+    return 0o777 & ~process_umask()
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+def os_reason(e: OSError) -> str:
+    return e.strerror or type(e).__name__
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
+
+
+def disk_full(path, e: OSError, needed: int | None = None) -> RunFailure:
+    """One line for a write that ran out of room: the path, what it needed and what is free."""
+    path = Path(path)
+    folder = next((p for p in (path.parent, *path.parents) if p.exists()), Path("."))
+    free = shutil.disk_usage(folder).free
+    limit = " or the file-size limit (ulimit -f) was reached" if e.errno == errno.EFBIG else ""
+    need = f"it needs about {_mib(needed)}, " if needed else ""
+    return RunFailure(f"could not write {path}: {os_reason(e)}{limit}; {need}{_mib(free)} is free there. Free some "
+                      "space (or write elsewhere) and run the same command again: nothing half-written was kept")
+
+
+def atomic_write(path, write: Callable, size_hint: int | None = None) -> Path:
+    """Write a file atomically: `write(f)` fills a temp file in the same directory, which is fsynced
+    and renamed over `path` (then the directory is fsynced). A crash at any point leaves either the old
+    file or the complete new one, never a torn one. The file gets the permissions open() would give it.
+    A full disk or file-size limit is one RunFailure naming the path and the space needed (`size_hint`,
+    or at least what was written when it failed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), file_mode())  # mkstemp makes 0600: a shared cache or export needs more
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        written = os.stat(tmp).st_size if os.path.exists(tmp) else 0
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        if e.errno in DISK_FULL:
+            raise disk_full(path, e, size_hint or written) from None
+        raise
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        dfd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+
+def write_json(path, obj) -> Path:
+    return atomic_write(path, lambda f: f.write(json.dumps(obj, indent=2).encode()))
+
+
+def remove_stale_temps(folder: Path, names: Callable[[str], bool]) -> list[Path]:
+    """Delete temp files left in `folder` by a killed writer (".NAME.<random>.tmp" as atomic_write
+    makes them, or ".NAME.tmp"), for final names that `names` accepts: the caller's own files only."""
+    removed = []
+    for p in folder.iterdir() if folder.is_dir() else ():
+        if not (p.name.startswith(".") and p.name.endswith(".tmp")) or not p.is_file():
+            continue
+        inner = p.name[1:-4]
+        if names(inner) or names(inner.rsplit(".", 1)[0]):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def is_plain_name(name: str) -> bool:
+    """A file name that stays in its folder: no separators, not '.', '..' or empty, no NUL."""
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+def sha256_file(path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# The lock
+
+
+class FolderLock:
+    """An exclusive claim on a folder: a lock file holding the holder's pid, host and start time,
+    locked with flock while the holder lives (the kernel drops it when the process dies, so a lock
+    left by a killed run on this host is stale at once). A lock file from another host is stale when
+    its heartbeat (the file's mtime, touched every 30 s by a thread) is older than `stale_after`."""
+
+    HEARTBEAT_S = 30.0
+
+    def __init__(self, path: Path, what: str = "folder", stale_after: float = 300.0):
+        self.path, self.what, self.stale_after = Path(path), what, stale_after
+        self.fd: int | None = None
+        self._stop = threading.Event()
+
+    def acquire(self) -> FolderLock:
+        for _ in range(3):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, file_mode())
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise UserError(self._held_message())
+            if self._same_file(fd) and self._not_held_elsewhere(fd):
+                self._claim(fd)
+                return self
+            os.close(fd)  # the file was replaced or removed while we opened it: try again
+        raise UserError(self._held_message())
+
+    def _same_file(self, fd: int) -> bool:
+        try:
+            return os.fstat(fd).st_ino == os.stat(self.path).st_ino
+        except FileNotFoundError:
+            return False
+
+    def _not_held_elsewhere(self, fd: int) -> bool:
+        """flock cannot see a holder on another host (network filesystems): trust its heartbeat."""
+        info = self._read_info(fd)
+        if not info or info.get("host") == socket.gethostname():
+            return True
+        age = time.time() - os.fstat(fd).st_mtime
+        if age < self.stale_after:
+            os.close(fd)
+            raise UserError(self._held_message(info) + f" (it was alive {age:.0f}s ago; a lock older than "
+                            f"{self.stale_after:.0f}s without a heartbeat counts as stale)")
+        return True
+
+    @staticmethod
+    def _read_info(fd: int) -> dict | None:
+        try:
+            os.lseek(fd, 0, os.SEEK_SET)
+            return json.loads(os.read(fd, 4096).decode() or "null")
+        except (OSError, ValueError):
+            return None
+
+    def _claim(self, fd: int) -> None:
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, json.dumps(info).encode())
+        os.fsync(fd)
+        self.fd = fd
+        threading.Thread(target=self._heartbeat, name="lock-heartbeat", daemon=True).start()
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.HEARTBEAT_S):
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def _held_message(self, info: dict | None = None) -> str:
+        if info is None:
+            with contextlib.suppress(OSError):
+                fd = os.open(self.path, os.O_RDONLY)
+                info = self._read_info(fd)
+                os.close(fd)
+        who = (f"pid {info.get('pid')} on {info.get('host')} since {info.get('started')}" if isinstance(info, dict)
+               else "another process")
+        return (f"{self.path.parent} is in use by {who} ({self.path} is locked); wait for that {self.what} to end, "
+                f"or use another folder")
+
+    def clear_if_stale(self) -> None:
+        """Remove a lock file whose holder is gone (left by a killed process); a live holder keeps it."""
+        if self.path.exists():
+            with contextlib.suppress(UserError):
+                self.acquire().release()
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self.fd)  # closing drops the flock
+        self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()

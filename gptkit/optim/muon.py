@@ -1,0 +1,105 @@
+"""Muon for the transformer blocks' matrices, AdamW for the rest (embeddings, the tied head, biases
+and LayerNorms): the recipe behind the fastest public GPT-2 training runs. Muon is PyTorch's own
+torch.optim.Muon (momentum, then the update orthogonalised by Newton-Schulz iterations). Both parts
+follow the LR schedule: Muon's groups run at --muon_lr / --lr times the scheduled LR."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from gptkit.config import above, at_least, setting
+from gptkit.errors import CheckpointError, UserError
+from gptkit.model import block_matrices
+from gptkit.optim import OptimArgs, OptimizerSpec, adamw_state_bytes, decay_groups, register_optimizer, trainable
+
+
+@dataclass
+class MuonConfig:
+    lr: float = setting(0.02, "Muon's peak learning rate for the blocks' matrices (the schedule scales it as it "
+                              "scales --lr)", check=(above(0), "a number > 0"))
+    momentum: float = setting(0.95, "Muon's momentum", check=(lambda v: 0 <= v < 1, "in [0, 1)"))
+    nesterov: bool = setting(True, "Nesterov momentum for Muon")
+    ns_steps: int = setting(5, "Newton-Schulz iterations per Muon update", check=(at_least(1), "at least 1"))
+    weight_decay: float = setting(0.0, "Muon's decoupled weight decay (multiplied by its LR, as torch.optim.Muon does)",
+                                  check=(at_least(0), "a finite number >= 0"))
+    adjust_lr: str = setting("original", "how Muon scales its LR by matrix shape: original (Keller Jordan's, "
+                                         "sqrt(max(1, rows/cols))) or match_rms_adamw (Moonshot's)",
+                             choices=("original", "match_rms_adamw"))
+
+
+class OptimizerChain:
+    """Several torch optimizers stepped as one, over disjoint parameters: their param_groups and state
+    are seen together (the LR schedule, gradient scaling and clipping work on them as on one optimizer)
+    and their state dicts are saved and loaded side by side under their names."""
+
+    def __init__(self, **optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers.values() for g in o.param_groups]
+
+    @property
+    def state(self) -> dict:
+        """Every part's per-parameter state, read together (a merged copy: write through the parts)."""
+        merged = {}
+        for o in self.optimizers.values():
+            merged.update(o.state)
+        return merged
+
+    def step(self, closure=None) -> None:
+        for o in self.optimizers.values():
+            o.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for o in self.optimizers.values():
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {name: o.state_dict() for name, o in self.optimizers.items()}
+
+    def load_state_dict(self, sd: dict) -> None:
+        missing = [name for name in self.optimizers if name not in sd]
+        if missing:
+            raise CheckpointError(f"the checkpoint's optimizer state has no {', '.join(missing)} part; resume with the "
+                                  "optimizer the run was started with")
+        for name, o in self.optimizers.items():
+            try:
+                o.load_state_dict(sd[name])
+            except (ValueError, KeyError, RuntimeError) as e:
+                raise CheckpointError(f"the checkpoint's {name} state does not fit this optimizer ({str(e)[:100]}); "
+                                      "resume with the optimizer settings the run was started with")
+
+
+def build(model: torch.nn.Module, args: OptimArgs, config: MuonConfig, device: torch.device) -> OptimizerChain:
+    named = trainable(model)
+    matrices = block_matrices(named)
+    ids = {id(p) for _, p in matrices}
+    if not matrices:
+        raise UserError("--optimizer muon found no matrices in the transformer blocks to optimise")
+    muon = torch.optim.Muon([p for _, p in matrices], lr=config.lr, weight_decay=config.weight_decay,
+                            momentum=config.momentum, nesterov=config.nesterov, ns_steps=config.ns_steps,
+                            adjust_lr_fn=config.adjust_lr)
+    for g in muon.param_groups:
+        g["lr_scale"] = config.lr / args.lr  # the schedule sets lr = scheduled lr x lr_scale
+    fused = device.type == "cuda" and all(p.device.type == "cuda" for _, p in named)
+    adamw = torch.optim.AdamW(decay_groups([(n, p) for n, p in named if id(p) not in ids], args.weight_decay),
+                              lr=args.lr, betas=(args.beta1, args.beta2), fused=fused or None)
+    return OptimizerChain(muon=muon, adamw=adamw)
+
+
+def state_bytes(shapes: dict, config) -> int:
+    """One fp32 momentum buffer per Muon matrix; AdamW's state for everything else."""
+    matrices = {n for n, _ in block_matrices((n, torch.empty(s, device="meta")) for n, s in shapes.items())}
+    return (sum(4 * math.prod(s) for n, s in shapes.items() if n in matrices)
+            + adamw_state_bytes({n: s for n, s in shapes.items() if n not in matrices}))
+
+
+register_optimizer(OptimizerSpec(
+    "muon", "Muon (torch.optim.Muon) on the blocks' matrices, AdamW on embeddings, head, biases and LayerNorms",
+    build, state_bytes, kind="Muon+AdamW", config=MuonConfig,
+    fsdp="--optimizer muon orthogonalises whole matrices and cannot run on FSDP shards; use DDP (torchrun without "
+         "--fsdp), or --optimizer adamw with --fsdp"))
