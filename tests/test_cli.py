@@ -59,3 +59,23 @@ def test_progress_in_a_log_file_is_a_few_plain_lines(small_corpus, tmp_path):
     bar = [ln for ln in text.splitlines() if ln.startswith("training: ")]
     assert "\r" not in text and 3 <= len(bar) <= 11, bar
     assert bar[-1].startswith("training: 60/60 (100%) | ") and " step/s | elapsed " in bar[-1]
+
+
+def test_default_run_folders_keep_their_names():
+    """The same command finds its run again across versions: settings that named run folders before
+    the settings became typed components still give the same names; newer ones join only off-default."""
+    import gpt_train as gt
+    import pretraining_advanced as adv
+    import pretraining_simple as simple
+
+    for script, mod, expected in (("pretraining_simple", simple, "runs/simple-small-899257db"),
+                                  ("pretraining_advanced", adv, "runs/advanced-124M-029bfcfa")):
+        s = mod.parse_args([])
+        assert str(gt.default_run_dir(script, s.args, mod.build_parser())) == expected
+    s = adv.parse_args(["--optimizer", "muon"])
+    assert str(gt.default_run_dir("pretraining_advanced", s.args, adv.build_parser())) != "runs/advanced-124M-029bfcfa"
+    # Names of two commands from before the change (computed with that version):
+    for argv, name in ((["--max_tokens", "1e6"], "advanced-124M-202c058d"),  # the old name of --cache_max_tokens
+                       (["--optimizer", "galore", "--galore_rank", "64"], "advanced-124M-5ef5d5e2")):
+        s = adv.parse_args(argv)
+        assert gt.default_run_dir("pretraining_advanced", s.args, adv.build_parser()).name == name

@@ -5,10 +5,10 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
+import faults
 import pytest
 import torch
 from conftest import ROOT, newest_checkpoint
@@ -91,16 +91,12 @@ def test_sharded_checkpoint_exports_to_hugging_face(fsdp_run, tmp_path):
 def test_fsdp_stopped_by_sigterm_resumes_on_two_and_on_one_rank(flags, fsdp_run, tmp_path):
     root, _ = fsdp_run
     run = tmp_path / "run"
-    proc = _torchrun([*flags, "--fsdp", "--run_dir", str(run), "--save_every", "0"], stdout=subprocess.PIPE,
-                     stderr=subprocess.PIPE, text=True)
-    for line in proc.stdout:
-        if line.startswith("step       3/"):
-            proc.send_signal(signal.SIGTERM)  # torchrun hands it to both workers, as a scheduler's preemption would
-            break
-    _, err = proc.communicate(timeout=120)
-    assert "SIGTERM received" in err
-    stopped = newest_checkpoint(run)[0]
-    assert 3 <= stopped < STEPS and (run / f"ckpt_{stopped:08d}" / "complete.json").is_file()
+    # SIGTERM to torchrun during step 3, which hands it to both workers, as a scheduler's preemption would
+    r = faults.run("pretraining_advanced.py", [*flags, "--fsdp", "--run_dir", run, "--save_every", "0"],
+                   {"at_step": 3, "action": "sigterm_launcher", "rank": 0}, launcher=faults.torchrun(2))
+    assert "SIGTERM received" in r.stderr
+    assert newest_checkpoint(run)[0] == 3 and (run / "ckpt_00000003" / "complete.json").is_file()
+    assert faults.run("run_status.py", [run]).returncode == 143  # what a requeue script reads
     shutil.copytree(run, tmp_path / "one")
     _torchrun([*flags, "--fsdp", "--run_dir", str(run), "--resume", "auto"])
     assert _losses(run) == _losses(root / "fsdp")  # the same 2 ranks: bit for bit

@@ -246,12 +246,9 @@ def test_plain_progress_lines_without_tqdm(tmp_path, small_corpus):
 
 
 def test_cleaning_quality_on_the_hand_marked_evaluation_set():
-    import sys
+    import gutenberg_eval
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    import bench_prep
-
-    totals = bench_prep.quality()
+    totals = gutenberg_eval.quality()
     assert totals["books"] >= 11 and totals["first and last right"] == totals["books"]
     assert totals["licence left"] == 0 and totals["body lost"] == 0
     assert totals["credit/note left"] < 0.1 * totals["credit/note left before"]

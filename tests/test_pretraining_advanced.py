@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import faults
 import pytest
 import torch
 from conftest import ROOT, newest_checkpoint, run_script
@@ -11,8 +12,6 @@ from conftest import ROOT, newest_checkpoint, run_script
 import gpt_train as gt
 import pretraining_advanced as adv
 from gptkit import sinks
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 @pytest.fixture
@@ -138,18 +137,14 @@ def test_training_logs_and_resumes_bit_identically(base, tmp_path):
 def test_resume_after_sigterm_is_bit_identical(base, tmp_path):
     full = adv.main([*base, "--run_dir", str(tmp_path / "a"), "--max_steps", "12"])
     run = tmp_path / "b"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "pretraining_advanced.py"), *base, "--run_dir", str(run),
-                             "--max_steps", "12"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    for line in proc.stdout:
-        if line.startswith("step       4/12"):
-            proc.terminate()  # SIGTERM, as a cluster scheduler sends on preemption
-            break
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err  # preempted after a good save: a scheduler requeues on 143
-    assert "SIGTERM received" in err
-    stopped_at = newest_checkpoint(run)[0]
-    assert 4 <= stopped_at < 12
+    # SIGTERM during step 4, as a cluster scheduler sends on preemption
+    r = faults.run("pretraining_advanced.py", [*base, "--run_dir", run, "--max_steps", "12"],
+                   {"at_step": 4, "action": "sigterm"})
+    assert r.returncode == 143, r.stderr  # preempted after a good save: a scheduler requeues on 143
+    assert "SIGTERM received" in r.stderr
+    assert newest_checkpoint(run)[0] == 4
+    status = faults.run("run_status.py", [run])
+    assert status.returncode == 143 and "stopped at step 4 (SIGTERM)" in status.stdout
     resumed = adv.main([*base, "--run_dir", str(run), "--max_steps", "12", "--resume", "auto"])
     assert resumed["history"]["train_loss"] == full["history"]["train_loss"]
 
@@ -372,17 +367,15 @@ def test_wandb_records_are_joined_across_blocks_and_torn_ends_dropped():
 
 
 def test_wandb_offline_history_after_crash_and_resume_has_each_step_once(base, tmp_path):
-    import bench_faults
-
     flags = [*base, "--run_dir", str(tmp_path / "run"), "--max_steps", "9", "--save_every", "3", "--wandb",
              "--eval_every", "3", "--keep_last", "0"]
     adv.main([*base, "--run_dir", str(tmp_path / "warm"), "--max_steps", "1"])  # the cache exists before the crash
     # The disk fills while the step-6 checkpoint is written (run.json, ckpt 3, ckpt 6): steps 4-6 are in
     # W&B's files, the run resumes from step 3 and computes them again.
-    r = bench_faults.run_driver(flags, {"in_write": 3, "phase": "disk_full"})
+    r = faults.run("pretraining_advanced.py", flags, {"in_write": 3, "phase": "disk_full"})
     assert r.returncode == 1 and "No space left on device" in r.stderr, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1].startswith("error: could not write ")
-    r = bench_faults.run_driver([*flags, "--resume", "auto"], {})
+    r = faults.run("pretraining_advanced.py", [*flags, "--resume", "auto"])
     assert r.returncode == 0, r.stderr[-2000:]
     runs = sorted((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and len({d.name.split("-")[-1] for d in runs}) == 1  # one W&B run id, resumed

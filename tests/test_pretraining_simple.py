@@ -1,12 +1,9 @@
 import json
-import os
-import signal
-import subprocess
-import sys
 
+import faults
 import pytest
 import torch
-from conftest import ROOT, run_cli, run_script
+from conftest import run_cli, run_script
 
 import gpt_train as gt
 import pretraining_simple
@@ -70,22 +67,13 @@ def test_resume_refuses_other_model(small_corpus, tmp_path):
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(small_corpus, tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "pretraining_simple.py"), "--data_dir", str(small_corpus),
-                             "--output_dir", str(out), *DEBUG, "--max_steps", "100000", "--log_every", "1",
-                             "--eval_freq", "0", "--print_sample_iter", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    for line in proc.stdout:
-        if line.startswith("step       3/"):
-            break
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == 130, stderr  # saved, and said it was interrupted
-    assert "SIGINT received" in stderr
+    r = faults.run("pretraining_simple.py", ["--data_dir", small_corpus, "--output_dir", out, *DEBUG, "--max_steps",
+                                             "100000", "--log_every", "1", "--eval_freq", "0", "--print_sample_iter", "0"],
+                   {"at_step": 3, "action": "sigint"})  # Ctrl-C during step 3
+    assert r.returncode == 130, r.stderr  # saved, and said it was interrupted
+    assert "SIGINT received" in r.stderr
     saved = sorted(out.glob("ckpt_*.pt"))
-    assert len(saved) == 1
-    step = gt.load_checkpoint(saved[0])["step"]
-    assert 3 <= step < 100000
+    assert [gt.load_checkpoint(p)["step"] for p in saved] == [3]
 
 
 def test_bad_data_dir_is_one_line_error(tmp_path, capsys, monkeypatch):

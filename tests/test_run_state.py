@@ -6,12 +6,11 @@ import json
 import os
 import random
 import shutil
-import signal
 import stat
 import subprocess
 import sys
-import time
 
+import faults
 import numpy as np
 import pytest
 import torch
@@ -23,9 +22,6 @@ import pretraining_advanced as adv
 import pretraining_simple as simple
 import token_cache as tc
 import wt_load
-
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import bench_faults  # noqa: E402
 
 DEBUG = ["--model", "debug", "--batch_size", "4", "--eval_iters", "2", "--no-progress", "--seed", "1",
          "--sample_every", "0", "--log_every", "1", "--dtype", "fp32"]
@@ -196,15 +192,10 @@ def test_bad_input_is_one_error_line_and_touches_nothing(world, capsys, monkeypa
     assert not [k for k in after if k.endswith((".tmp", ".lock"))]
 
 
-def test_ctrl_c_while_importing_is_quiet(tmp_path):
-    proc = subprocess.Popen([sys.executable, str(ROOT / "pretraining_simple.py"), "--help"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    time.sleep(0.4)  # inside `import torch`, which takes seconds
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode in (130, 0), err  # 0 only if --help finished first, on a very fast machine
-    assert "Traceback" not in err
+@pytest.mark.parametrize("script", ["pretraining_simple.py", "pretraining_advanced.py", "wt_load.py"])
+def test_ctrl_c_while_importing_is_quiet(script, tmp_path):
+    r = faults.run(script, ["--help"], {"sigint_on_import": "torch"})  # Ctrl-C as torch starts to load
+    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr
 
 
 def test_read_only_or_full_disk_is_refused_before_training(small_corpus, tmp_path, monkeypatch):
@@ -336,37 +327,36 @@ def test_a_second_live_run_on_the_folder_is_refused(small_corpus, tmp_path):
 
 @pytest.fixture(scope="module")
 def fault_corpus(tmp_path_factory):
-    return bench_faults.make_corpus(tmp_path_factory.mktemp("faults") / "corpus")
+    return faults.make_corpus(tmp_path_factory.mktemp("faults") / "corpus")
 
 
 def test_cache_build_killed_after_every_record_finishes_identical(fault_corpus, tmp_path):
     m = tc.build_cache(tc.resolve_source(str(fault_corpus)), tmp_path / "ref", log=lambda *a: None,
-                       **bench_faults.CACHE_KW)
-    reference = bench_faults.folder_digest(tmp_path / "ref")
-    r = bench_faults.adversarial_cache_trial(fault_corpus, tmp_path / "adv", reference)
+                       **faults.CACHE_KW)
+    reference = faults.folder_digest(tmp_path / "ref")
+    r = faults.adversarial_cache_trial(fault_corpus, tmp_path / "adv", reference)
     assert r["identical"] and not r["extra"], r
     assert r["kills"] == m["records"]  # a kill right after every record, the one that completed the cache too
 
 
 def test_cache_build_killed_at_random_points_finishes_identical(fault_corpus, tmp_path):
     tc.build_cache(tc.resolve_source(str(fault_corpus)), tmp_path / "ref", log=lambda *a: None,
-                       **bench_faults.CACHE_KW)
-    reference = bench_faults.folder_digest(tmp_path / "ref")
+                       **faults.CACHE_KW)
+    reference = faults.folder_digest(tmp_path / "ref")
     rng = random.Random(1)
-    results = [bench_faults.cache_trial(fault_corpus, tmp_path / f"c{i}", reference,
-                                        bench_faults.random_cache_plans(rng, 4, timers=False))
+    results = [faults.cache_trial(fault_corpus, tmp_path / f"c{i}", reference, faults.random_cache_plans(rng, 4))
                for i in range(8)]
     assert sum(r["kills"] for r in results) >= 3 * len(results)  # several kills in each build
     assert all(r["identical"] and not r["extra"] for r in results), results
 
 
 def test_training_killed_at_random_points_resumes_bit_identically(fault_corpus, tmp_path):
-    ref = bench_faults.run_driver(bench_faults.train_flags(fault_corpus, tmp_path / "cache", tmp_path / "ref", 12), {})
+    ref = faults.run("pretraining_advanced.py", faults.train_flags(fault_corpus, tmp_path / "cache", tmp_path / "ref", 12))
     assert ref.returncode == 0, ref.stderr[-2000:]
     reference = json.loads((tmp_path / "ref" / "losses.json").read_text())["train_loss"]
     plans = [{"in_write": 2, "phase": "before_rename"}, {"in_write": 3, "phase": "after_rename"},
-             {"after_s": 1.0}, {"in_write": 4, "phase": "before_rename"}]
-    r = bench_faults.training_trial(fault_corpus, tmp_path / "t", reference, plans, 12)
+             {"at_step": 5, "action": "sigkill"}, {"in_write": 4, "phase": "before_rename"}]
+    r = faults.training_trial(fault_corpus, tmp_path / "t", reference, plans, 12)
     assert r["kills"] >= 3 and r["recovered"] and not r["leftovers"], r
 
 
