@@ -356,6 +356,7 @@ A GPT-2 architecture model ({cfg.n_layers} layers, {cfg.emb_dim} wide, {cfg.n_he
 | tokens seen | {ckpt.get("tokens_seen", 0):,} |
 | final train loss | {last("train_loss")} |
 | final validation loss | {last("val_loss")} |
+| optimizer | {run.get("optimizer") or args.get("optimizer") or "unknown"} |
 | training script | {run.get("script", "unknown")} (run {ckpt.get("run_id") or "unknown"}) |
 
 Made with `python wt_load.py to-hf {Path(source).name} OUT_DIR` on {time.strftime("%Y-%m-%d")}. Load it with

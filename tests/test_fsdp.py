@@ -144,9 +144,10 @@ def test_activation_checkpointing_gives_identical_losses_and_gradients():
     assert all(torch.equal(grads[0][n], grads[1][n]) for n in grads[0])
 
 
-def test_galore_with_activation_checkpointing_in_bf16_trains(flags, tmp_path):
-    res = adv.main([*flags, "--run_dir", str(tmp_path), "--max_steps", "3", "--optimizer", "galore", "--galore_rank",
-                    "8", "--activation_checkpointing", "--dtype", "bf16", "--eval_every", "0"])
+@pytest.mark.parametrize("optimizer", [["--optimizer", "galore", "--galore_rank", "8"], ["--optimizer", "muon"]])
+def test_memory_saving_optimizers_with_activation_checkpointing_in_bf16_train(optimizer, flags, tmp_path):
+    res = adv.main([*flags, "--run_dir", str(tmp_path), "--max_steps", "3", *optimizer, "--activation_checkpointing",
+                    "--dtype", "bf16", "--eval_every", "0"])
     assert res["state"].step == 3 and all(torch.isfinite(torch.tensor(res["history"]["train_loss"])))
 
 

@@ -5,11 +5,13 @@ import subprocess
 import sys
 
 import faults
+import hellaswag_items
 import pytest
 import torch
 from conftest import ROOT, newest_checkpoint, run_script
 
 import gpt_train as gt
+import prep_dataset
 import pretraining_advanced as adv
 from gptkit import sinks
 
@@ -278,7 +280,8 @@ def _torchrun(flags):
 
 
 def test_torchrun_resume_is_bit_identical_with_per_rank_dropout(base, tmp_path):
-    flags = [*base, "--eval_every", "0", "--device", "cpu", "--drop_rate", "0.2"]
+    """Under DDP with Muon (its momentum buffers, AdamW's moments and every rank's dropout RNG saved)."""
+    flags = [*base, "--eval_every", "0", "--device", "cpu", "--drop_rate", "0.2", "--optimizer", "muon"]
     _torchrun([*flags, "--max_steps", "6", "--run_dir", str(tmp_path / "full")])
     _torchrun([*flags, "--max_steps", "3", "--run_dir", str(tmp_path / "part")])
     _torchrun([*flags, "--max_steps", "6", "--run_dir", str(tmp_path / "part"), "--resume", "auto"])
@@ -290,7 +293,9 @@ def test_torchrun_resume_is_bit_identical_with_per_rank_dropout(base, tmp_path):
 def test_torchrun_two_ranks_match_single_process(base, tmp_path):
     flags = [*base, "--max_steps", "4", "--eval_every", "0", "--eval_iters", "5", "--device", "cpu"]
     single = adv.main([*flags, "--run_dir", str(tmp_path / "single"), "--grad_accum", "2"])
-    r = _torchrun([*flags, "--run_dir", str(tmp_path / "ddp")])
+    text = "\n".join(prep_dataset.embedded_books())
+    items = hellaswag_items.write(tmp_path / "hs.jsonl", text, 9, seed=2)  # 5 items on rank 0, 4 on rank 1
+    r = _torchrun([*flags, "--run_dir", str(tmp_path / "ddp"), "--hellaswag", str(items)])
     assert "weights identical on all 2 ranks: True" in r.stdout
     assert r.stdout.count("step       1/4 |") == 1  # rank 0 alone logs
     ddp = json.loads((tmp_path / "ddp" / "losses.json").read_text())
@@ -306,6 +311,12 @@ def test_torchrun_two_ranks_match_single_process(base, tmp_path):
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], atol=1e-5, rtol=1e-4)
     assert len(a["rng"]["per_rank"]) == 2
+    # HellaSwag split across the ranks: the value of the whole set, scored in one process
+    from gptkit.evals import hellaswag as hs
+
+    model, _ = __import__("wt_load").load_ours(tmp_path / "ddp" / "ckpt_00000004.pt")
+    whole = hs.score(model, hs.read_items(items), "cpu")
+    assert (ddp["hellaswag"], ddp["hellaswag_norm"]) == ([whole["acc"]], [whole["acc_norm"]])
 
 
 def test_fp16_loss_scaling_resumes_bit_identically(base, tmp_path):

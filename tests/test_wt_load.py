@@ -197,7 +197,7 @@ PASSAGE = ("It is a truth universally acknowledged, that a single man in possess
            "want of a wife.\n\n“However little known the feelings or views of such a man may be…” — naïve café, 1813.")
 
 
-def test_hf_export_is_a_complete_model_for_transformers(tmp_path, small_corpus):
+def test_hf_export_is_a_complete_model_for_transformers(tmp_path, small_corpus, capfd):
     res = pretraining_simple.main(["--data_dir", str(small_corpus), "--output_dir", str(tmp_path / "run"), "--debug",
                                    "--max_steps", "3", "--no-progress"])
     model, ckpt = wt_load.load_ours(res["checkpoint"])
@@ -217,6 +217,13 @@ def test_hf_export_is_a_complete_model_for_transformers(tmp_path, small_corpus):
     assert list(generated) == mine and len(mine) == prompt.shape[1] + 8  # the prompt, then the same 8 new tokens
     card = (out / "README.md").read_text()
     assert "| steps | 3 |" in card and "final train loss" in card and '"n_layers": 2' in card
+    assert "| optimizer | adamw |" in card and "ckpt_00000003.pt OUT_DIR" in card
+    assert str(tmp_path) not in card.split("## Training settings")[0]  # the checkpoint by name, not its local path
+    assert "max_length" not in json.loads((out / "generation_config.json").read_text())
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out)
+    capfd.readouterr()
+    hf.generate(prompt, max_new_tokens=2, do_sample=False)  # transformers warns (on stderr) if max_length is set too
+    assert "max_length" not in capfd.readouterr().err
 
 
 def test_safetensors_export_loads_strictly(tmp_path):

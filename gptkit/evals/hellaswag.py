@@ -133,6 +133,7 @@ def loglikelihoods(model, reqs: list[tuple[list[int], list[int]]], device, autoc
         logits = model(x.to(device))  # (B, width, vocab)
     out = []
     for i, (inp, cont) in enumerate(reqs):
+        cont = cont[-len(inp):]  # a continuation longer than the window: the tokens the window predicts
         logp = F.log_softmax(logits[i, len(inp) - len(cont) : len(inp)].float(), dim=-1)
         out.append(float(logp.gather(1, torch.tensor(cont, device=logp.device)[:, None]).sum()))
     return out
