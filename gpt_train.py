@@ -27,7 +27,18 @@ from gptkit.cli import run_cli
 from gptkit.config import HelpFormatter, finite, refuse_together
 from gptkit.data.batches import BatchSampler, TokenWindowDataset, create_dataloader
 from gptkit.errors import CheckpointError, RunFailure, UserError
-from gptkit.files import FolderLock, atomic_write, dir_mode, file_mode, process_umask, sha256_file, write_json
+from gptkit.files import (
+                                     DISK_FULL,
+                                     FolderLock,
+                                     atomic_write,
+                                     dir_mode,
+                                     disk_full,
+                                     file_mode,
+                                     full_disk_cause,
+                                     process_umask,
+                                     sha256_file,
+                                     write_json,
+)
 from gptkit.generation import generate, generate_and_print_sample, text_to_token_ids, token_ids_to_text
 from gptkit.loop import StepResult, StopSignal, TrainConfig, TrainHooks, TrainState, train_model, train_step
 from gptkit.loss import _MeanCrossEntropy, calc_loss_batch, compiled_cross_entropy, evaluate_model, loss_sums

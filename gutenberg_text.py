@@ -230,6 +230,21 @@ def normalize_text(text: str) -> str:
     return text.strip("\n").strip() + "\n" if text.strip() else ""
 
 
+def text_problem(text: str) -> str | None:
+    """Why decoded bytes are not a text at all (random or binary data read as cp1252/latin-1), or None:
+    prose has next to no control characters, and is mostly letters and spaces."""
+    sample = text[:1_000_000]
+    if not sample:
+        return None
+    control = sum(1 for ch in sample if (ch < " " and ch not in "\t\n\r\f") or "\x7f" <= ch <= "\x9f")
+    if control > 0.001 * len(sample):
+        return f"not text: {100 * control / len(sample):.1f}% control characters (a binary or damaged file?)"
+    plain = sum(1 for ch in sample if ch.isalpha() or ch.isspace())
+    if plain < 0.6 * len(sample):
+        return f"not text: only {100 * plain / len(sample):.0f}% letters and spaces"
+    return None
+
+
 def detect_language(raw: str, body: str) -> str | None:
     """None if the book is English, else the reason it is not."""
     m = LANGUAGE_RE.search(raw[:20000])

@@ -23,7 +23,9 @@ if __name__ == "__main__":
     quiet_interrupt_while_importing()
 
 import argparse
+import contextlib
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -42,7 +44,7 @@ from pathlib import Path
 from gptkit.cli import run_cli
 from gptkit.config import HelpFormatter
 from gptkit.errors import RunFailure, UserError
-from gptkit.files import atomic_write, write_json
+from gptkit.files import DISK_FULL, FolderLock, atomic_write, disk_full, walk_files, write_json
 from gptkit.progress import progress_bar
 from gptkit.tokenizer import EOT_TOKEN
 from gutenberg_text import (  # noqa: F401  (re-exported: the cleaning API lives there)
@@ -57,6 +59,7 @@ from gutenberg_text import (  # noqa: F401  (re-exported: the cleaning API lives
     normalize_text,
     remove_credits_and_notes,
     strip_gutenberg,
+    text_problem,
 )
 
 DEFAULT_RAW_DIR = Path("data/gutenberg_raw")
@@ -70,6 +73,10 @@ BOOK_SUFFIXES = (".txt", ".txt.utf8", ".txt.utf-8")
 BOOK_NAME_RE = re.compile(r"^(?:pg)?(\d+)(-[08])?(?:\.txt(?:\.utf-?8)?|\.zip)$", re.I)
 VARIANT_RANK = {"-0": 0, "-8": 1, "": 2}  # which copy of a book to keep: UTF-8, then 8-bit, then ASCII
 STAGING, OUTPUT_MANIFEST = ".prepare", ".prep_manifest.json"  # hidden: not taken for data by token_cache
+LOCK = ".prepare.lock"  # one preparation per output folder at a time
+# A single book bigger than this is skipped (with a warning): the largest prose on Gutenberg is a few tens
+# of MB, and a worker's memory is a few times the book's size. --max_book_mb raises it.
+DEFAULT_MAX_BOOK_MB = 64
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,17 +93,33 @@ class BookRef:
     def name(self) -> str:
         return f"{self.path}!{self.member}" if self.member else self.path
 
-    def read_bytes(self) -> bytes:
+    def read_bytes(self, limit: int) -> bytes:
+        """The book's bytes, at most `limit` of them: a bigger book (whatever size its zip entry
+        claims) raises BookTooBig after reading limit + 1 bytes, so memory stays bounded."""
         if not self.member:
+            if Path(self.path).stat().st_size > limit:
+                raise BookTooBig(Path(self.path).stat().st_size)
             return Path(self.path).read_bytes()
         with zipfile.ZipFile(self.path) as z:
-            return z.read(self.member)
+            if z.getinfo(self.member).file_size > limit:
+                raise BookTooBig(z.getinfo(self.member).file_size)
+            with z.open(self.member) as f:
+                data = f.read(limit + 1)  # streamed: the declared size may lie
+        if len(data) > limit:
+            raise BookTooBig(len(data))
+        return data
 
     def size(self) -> int:
         if not self.member:
             return Path(self.path).stat().st_size
         with zipfile.ZipFile(self.path) as z:
             return z.getinfo(self.member).file_size
+
+
+class BookTooBig(Exception):
+    def __init__(self, size: int):
+        super().__init__(size)
+        self.size = size
 
 
 def book_id(name: str) -> tuple[int | None, int]:
@@ -113,13 +136,16 @@ def _zip_members(path: Path) -> list[str]:
         return []
 
 
-def find_books(data_dir: Path, exclude: Path | None = None, wanted=None) -> tuple[list[BookRef], int]:
+def find_books(data_dir: Path, exclude: Path | None = None, wanted=None,
+               notes: list[str] | None = None) -> tuple[list[BookRef], int]:
     """Every book under data_dir (text files and text members of zip files), one per Gutenberg id:
     the UTF-8 copy (-0) first, then the 8-bit one (-8), then plain ASCII; a .txt before the same in
-    a .zip. `wanted(id)` can refuse an id before its file is opened. Returns (books, duplicates dropped)."""
+    a .zip. `wanted(id)` can refuse an id before its file is opened. Hidden files are not books; a
+    symlinked file is read, a symlinked folder is not entered (`notes` says which). Returns (books,
+    duplicates dropped)."""
     best: dict = {}
     seen = 0
-    for key, candidate in _book_candidates(data_dir, exclude, wanted):
+    for key, candidate in _book_candidates(data_dir, exclude, wanted, notes if notes is not None else []):
         seen += 1
         if key not in best or candidate < best[key]:
             best[key] = candidate
@@ -127,13 +153,12 @@ def find_books(data_dir: Path, exclude: Path | None = None, wanted=None) -> tupl
     return books, seen - len(books)
 
 
-def _book_candidates(data_dir: Path, exclude: Path | None, wanted):
+def _book_candidates(data_dir: Path, exclude: Path | None, wanted, notes: list[str]):
     """(book id, or the file's name without one; ((variant rank, in a zip, name), BookRef)) for every
     book file and zip member under data_dir, outside `exclude`."""
-    excluded = exclude.resolve() if exclude else None
-    for p in sorted(data_dir.rglob("*")):
-        if not _is_book_file(p, excluded):
-            continue
+    paths, more = walk_files(data_dir, _is_book_name, skip=exclude)
+    notes += more
+    for p in map(Path, paths):
         bid, rank = book_id(p.name)
         if bid is not None and wanted is not None and not wanted(bid):
             continue
@@ -145,10 +170,9 @@ def _book_candidates(data_dir: Path, exclude: Path | None, wanted):
             yield (rid if rid is not None else ref.name), ((rrank, is_zip, ref.name), ref)
 
 
-def _is_book_file(p: Path, excluded: Path | None) -> bool:
-    if not (p.suffix.lower() == ".zip" or p.name.lower().endswith(BOOK_SUFFIXES)) or not p.is_file():
-        return False
-    return not (excluded and excluded in p.resolve().parents)
+def _is_book_name(path: str) -> bool:
+    name = path.lower()
+    return name.endswith(".zip") or name.endswith(BOOK_SUFFIXES)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -198,20 +222,28 @@ class BookResult:
     bytes_in: int = 0
 
 
-def process_book(ref) -> BookResult:
+def process_book(ref, max_book_bytes: int = DEFAULT_MAX_BOOK_MB << 20) -> BookResult:
     """Read, strip and clean one book; never raises (a problem becomes the skip reason)."""
     ref = ref if isinstance(ref, BookRef) else BookRef(str(ref))
     result = BookResult(ref.name)
     try:
-        data = ref.read_bytes()
+        data = ref.read_bytes(max_book_bytes)
         result.bytes_in = len(data)
         if not data:
             result.reason = "empty file"
             return result
         raw, result.warnings = decode_book(data)
+    except BookTooBig as e:
+        result.reason = (f"{e.size / 2**20:.0f} MB, more than --max_book_mb {max_book_bytes / 2**20:g} (a book that "
+                         "big is rarely prose; raise --max_book_mb to take it)")
+        return result
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         result.reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         result.reason = f"unreadable: {result.reason}"
+        return result
+    not_text = text_problem(raw)
+    if not_text:
+        result.reason = not_text
         return result
     text, found = clean_book(raw)
     if not found:
@@ -227,15 +259,18 @@ def process_book(ref) -> BookResult:
     return result
 
 
-def clean_in_parallel(refs: list[BookRef], workers: int, window: int = 32) -> Iterator[BookResult]:
+def clean_in_parallel(refs: list[BookRef], workers: int, window: int = 32,
+                      max_book_bytes: int = DEFAULT_MAX_BOOK_MB << 20) -> Iterator[BookResult]:
     """Results in the order of `refs`, from `workers` processes, a window of books at a time: only a
-    window's results are ever held in memory, whatever the corpus size."""
+    window's results are ever held in memory, whatever the corpus size (and no book over the cap is
+    read whole)."""
+    work = functools.partial(process_book, max_book_bytes=max_book_bytes)
     if workers <= 1:
-        yield from map(process_book, refs)
+        yield from map(work, refs)
         return
     with ProcessPoolExecutor(workers) as pool:
         for i in range(0, len(refs), window * workers):
-            yield from pool.map(process_book, refs[i : i + window * workers], chunksize=4)
+            yield from pool.map(work, refs[i : i + window * workers], chunksize=4)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,21 +323,41 @@ class CombinedWriter:
             self._finish_file()  # nothing joins an oversized book
 
     def _write(self, data: bytes) -> None:
-        if self.f is None:
-            self.f = open(self.staging / f".combined_{len(self.state['files']) + 1}.txt.tmp", "wb")
-            self.size = 0
-        else:
-            self.f.write(EOT_TOKEN.encode())
-            self.size += len(EOT_TOKEN)
-        self.f.write(data)
-        self.size += len(data)
+        path = self.staging / f".combined_{len(self.state['files']) + 1}.txt.tmp"
+        try:
+            if self.f is None:
+                self.f = open(path, "wb")
+                self.size = 0
+            else:
+                self.f.write(EOT_TOKEN.encode())
+                self.size += len(EOT_TOKEN)
+            self.f.write(data)
+            self.size += len(data)
+        except OSError as e:
+            if e.errno in DISK_FULL:
+                self._drop_partial(path)
+                raise disk_full(path.with_name(path.name[1:-4]), e, self.size + len(data)) from None
+            raise
+
+    def _drop_partial(self, path: Path) -> None:
+        """A file that cannot be finished: closed and removed (a rerun writes it again)."""
+        with contextlib.suppress(OSError):
+            self.f.close()
+        self.f = None
+        path.unlink(missing_ok=True)
 
     def _finish_file(self) -> None:
         """Make the current file final and record it, with every book counted so far as done."""
         name = f"combined_{len(self.state['files']) + 1}.txt"
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
+        try:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+        except OSError as e:
+            if e.errno in DISK_FULL:
+                self._drop_partial(self.staging / f".{name}.tmp")
+                raise disk_full(self.staging / name, e, self.size) from None
+            raise
         self.f = None
         os.replace(self.staging / f".{name}.tmp", self.staging / name)
         self.state["files"].append({"name": name, "bytes": self.size})
@@ -475,19 +530,33 @@ class Selection:
                               self.languages, self.types)
 
 
-def check_prepare_inputs(data_dir: Path, max_size_mb: float, workers: int | None) -> None:
+def check_prepare_inputs(data_dir: Path, max_size_mb: float, workers: int | None, output_dir: Path | None = None,
+                         max_book_mb: float = DEFAULT_MAX_BOOK_MB) -> None:
     if not data_dir.exists():
         raise UserError(f"--data_dir {data_dir} does not exist; pass --sample to fill it with the embedded books, "
                         "or --download to fetch books into it")
     if not data_dir.is_dir():
         raise UserError(f"--data_dir {data_dir} is not a directory")
-    if not (math.isfinite(max_size_mb) and max_size_mb > 0):
-        raise UserError(f"--max_size_mb must be a positive number, got {max_size_mb}")
+    for name, value in (("max_size_mb", max_size_mb), ("max_book_mb", max_book_mb)):
+        if not (math.isfinite(value) and value > 0):
+            raise UserError(f"--{name} must be a positive number, got {value}")
     if workers is not None and workers < 1:
         raise UserError(f"--workers must be at least 1, got {workers}")
+    if output_dir is not None:
+        check_output_dir(output_dir)
 
 
-def _signature(refs: list[BookRef], max_size_mb: float, selection: Selection) -> str:
+def check_output_dir(output_dir: Path) -> None:
+    """A folder (or one that can be made) this user can write: refused before any work otherwise."""
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"--output_dir {output_dir} is a file; point it at a folder for the combined files")
+    existing = next(p for p in (output_dir, *output_dir.parents, Path(".")) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output_dir {output_dir} cannot be written ({existing} is read-only for this user); pick "
+                        "another folder")
+
+
+def _signature(refs: list[BookRef], max_size_mb, selection: Selection) -> str:
     """What a resumed run must agree on: the books (by name and size) and the settings."""
     h = hashlib.sha256(json.dumps([max_size_mb, selection.languages, selection.types, 2]).encode())
     for ref in refs:
@@ -496,11 +565,19 @@ def _signature(refs: list[BookRef], max_size_mb: float, selection: Selection) ->
 
 
 def prepare(data_dir: Path, output_dir: Path, max_size_mb: float = 500.0, workers: int | None = None,
-            log=print, selection: Selection | None = None, progress: bool = True) -> dict:
+            log=print, selection: Selection | None = None, progress: bool = True,
+            max_book_mb: float = DEFAULT_MAX_BOOK_MB) -> dict:
     """Clean and combine every book under data_dir (one per Gutenberg id, filtered by the catalog);
-    returns the summary. Streams, and resumes an interrupted run of the same inputs."""
-    check_prepare_inputs(data_dir, max_size_mb, workers)
-    selection = selection or Selection()
+    returns the summary. Streams, resumes an interrupted run of the same inputs, and holds the output
+    folder's lock while it works (a second preparation into it is refused)."""
+    check_prepare_inputs(data_dir, max_size_mb, workers, output_dir, max_book_mb)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with FolderLock(output_dir / LOCK, what="preparation"):
+        return _prepare_locked(data_dir, output_dir, max_size_mb, workers, log, selection or Selection(), progress,
+                               max_book_mb)
+
+
+def _prepare_locked(data_dir, output_dir, max_size_mb, workers, log, selection: Selection, progress, max_book_mb):
     ruled_out: list[tuple[str, str]] = []
 
     def wanted(bid: int) -> bool:
@@ -509,15 +586,21 @@ def prepare(data_dir: Path, output_dir: Path, max_size_mb: float = 500.0, worker
             ruled_out.append((f"book {bid}", why))
         return why is None
 
-    refs, duplicates = find_books(data_dir, exclude=output_dir, wanted=wanted)
+    notes: list[str] = []
+    refs, duplicates = find_books(data_dir, exclude=output_dir, wanted=wanted, notes=notes)
+    for note in notes:
+        log(note)
     if not refs and not ruled_out:
         raise UserError(f"no book files ({', '.join(BOOK_SUFFIXES)} or .zip) found under {data_dir}")
     ruled_out = sorted(set(ruled_out))
-    writer = CombinedWriter(output_dir, int(max_size_mb * 1024 * 1024), _signature(refs, max_size_mb, selection), log)
+    writer = CombinedWriter(output_dir, int(max_size_mb * 1024 * 1024),
+                            _signature(refs, max_size_mb if max_book_mb == DEFAULT_MAX_BOOK_MB else [max_size_mb, max_book_mb],
+                                       selection), log)
     todo = refs[writer.state["done"] :]
     bar = progress_bar(total=len(refs), initial=len(refs) - len(todo), desc="cleaning", unit="book") if progress else None
     try:
-        for result in clean_in_parallel(todo, workers or min(len(todo), os.cpu_count() or 1) or 1):
+        for result in clean_in_parallel(todo, workers or min(len(todo), os.cpu_count() or 1) or 1,
+                                        max_book_bytes=int(max_book_mb * 2**20)):
             writer.add(result)
             if bar is not None:
                 bar.update(1)
@@ -564,6 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{DEFAULT_RAW_DIR}; filled with the embedded sample when it does not exist)")
     p.add_argument("--output_dir", type=Path, default=DEFAULT_CLEAN_DIR, help="where combined_N.txt files go")
     p.add_argument("--max_size_mb", type=float, default=500.0, help="size cap of each combined file in MB")
+    p.add_argument("--max_book_mb", type=float, default=DEFAULT_MAX_BOOK_MB,
+                   help="a single book bigger than this many MB is skipped, with a warning (bounds each worker's "
+                        "memory; the largest prose on Gutenberg is a few tens of MB)")
     p.add_argument("--sample", action="store_true", help="write the four embedded Gutenberg books into --data_dir first")
     p.add_argument("--download", nargs="*", metavar="ID", default=None,
                    help=f"download books into --data_dir first: ids, or 'all' for every book --catalog selects "
@@ -573,7 +659,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "before any book is read (books it does not list are checked by their header)")
     p.add_argument("--languages", default="en", help="catalog languages to keep, comma-separated codes")
     p.add_argument("--types", default="Text", help="catalog types to keep, comma-separated (Text, Sound, ...)")
-    p.add_argument("--max_books", type=int, default=None, help="with --download all: at most this many books")
+    p.add_argument("--max_books", type=int, default=None,
+                   help="with --download all: at most this many books (the first the catalog selects)")
     p.add_argument("--mirror", default=DEFAULT_MIRROR, help="Gutenberg server or mirror to download from")
     p.add_argument("--retries", type=int, default=3, help="download attempts per book")
     p.add_argument("--delay", type=float, default=2.0, help="seconds between download requests (be polite)")
@@ -599,14 +686,21 @@ def check_download_flags(args) -> None:
                      ("max_books", args.max_books is None or args.max_books >= 1)):
         if not ok:
             raise UserError(f"--{name} is out of range: {getattr(args, name)}")
+    if args.max_books is not None and args.download != ["all"]:
+        raise UserError("--max_books limits --download all (with --catalog); without it there is nothing to limit")
+    for name in ("languages", "types"):
+        if not [s for s in getattr(args, name).split(",") if s.strip()]:
+            raise UserError(f"--{name} needs at least one value (e.g. --{name} "
+                            f"{'en' if name == 'languages' else 'Text'}); an empty list would keep no book")
 
 
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     data_dir = args.data_dir or DEFAULT_RAW_DIR
     check_download_flags(args)
+    check_output_dir(args.output_dir)
     if data_dir.exists():
-        check_prepare_inputs(data_dir, args.max_size_mb, args.workers)
+        check_prepare_inputs(data_dir, args.max_size_mb, args.workers, args.output_dir, args.max_book_mb)
     selection = Selection(read_catalog(args.catalog) if args.catalog else None,
                           tuple(s.strip().lower() for s in args.languages.split(",") if s.strip()),
                           tuple(s.strip() for s in args.types.split(",") if s.strip()))
@@ -615,7 +709,8 @@ def main(argv=None) -> dict:
                        delay=args.delay)
     if args.sample or (args.data_dir is None and args.download is None and not data_dir.exists()):
         write_embedded_sample(data_dir)
-    return prepare(data_dir, args.output_dir, args.max_size_mb, workers=args.workers, selection=selection)
+    return prepare(data_dir, args.output_dir, args.max_size_mb, workers=args.workers, selection=selection,
+                   max_book_mb=args.max_book_mb)
 
 
 if __name__ == "__main__":

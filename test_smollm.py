@@ -202,9 +202,23 @@ def check_wandb() -> Check:
                  "set WANDB_API_KEY (or `wandb login`) to sync runs; `wandb sync` uploads offline runs later")
 
 
+def nearest_existing(path: Path) -> Path:
+    return next((p for p in (path, *path.parents) if p.exists()), Path("."))
+
+
+def check_output_dir(path: Path) -> None:
+    """--output_dir must be a folder this user can write, or one that can be made: refused otherwise."""
+    from gptkit.errors import UserError
+
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--output_dir {path} is a file; point it at the folder training output will go to")
+    existing = nearest_existing(path)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output_dir {path} cannot be written ({existing} is read-only for this user); pick another")
+
+
 def check_disk(path: Path) -> Check:
-    path.mkdir(parents=True, exist_ok=True)
-    free = shutil.disk_usage(path).free / 2**30
+    free = shutil.disk_usage(nearest_existing(path)).free / 2**30
     if free < 0.5:
         return Check("free disk", "FAIL", f"{free:.1f} GiB free in {path}", "free space or pick another --output_dir")
     return Check("free disk", "OK" if free >= 10 else "WARN", f"{free:.1f} GiB free in {path}",
@@ -280,6 +294,7 @@ def main(argv=None) -> list[Check]:
     p.add_argument("--json", action="store_true", help="print results as JSON")
     p.add_argument("--output_dir", type=Path, default=Path("runs"), help="where training output will go (disk check)")
     args = p.parse_args(argv)
+    check_output_dir(args.output_dir)
     # With --json, stdout carries the JSON alone: anything the checks print goes to stderr.
     with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
         checks = run_checks(args.quick, args.output_dir)
@@ -319,4 +334,6 @@ def test_training_verification(tmp_path):
 
 
 if __name__ == "__main__":
-    sys.exit(1 if any(c.status == "FAIL" for c in main()) else 0)
+    from gptkit.cli import run_cli
+
+    run_cli(lambda: {"exit_code": 1 if any(c.status == "FAIL" for c in main()) else 0})

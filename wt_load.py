@@ -397,6 +397,7 @@ def export_hf(model: gt.GPTModel, out_dir, ckpt: dict | None = None, source: str
     out = Path(out_dir)
     _fresh_output(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    weights = ours_to_hf(model)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         os.chmod(tmp, gt.dir_mode())  # mkdtemp makes 0700: give the folder normal permissions
@@ -404,13 +405,16 @@ def export_hf(model: gt.GPTModel, out_dir, ckpt: dict | None = None, source: str
         (tmp / "config.json").write_text(json.dumps(hf_config(cfg), indent=2))
         hf_tokenizer_files(tmp, cfg.context_length)
         (tmp / "README.md").write_text(model_card(cfg, ckpt, source))
-        save_file(ours_to_hf(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         os.chmod(tmp / "model.safetensors", gt.file_mode())  # safetensors writes 0600
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        full = gt.full_disk_cause(e)
+        if full is not None:
+            raise gt.disk_full(out, full, sum(v.numel() * v.element_size() for v in weights.values())) from None
         raise
     return out
 

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 
 from gptkit.errors import UserError
-from gptkit.files import DISK_FULL, disk_full, os_reason
+from gptkit.files import disk_full, full_disk_cause, os_reason
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
 OOM_HINT = ("out of GPU memory: lower --batch_size (raise --grad_accum to keep the batch), use "
@@ -39,17 +39,23 @@ def run_cli(main: Callable[[], object]) -> None:
         print("interrupted", file=sys.stderr)
         sys.exit(EXIT_SIGINT)
     except OSError as e:
-        if e.errno in DISK_FULL:
-            _fail(str(disk_full(e.filename or "a file", e)), EXIT_FAILED)
         if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
             _fail(f"cannot write {e.filename or 'a file'}: {os_reason(e)}; check its permissions or pick another "
                   "folder", EXIT_BAD_INPUT)
+        _fail_if_disk_full(e)
         raise
     except Exception as e:
         if _is_oom(e):
             _fail(OOM_HINT, EXIT_FAILED)
+        _fail_if_disk_full(e)
         raise
     sys.exit(result.get("exit_code", EXIT_OK) if isinstance(result, dict) else EXIT_OK)
+
+
+def _fail_if_disk_full(e: BaseException) -> None:
+    full = full_disk_cause(e)
+    if full is not None:
+        _fail(str(disk_full(full.filename or getattr(e, "filename", None) or "a file", full)), EXIT_FAILED)
 
 
 def _fail(message: str, code: int) -> None:

@@ -59,7 +59,27 @@ def os_reason(e: OSError) -> str:
 
 
 def _mib(n: float) -> str:
+    if n < 2**20:
+        return f"{max(1, round(n / 2**10)):,} KiB"
     return f"{n / 2**20:,.1f} MiB" if n < 2**30 else f"{n / 2**30:,.2f} GiB"
+
+
+def full_disk_cause(e: BaseException | None) -> OSError | None:
+    """The full-disk (or file-size limit) OSError behind an error: itself, one in its chain (torch.save
+    ends a failed write with a RuntimeError of its own), or one a library reports in words
+    ("... (os error 28)", as safetensors does)."""
+    import re
+
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in DISK_FULL:
+            return e
+        m = re.search(r"\(os error (\d+)\)", str(e))
+        if m and int(m.group(1)) in DISK_FULL:
+            return OSError(int(m.group(1)), os.strerror(int(m.group(1))))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def disk_full(path, e: OSError, needed: int | None = None) -> RunFailure:
@@ -89,16 +109,13 @@ def atomic_write(path, write: Callable, size_hint: int | None = None) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         written = os.stat(tmp).st_size if os.path.exists(tmp) else 0
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        if e.errno in DISK_FULL:
-            raise disk_full(path, e, size_hint or written) from None
-        raise
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        full = full_disk_cause(e)
+        if full is not None:
+            raise disk_full(path, full, size_hint or written) from None
         raise
     fsync_dir(path.parent)
     return path
@@ -134,6 +151,30 @@ def remove_stale_temps(folder: Path, names: Callable[[str], bool]) -> list[Path]
 def is_plain_name(name: str) -> bool:
     """A file name that stays in its folder: no separators, not '.', '..' or empty, no NUL."""
     return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and "\0" not in name
+
+
+def walk_files(folder: Path, accept: Callable[[str], bool], skip: Path | None = None) -> tuple[list[str], list[str]]:
+    """Files under `folder` that `accept(path)` takes (hidden files and folders are not looked at), sorted,
+    and notes on links: a symlinked file is read where it points (a note names those pointing outside
+    the folder), a symlinked folder is not entered (a loop could never end). `skip` is a folder left out."""
+    root, skip = os.path.realpath(folder), os.path.realpath(skip) if skip else None
+    files, linked_dirs = [], []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        linked_dirs += [os.path.join(dirpath, d) for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
+                             and os.path.realpath(os.path.join(dirpath, d)) != skip)
+        files += [p for p in (os.path.join(dirpath, n) for n in filenames if not n.startswith("."))
+                  if os.path.isfile(p) and accept(p)]
+    outside = [f"{p} -> {os.path.realpath(p)}" for p in files
+               if os.path.islink(p) and os.path.commonpath([root, os.path.realpath(p)]) != root]
+    notes = []
+    if outside:
+        notes.append(f"note: {len(outside)} file(s) in {folder} are symlinks to files outside it, read as data "
+                     f"(first: {outside[0]})")
+    if linked_dirs:
+        notes.append(f"note: {len(linked_dirs)} symlinked folder(s) in {folder} were not entered (first: "
+                     f"{linked_dirs[0]}); pass their targets as data of their own to read them")
+    return sorted(files), notes
 
 
 def sha256_file(path, chunk: int = 1 << 22) -> str:

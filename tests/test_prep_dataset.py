@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import run_script
 
+import gpt_train as gt
 import prep_dataset as pd
 
 BODY = ("CHAPTER I.\n\nIt was the best of times, it was the worst of times, and the\nend of the first line.\n\n"
@@ -420,3 +421,64 @@ def test_names_in_prep_records_never_reach_outside_the_folder(sample_books, tmp_
     with pytest.raises(pd.UserError, match="damaged or was edited"):
         pd.prepare(raw, out, max_size_mb=0.6, **quiet)
     assert victim.read_text() == "the user's"
+
+
+def test_a_book_over_the_cap_is_skipped_with_a_warning_without_reading_it_whole(mirror, tmp_path):
+    import zipfile
+
+    root, _ = mirror
+    big = root / "8" / "888"
+    big.mkdir(parents=True)
+    with zipfile.ZipFile(big / "888.zip", "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("888.txt", _book("A huge one") + "Lorem ipsum dolor. " * 20_000)  # ~400 KB, 3 KB zipped
+    logs = []
+    summary = pd.prepare(root, tmp_path / "out", workers=1, log=logs.append, progress=False, max_book_mb=0.2)
+    assert summary["books_read"] == 3 and "A huge one" not in (tmp_path / "out" / "combined_1.txt").read_text()
+    reason = dict(summary["skipped"])[f"{big / '888.zip'}!888.txt"]
+    assert reason.startswith("0 MB, more than --max_book_mb 0.2") and "raise --max_book_mb" in reason
+    assert any(line.startswith("skipped: ") and "888" in line for line in logs)
+    with zipfile.ZipFile(big / "888.zip") as z:  # a member is read in a stream, never past the cap
+        with pytest.raises(pd.BookTooBig):
+            pd.BookRef(str(big / "888.zip"), "888.txt").read_bytes(1000)
+
+
+def test_random_bytes_are_not_a_book(tmp_path):
+    import random
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    rng = random.Random(0)
+    (raw / "pg1.txt").write_bytes(bytes(rng.randrange(1, 256) for _ in range(200_000)))  # no NUL: not "binary"
+    (raw / "pg2.txt").write_text(_book("A real one"))
+    summary = pd.prepare(raw, tmp_path / "out", workers=1, log=lambda *a: None, progress=False)
+    assert summary["books_read"] == 1
+    assert dict(summary["skipped"])[str(raw / "pg1.txt")].startswith("not text: ")
+
+
+def test_one_preparation_per_output_folder(sample_books, tmp_path):
+    raw, _ = sample_books
+    out = tmp_path / "out"
+    out.mkdir()
+    with gt.FolderLock(out / pd.LOCK, what="preparation"):  # another preparation holds it
+        with pytest.raises(pd.UserError, match="is in use by pid"):
+            pd.prepare(raw, out, workers=1, log=lambda *a: None, progress=False)
+    pd.prepare(raw, out, workers=1, log=lambda *a: None, progress=False)
+    assert not (out / pd.LOCK).exists() and list(out.glob("combined_*.txt"))
+
+
+def test_symlinks_files_are_read_and_said_folders_are_not_entered(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "more").mkdir(parents=True)
+    (elsewhere / "pg5.txt").write_text(_book("Linked from outside"))
+    (elsewhere / "more" / "pg6.txt").write_text(_book("In a linked folder"))
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "pg7.txt").write_text(_book("Inside"))
+    (raw / "pg5.txt").symlink_to(elsewhere / "pg5.txt")
+    (raw / "more").symlink_to(elsewhere / "more", target_is_directory=True)
+    logs = []
+    summary = pd.prepare(raw, tmp_path / "out", workers=1, log=logs.append, progress=False)
+    text = (tmp_path / "out" / "combined_1.txt").read_text()
+    assert summary["books_read"] == 2 and "Linked from outside" in text and "In a linked folder" not in text
+    assert any("1 file(s) in" in line and "symlinks to files outside it" in line for line in logs)
+    assert any("1 symlinked folder(s)" in line and "not entered" in line for line in logs)

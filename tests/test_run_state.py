@@ -20,6 +20,7 @@ import gpt_train as gt
 import prep_dataset
 import pretraining_advanced as adv
 import pretraining_simple as simple
+import test_smollm
 import token_cache as tc
 import wt_load
 
@@ -153,6 +154,30 @@ BAD_INPUTS = [
     (prep_dataset.main, ["--data_dir", "W/corpus", "--output_dir", "W/o7", "--workers", "0"], "--workers"),
     (prep_dataset.main, ["--data_dir", "W/corpus", "--output_dir", "W/o8", "--retries", "0"], "--retries"),
     (tc.main, ["build", "--data", "W/corpus", "--cache_dir", "W/user_dir"], "is not empty and holds no token cache"),
+    # Values that used to be silently wrong, or to end in a traceback
+    (S, ["--seed", "99999999999999999999999"], "--seed must be a whole number from 0 to 4294967295"),
+    (S, ["--device", "mps"] if not torch.backends.mps.is_available() else ["--device", "xla"], "--device"),
+    (S, ["--debug", "--model", "small"], "--debug and --model cannot be used together"),
+    (S, ["--max_steps", "3", "--n_epochs", "2"], "--max_steps and --n_epochs cannot be used together"),
+    (A, ["--grad_accum", "2", "--total_batch_tokens", "1024"], "--grad_accum and --total_batch_tokens cannot be used"),
+    (A, ["--max_steps", "2", "--train_tokens", "1000"], "--max_steps and --train_tokens cannot be used together"),
+    (A, ["--resume", "auto", "--init_from", "gpt2"], "--resume and --init_from cannot be used together"),
+    (A, ["--run_dir", "W/new13", "--data", "W/corpus", "--smollm_dir", "W/corpus"], "--smollm_dir reads smollm"),
+    (A, ["--schedule", "constant", "--min_lr", "1e-5"], "--min_lr has no effect with --schedule constant"),
+    (A, ["--fsdp", "--optimizer", "muon"], "--optimizer muon orthogonalises whole matrices"),
+    (A, ["--hellaswag_every", "10"], "--hellaswag_every has no effect without"),
+    (A, ["--run_dir", "W/new14", "--hellaswag", "W/missing.jsonl"], "missing.jsonl is not a file"),
+    (wt_load.main, ["generate", "W/run_a/ckpt_00000002.pt", "--temperature", "-1"], "--temperature must be"),
+    (wt_load.main, ["generate", "W/run_a/ckpt_00000002.pt", "--temperature", "nan"], "--temperature must be"),
+    (wt_load.main, ["generate", "W/run_a/ckpt_00000002.pt", "--temperature", "inf"], "--temperature must be"),
+    (wt_load.main, ["generate", "W/run_a/ckpt_00000002.pt", "--top_k", "0"], "--top_k must be at least 1"),
+    (wt_load.main, ["generate", "W/run_a/ckpt_00000002.pt", "--top_k", "-1"], "--top_k must be at least 1"),
+    (wt_load.main, ["generate", "W/run_a/ckpt_00000002.pt", "--max_new_tokens", "-1"], "--max_new_tokens must be"),
+    (prep_dataset.main, ["--data_dir", "W/corpus", "--output_dir", "W/a_file"], "a_file is a file"),
+    (prep_dataset.main, ["--data_dir", "W/corpus", "--output_dir", "W/o9", "--languages", ""], "--languages needs"),
+    (prep_dataset.main, ["--data_dir", "W/corpus", "--output_dir", "W/o10", "--max_books", "5"], "--max_books limits"),
+    (prep_dataset.main, ["--data_dir", "W/corpus", "--output_dir", "W/o11", "--max_book_mb", "0"], "--max_book_mb"),
+    (test_smollm.main, ["--quick", "--output_dir", "W/a_file"], "a_file is a file"),
 ]
 
 
@@ -374,3 +399,44 @@ def test_keep_last_never_prunes_a_checkpoint_without_this_runs_id(small_corpus, 
     moved = list((tmp_path / "previous").glob("not-this-run-*/ckpt_00000003.pt"))
     assert len(moved) == 1 and moved[0].read_bytes() == before["ckpt_00000003.pt"]  # moved, not overwritten
     assert sorted(p.name for p in tmp_path.glob("ckpt_*")) == ["ckpt_00000001.pt", "ckpt_00000004.pt"]
+
+
+# ----------------------------------------------------------------------------------------------
+# A full disk (here: a file-size limit, which fails writes the same way) is one line, and leaves nothing
+
+
+def _limited(args, limit_bytes, cwd):
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+
+    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit, env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+@pytest.mark.parametrize("what", ["checkpoint", "cache shard", "combined book file", "hf export"])
+def test_a_full_disk_is_one_line_naming_the_file_and_the_space_needed(what, small_corpus, sample_books, tmp_path):
+    if what == "checkpoint":
+        tc.build_cache(tc.resolve_source(str(small_corpus)), tmp_path / "cache", val_fraction=0.2, progress=False,
+                       log=lambda *a: None)
+        args = [ROOT / "pretraining_advanced.py", "--data", small_corpus, "--cache_dir", tmp_path / "cache",
+                "--val_fraction", "0.2", *DEBUG, "--max_steps", "2", "--run_dir", tmp_path / "run"]
+        target, limit = "ckpt_00000002.pt", 2 << 20
+    elif what == "cache shard":
+        args = [ROOT / "token_cache.py", "build", "--data", small_corpus, "--cache_dir", tmp_path / "c",
+                "--shard_tokens", "4096", "--no-progress"]
+        target, limit = "_000000.bin", 4000
+    elif what == "combined book file":
+        args = [ROOT / "prep_dataset.py", "--data_dir", sample_books[0], "--output_dir", tmp_path / "out", "--workers", "1"]
+        target, limit = "combined_1.txt", 1 << 20
+    else:
+        ckpt = wt_load.save_from_model(gt.GPTModel(gt.get_config("debug")), tmp_path / "m.pt", "test")
+        args = [ROOT / "wt_load.py", "to-hf", ckpt, tmp_path / "hf"]
+        target, limit = "hf", 1 << 20
+    r = _limited(args, limit, tmp_path)
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert r.returncode == 1 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert target in errors[0] and "it needs about" in errors[0] and "is free there" in errors[0], errors[0]
+    leftovers = [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".hf.")]
+    assert not leftovers, leftovers

@@ -42,7 +42,7 @@ FEED_TOKENS = 1 << 16  # documents are fed to the shard builder in chunks of abo
 
 
 def _write_shard(path: Path, tokens: np.ndarray) -> None:
-    atomic_write(path, lambda f: f.write(tokens.astype(np.uint16).tobytes()))
+    atomic_write(path, lambda f: f.write(tokens.astype(np.uint16).tobytes()), size_hint=2 * len(tokens))
 
 
 def _names(manifest: dict) -> dict:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from gptkit.data.sources import DataOptions, DataSource, SourceKind, first_line, parse_mix, register_source
 from gptkit.errors import UserError
-from gptkit.files import sha256_file
+from gptkit.files import sha256_file, walk_files
 
 # Local files up to this size are hashed whole for the cache's source identity; larger ones by their
 # size, first and last 4 MiB and 16 evenly spaced 64 KiB samples (an edit elsewhere that keeps the
@@ -73,33 +73,11 @@ def find_local_files(data: str, notes: list[str] | None = None) -> list[str]:
     return files
 
 
-def _is_data_file(path: str) -> bool:
-    name = os.path.basename(path)
-    return not name.startswith(".") and Path(name).suffix in FORMATS and os.path.isfile(path)
-
-
-def _leaves(path: str, root: str) -> bool:
-    """Whether a symlink points outside the folder `root` (a real path)."""
-    return os.path.islink(path) and os.path.commonpath([root, os.path.realpath(path)]) != root
-
-
 def _walk(folder: Path, notes: list[str]) -> list[str]:
-    """Data files under a folder (not hidden ones); symlinked files are read where they point (a note
-    names those outside the folder), symlinked folders are not entered (a note names them)."""
-    root = os.path.realpath(folder)
-    files, skipped_dirs = [], []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        skipped_dirs += [os.path.join(dirpath, d) for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files += [p for p in (os.path.join(dirpath, n) for n in filenames) if _is_data_file(p)]
-    outside = [f"{p} -> {os.path.realpath(p)}" for p in files if _leaves(p, root)]
-    if outside:
-        notes.append(f"note: {len(outside)} file(s) in {folder} are symlinks to files outside it, read as data "
-                     f"(first: {outside[0]})")
-    if skipped_dirs:
-        notes.append(f"note: {len(skipped_dirs)} symlinked folder(s) in {folder} were not entered (first: "
-                     f"{skipped_dirs[0]}); pass them as --data parts of their own to read them")
-    return sorted(files)
+    """Data files under a folder (see gptkit.files.walk_files for hidden files and links)."""
+    files, more = walk_files(folder, lambda p: Path(p).suffix in FORMATS)
+    notes += more
+    return files
 
 
 # ----------------------------------------------------------------------------------------------
