@@ -264,8 +264,25 @@ def setup_distributed(device: str = "auto", fsdp: bool = False, cpu_offload: boo
     if on_gpu:
         torch.cuda.set_device(local_rank)
     backend = ("cuda:nccl,cpu:gloo" if cpu_offload else "nccl") if on_gpu else "gloo"
-    dist.init_process_group(backend, timeout=timedelta(minutes=timeout_min))
+    timeout = timedelta(minutes=timeout_min)
+    rank = int(os.environ.get("RANK", "0"))
+    dist.init_process_group(backend, timeout=timeout, **_attempt_store(rank, world, timeout))
     return dist.get_rank(), dist.get_world_size(), local_rank
+
+
+def _attempt_store(rank: int, world: int, timeout) -> dict:
+    """Under torchrun, the rendezvous store seen through a prefix of this attempt. torchrun's elastic
+    agent keeps one store across the restarts of a group (--max_restarts), so without it a restarted
+    worker can read the addresses its peers published in the failed attempt and connect to nothing."""
+    if "TORCHELASTIC_RESTART_COUNT" not in os.environ or "MASTER_ADDR" not in os.environ:
+        return {}
+    import torch.distributed as dist
+
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=rank == 0 and not agent_hosts_it, timeout=timeout)
+    attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+    return {"store": dist.PrefixStore(f"gpt_train/attempt_{attempt}/", store), "rank": rank, "world_size": world}
 
 
 def teardown_distributed() -> None:
