@@ -27,23 +27,12 @@ import os
 import sys
 from pathlib import Path
 
-import matplotlib
-
-if "ipykernel" not in sys.modules:
-    matplotlib.use("Agg")  # headless: figures go to files
-import matplotlib.pyplot as plt
-import torch
-import torch.nn.functional as F
-
-import gpt_train as gt
-import pretraining_simple
-import wt_load
-from gptkit.schedules import ScheduleConfig, lr_function, resolve
+from gptkit.errors import UserError
 
 
 def _one_line(kind, value, tb, _default=sys.excepthook):
     """Run headless, a bad setting or input is one `error:` line and exit code 2, as in the scripts."""
-    if not isinstance(value, gt.UserError):
+    if not isinstance(value, UserError):
         return _default(kind, value, tb)
     print(f"error: {value}", file=sys.stderr, flush=True)
     sys.stdout.flush()
@@ -56,25 +45,39 @@ if "ipykernel" not in sys.modules:
 
 def settings() -> tuple[bool, Path | None, Path]:
     """NOTEBOOK_QUICK (0 or 1), NOTEBOOK_CHECKPOINT (an existing checkpoint, sharded folder or .safetensors)
-    and NOTEBOOK_OUT (a folder), checked before any work."""
+    and NOTEBOOK_OUT (a folder), checked before anything slow is loaded."""
     quick = os.environ.get("NOTEBOOK_QUICK", "0")
     if quick not in ("0", "1", ""):
-        raise gt.UserError(f"NOTEBOOK_QUICK must be 0 or 1, got {quick!r}")
+        raise UserError(f"NOTEBOOK_QUICK must be 0 or 1, got {quick!r}")
     checkpoint = os.environ.get("NOTEBOOK_CHECKPOINT") or None
     if checkpoint is not None and not Path(checkpoint).exists():
-        raise gt.UserError(f"NOTEBOOK_CHECKPOINT {checkpoint} does not exist; point it at a checkpoint (.pt), a sharded "
-                           "checkpoint's folder or a .safetensors export, or unset it to train a small model here")
+        raise UserError(f"NOTEBOOK_CHECKPOINT {checkpoint} does not exist; point it at a checkpoint (.pt), a sharded "
+                        "checkpoint's folder or a .safetensors export, or unset it to train a small model here")
     out = Path(os.environ.get("NOTEBOOK_OUT") or "runs/notebook")
     if out.exists() and not out.is_dir():
-        raise gt.UserError(f"NOTEBOOK_OUT {out} is a file; point it at a folder for the figures")
+        raise UserError(f"NOTEBOOK_OUT {out} is a file; point it at a folder for the figures")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise gt.UserError(f"NOTEBOOK_OUT {out} cannot be made ({e.strerror}); point it at a writable folder")
+        raise UserError(f"NOTEBOOK_OUT {out} cannot be made ({e.strerror}); point it at a writable folder")
     return quick == "1", Path(checkpoint) if checkpoint else None, out
 
 
 QUICK, CHECKPOINT, OUT = settings()
+
+import matplotlib  # noqa: E402
+
+if "ipykernel" not in sys.modules:
+    matplotlib.use("Agg")  # headless: figures go to files
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import gpt_train as gt  # noqa: E402
+import pretraining_simple  # noqa: E402
+import wt_load  # noqa: E402
+from gptkit.schedules import ScheduleConfig, lr_function, resolve  # noqa: E402
+
 tokenizer = gt.get_tokenizer()
 figures = []
 

@@ -59,6 +59,12 @@ def test_progress_in_a_log_file_is_a_few_plain_lines(small_corpus, tmp_path):
     bar = [ln for ln in text.splitlines() if ln.startswith("training: ")]
     assert "\r" not in text and 3 <= len(bar) <= 11, bar
     assert bar[-1].startswith("training: 60/60 (100%) | ") and " step/s | elapsed " in bar[-1]
+    # Each progress line shows its own step's loss (the same as that step's log line), not the step before's
+    logged = {int(ln.split()[1].split("/")[0]): ln.split("| loss ")[1].split()[0] for ln in text.splitlines()
+              if ln.startswith("step ")}
+    shown = {int(ln.split()[1].split("/")[0]): ln.split("| loss ")[1].split()[0] for ln in bar}
+    both = sorted(shown.keys() & logged.keys())
+    assert 60 in both and all(shown[k] == f"{float(logged[k]):.3f}" for k in both), (shown, logged)
 
 
 def test_default_run_folders_keep_their_names():

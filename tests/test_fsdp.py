@@ -246,6 +246,24 @@ def _refused(main, argv, capsys):
     return code, lines
 
 
+def test_the_notebook_reads_a_sharded_checkpoint(fsdp_run, tmp_path):
+    from test_notebook import check_figures, run_notebook
+
+    root, _ = fsdp_run
+    out = tmp_path / "figs"
+    check_figures(out, run_notebook(tmp_path, NOTEBOOK_QUICK="1", NOTEBOOK_OUT=str(out),
+                                    NOTEBOOK_CHECKPOINT=str(root / "fsdp" / f"ckpt_{STEPS:08d}")))
+
+
+def test_the_notebook_refuses_a_crafted_sharded_checkpoint(crafted, tmp_path):
+    from test_notebook import run_notebook
+
+    ckpts, marker = crafted
+    r = run_notebook(tmp_path, NOTEBOOK_QUICK="1", NOTEBOOK_OUT=str(tmp_path / "figs"), NOTEBOOK_CHECKPOINT=str(ckpts["index"]))
+    errors = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert not marker.exists() and r.returncode == 2 and len(errors) == 1 and "posix.system" in errors[0], r.stderr
+
+
 @pytest.mark.parametrize("reader", ["inspect", "to-hf", "to-safetensors", "generate", "adv --resume PATH",
                                     "adv --resume auto", "adv --init_from", "simple --init_from", "simple --resume PATH"])
 def test_a_crafted_shard_index_is_refused_by_every_reader(reader, crafted, flags, small_corpus, tmp_path, capsys):

@@ -456,3 +456,25 @@ def test_named_steps_of_a_run_work_alone(tmp_path):
     log = (tmp_path / "train.log").read_text().splitlines()
     assert log[2] == gt.format_log_line(metrics) and log[3] == "eval step 1 | val_loss 9.7500 | train_loss 9.5000"
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_after_a_kill_and_a_resume_every_record_holds_each_step_once(base, tmp_path):
+    """kill -9 in step 6 (checkpoints every 2): step 5 was logged by the killed process and is logged
+    again after resuming from step 4; train.log and the raw TensorBoard event files (not only
+    TensorBoard's own reader, which hides them) keep each step once."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    run = tmp_path / "run"
+    flags = [*base, "--run_dir", run, "--max_steps", "8", "--save_every", "2", "--eval_every", "2", "--tensorboard",
+             "--keep_last", "0"]
+    r = faults.run("pretraining_advanced.py", flags, {"at_step": 6, "action": "sigkill"})
+    assert r.returncode == -9 and newest_checkpoint(run)[0] == 4  # steps 5 logged, then lost
+    adv.main([*map(str, flags), "--resume", "auto"])
+    log = (run / "train.log").read_text().splitlines()
+    assert [int(ln.split()[1].split("/")[0]) for ln in log if ln.startswith("step ")] == list(range(1, 9))
+    assert [int(ln.split()[2]) for ln in log if ln.startswith("eval step ")] == [0, 2, 4, 6, 8]
+    steps = []
+    for path in sorted((run / "tensorboard").glob("events.out.tfevents.*")):
+        steps += [e.step for e in EventFileLoader(str(path)).Load()
+                  for v in e.summary.value if v.tag == "train/loss"]
+    assert sorted(steps) == list(range(1, 9))

@@ -410,3 +410,37 @@ def test_an_edited_manifest_is_refused_by_verify_inspect_and_training(corpora, e
                                    "1", "--run_dir", tmp_path / "r", "--no-progress", "--val_fraction", "0.25"])):
         code, out, err = run_cli(main, argv, capsys)
         assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_folder_saved_by_datasets_is_a_source(corpora, tmp_path):
+    import datasets
+
+    root, docs = corpora
+    ds = datasets.Dataset.from_dict({"body": docs, "n": list(range(len(docs)))})
+    ds.save_to_disk(str(tmp_path / "one"))
+    datasets.DatasetDict({"train": ds, "validation": ds.select(range(5))}).save_to_disk(str(tmp_path / "dict"))
+    datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "no_train"))
+    direct = gt.encode_documents(docs)
+    for folder in ("one", "dict"):
+        src = tc.resolve_source(str(tmp_path / folder), text_column="body")
+        m = tc.build_cache(src, tmp_path / f"cache_{folder}", val_fraction=0.25, progress=False, log=lambda *a: None)
+        assert m["source"]["kind"] == "hf-disk" and m["tokens_consumed"] == len(direct) and m["documents"] == len(docs)
+    with pytest.raises(gt.UserError, match="without a 'train' split .*test"):
+        tc.resolve_source(str(tmp_path / "no_train"))
+    with pytest.raises(gt.UserError, match="has no text column 'text' .*body"):
+        tc.build_cache(tc.resolve_source(str(tmp_path / "one")), tmp_path / "c3", progress=False)
+
+
+def test_symlinked_files_are_read_and_said_and_linked_folders_are_not_entered(corpora, tmp_path):
+    root, docs = corpora
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "own.jsonl").write_text(json.dumps({"text": "a document of the folder's own"}) + "\n")
+    (data / "linked.jsonl").symlink_to(root / "j" / "part.jsonl")
+    (data / "folder").symlink_to(root / "t", target_is_directory=True)
+    logs = []
+    src = tc.resolve_source(str(data))
+    m = tc.build_cache(src, tmp_path / "c", val_fraction=0.25, progress=False, log=logs.append)
+    assert m["documents"] == 1 + len(docs)  # its own file and the linked one; not the linked folder's
+    assert any("symlinks to files outside it" in line and "linked.jsonl" in line for line in logs)
+    assert any("1 symlinked folder(s)" in line for line in logs)

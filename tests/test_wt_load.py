@@ -263,3 +263,13 @@ def test_padded_vocabulary_exports_and_reloads_unpadded(tmp_path):
     wt_load.init_weights(target, str(hf))
     with torch.no_grad():
         assert (target(x) - logits).abs().max().item() <= 1e-5
+
+
+def test_generate_from_an_empty_prompt_starts_at_end_of_text(tmp_path, capsys):
+    from conftest import run_cli
+
+    torch.manual_seed(4)
+    path = wt_load.save_from_model(gt.GPTModel(gt.get_config("debug")), tmp_path / "m.pt", "test")
+    code, out, err = run_cli(wt_load.main, ["generate", path, "--prompt", "", "--max_new_tokens", "3"], capsys)
+    assert code == 0 and err == "" and out.strip()  # as GPT-2 samples unconditionally: after <|endoftext|>
+    assert gt.text_to_token_ids("", gt.get_tokenizer()).tolist() == [[gt.EOT_ID]]
