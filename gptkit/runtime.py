@@ -261,8 +261,8 @@ def setup_distributed(device: str = "auto", fsdp: bool = False, cpu_offload: boo
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     on_gpu = torch.cuda.is_available() and not device.startswith(("cpu", "mps"))
-    if on_gpu:
-        torch.cuda.set_device(local_rank)
+    if on_gpu:  # this process's GPU: LOCAL_RANK's, unless --device names one (cuda:N)
+        torch.cuda.set_device(resolve_device(device, local_rank))
     backend = ("cuda:nccl,cpu:gloo" if cpu_offload else "nccl") if on_gpu else "gloo"
     timeout = timedelta(minutes=timeout_min)
     rank = int(os.environ.get("RANK", "0"))
