@@ -68,6 +68,10 @@ _CREDIT_RE = re.compile(
     rf"(?:\s+of\s+[^.]{{0,80}}?)?\s+(?:was|is|has\s+been|were)\s+(?:first\s+|originally\s+|kindly\s+)?{_VERB}\b"
     rf"|(?:e-?text|e-?book|html\s+version|text\s+file|html\s+file)\s+(?:was\s+)?{_VERB}\b"
     rf"|{_VERB}(?:,?\s+(?:and|&)\s+{_VERB})*\s+(?:by|from|for|with|in)\b"
+    # "A Millennium Fulcrum Edition produced in 1991 by ...", "[A ... Edition (c)1991 by ...]",
+    # "Electronic Edition by ...": an edition statement naming who made the etext
+    r"|(?:an?\s+|the\s+)?(?:[\w-]+\s+){0,4}(?:edition|e-?text|electronic\s+(?:edition|version|text))"
+    rf"\s+(?:\(c\)\s*\d{{4}}\s+)?(?:(?:was\s+)?(?:first\s+)?{_VERB}\s+)?(?:in\s+\d{{4}}\s+)?by\b"
     r"|additional\s+(?:editing|proofing|corrections?|proofreading)\b"
     r"|(?:further\s+)?corrections?\s+(?:by|made\s+by)\b"
     r"|credits?\s*:"
@@ -76,8 +80,16 @@ _CREDIT_RE = re.compile(
     r")", re.I)
 # Words that mark a paragraph as the producers' (a credit's wrapped lines carry them too).
 _CREDIT_WORDS_RE = re.compile(r"distributed\s+proofread|pgdp\.net|online\s+distributed|internet\s+archive|"
-                              r"images\s+generously|project\s+gutenberg|@|e-?mail|https?://|www\.", re.I)
-_NOTE_HEAD_RE = re.compile(r"^[\s\[(|*_=-]*(?:transcriber'?s?|transcription|producer'?s?|e-?text\s+editor'?s?)['\u2019]?s?"
+                              r"images\s+generously|project\s+gutenberg|@|e-?mail|https?://|www\.|digiti[sz]ation|"
+                              r"copyright\s+(?:was\s+)?(?:initially\s+)?claimed|\be-?texts?\b|proofreaders?\b", re.I)
+# What may follow a producer credit as a paragraph of its own: an address ("alight@vnet.net") or the
+# date it was released ("Released to the public June 1998").
+_CREDIT_TAIL_RE = re.compile(
+    r"^[\s(<\[]*(?:(?:e-?mail:?\s*)?[\w.+-]+@[\w-]+(?:\.[\w-]+)+|https?://\S+|www\.\S+)[\s)>\].,]*$"
+    r"|^\s*(?:first\s+)?released\s+(?:to\s+the\s+public\s+)?(?:on\s+|in\s+)?(?:[A-Z][a-z]+\.?\s+)?(?:\d{1,2},?\s+)?"
+    r"\d{4}\.?\s*$", re.I)
+_NOTE_HEAD_RE = re.compile(r"^[\s\[(|*_=-]*(?:original\s+)?"
+                           r"(?:transcriber'?s?|transcription|producer'?s?|e-?text\s+editor'?s?)['\u2019]?s?"
                            r"\s+(?:notes?|remarks?)\b", re.I)
 _NOTE_WORDS_RE = re.compile(
     r"correct|chang|typo|spell|hyphen|inconsisten|original|print|normali[sz]|retain|standardi|silent|footnote|"
@@ -132,13 +144,31 @@ def _bracket_end(lines: list[str], i: int, col: int, limit: int = 400) -> tuple[
     return None
 
 
+_BRACKET_NOTE_RE = re.compile(r"\[\s*(?:transcriber|transcription|producer)['\u2019]?s?\s+notes?\b", re.I)
+_LIST_ITEM_RE = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)]|\(?[a-z]\))\s")
+
+
+def _paragraph_bracket_end(lines: list[str], i: int, limit: int = 60) -> tuple[int, int] | None:
+    """When the brackets inside a note do not balance (a list item's stray "["), the note ends at the
+    first line after it that closes a paragraph with "]", if every paragraph up to there reads as a
+    note: it speaks of corrections, spelling, printing... or is a list of such items."""
+    for j in range(i, min(len(lines), i + limit)):
+        if lines[j].rstrip().endswith("]") and (j + 1 == len(lines) or not lines[j + 1].strip()):
+            pars = " ".join(s.strip() or "\n" for s in lines[i : j + 1]).split("\n")
+            ok = all(_NOTE_WORDS_RE.search(p) or _LIST_ITEM_RE.match(p) for p in pars if p.strip())
+            return (j, len(lines[j].rstrip())) if ok else None
+    return None
+
+
 def _remove_bracketed_notes(lines: list[str]) -> tuple[list[str], list[str]]:
     """Remove every "[Transcriber's note ...]" (to its closing bracket); returns the lines kept and
     the lines dropped or shortened."""
     out, removed, i = [], [], 0
     while i < len(lines):
-        m = re.search(r"\[\s*(?:transcriber|transcription|producer)['\u2019]?s?\s+notes?\b", lines[i], re.I)
-        close = _bracket_end(lines, i, m.start()) if m else None
+        pair = lines[i] + (" " + lines[i + 1] if i + 1 < len(lines) else "")  # "[Transcriber's" / "note: ..."
+        m = _BRACKET_NOTE_RE.search(pair)
+        m = m if m and m.start() < len(lines[i]) else None
+        close = (_bracket_end(lines, i, m.start()) or _paragraph_bracket_end(lines, i)) if m else None
         if close is None:
             out.append(lines[i])
             i += 1
@@ -191,6 +221,17 @@ def remove_credits_and_notes(body: str) -> tuple[str, list[str]]:
     lines, bracketed = _remove_bracketed_notes(lines)
     lines, boxed = _remove_boxed_notes(lines)
     pars = _paragraphs(lines)
+    drop = _lead_credits_and_notes(lines, pars) | _producer_notes(lines, pars)
+    drop |= _notes_at_the_end(lines, pars, drop)
+    gone = {i for k in drop for i in range(*pars[k])}
+    removed = bracketed + boxed + [line for i, line in enumerate(lines) if i in gone]
+    kept = [line for i, line in enumerate(lines) if i not in gone]
+    return "\n".join(kept), removed
+
+
+def _lead_credits_and_notes(lines: list[str], pars: list[tuple[int, int]]) -> set[int]:
+    """Credits (and what trails them: an address, a release date) and note sections among the body's
+    first paragraphs."""
     drop: set[int] = set()
     k = 0
     while k < min(len(pars), LEAD_PARAGRAPHS + len(drop)):
@@ -198,23 +239,43 @@ def remove_credits_and_notes(body: str) -> tuple[str, list[str]]:
         if _is_credit(lines[a:b]):
             drop.add(k)
             k += 1
+            while k < len(pars) and all(_CREDIT_TAIL_RE.match(s) for s in lines[slice(*pars[k])]):
+                drop.add(k)
+                k += 1
         elif _NOTE_HEAD_RE.match(lines[a]):
             n = _note_section(lines, pars, k)
             drop.update(range(k, k + n))
             k += n
         else:
             k += 1
+    return drop
+
+
+def _producer_notes(lines: list[str], pars: list[tuple[int, int]]) -> set[int]:
+    """Anywhere in the book: a "Transcriber's Notes" heading alone on its line, followed by paragraphs
+    about how the etext was made (they name the producers' world: etexts, Project Gutenberg,
+    proofreaders...). Moby-Dick's "Original Transcriber's Notes:" sits after its table of contents."""
+    drop: set[int] = set()
+    for k, (a, b) in enumerate(pars):
+        if b - a != 1 or len(lines[a].strip()) > 60 or not _NOTE_HEAD_RE.match(lines[a]):
+            continue
+        n = 1
+        while k + n < len(pars) and _CREDIT_WORDS_RE.search(" ".join(lines[slice(*pars[k + n])])):
+            n += 1
+        if n > 1:
+            drop.update(range(k, k + n))
+    return drop
+
+
+def _notes_at_the_end(lines: list[str], pars: list[tuple[int, int]], drop: set[int]) -> set[int]:
+    """A "Transcriber's Note(s)" section that runs to the end of the book."""
     for k in range(max(0, len(pars) - TAIL_PARAGRAPHS), len(pars)):
         a, _ = pars[k]
         if k not in drop and _NOTE_HEAD_RE.match(lines[a]):
             n = _note_section(lines, pars, k)
             if k + n == len(pars):  # a section at the end runs to the end: nothing of the book after it
-                drop.update(range(k, k + n))
-                break
-    gone = {i for k in drop for i in range(*pars[k])}
-    removed = bracketed + boxed + [line for i, line in enumerate(lines) if i in gone]
-    kept = [line for i, line in enumerate(lines) if i not in gone]
-    return "\n".join(kept), removed
+                return set(range(k, k + n))
+    return set()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -48,10 +48,15 @@ def _index(lines: list[str], text: str, start: int, last: bool = False) -> int:
 
 
 def _credit_lines(entry: dict, lines: list[str], start: int) -> set[int]:
-    """Indices of the lines inside the hand-marked credit/note blocks (first and last line of each)."""
+    """Indices of the lines inside the hand-marked credit/note blocks (first and last line of each,
+    or just the line for a one-line block)."""
     marked = set()
-    for a, b in entry["credit_blocks"]:
+    for block in entry["credit_blocks"]:
+        a, b = block if len(block) == 2 else (block[0], None)
         i = _index(lines, a, start)
+        if b is None:
+            marked.add(i)
+            continue
         j = _index(lines, b, i + 1 if a == b and lines.count(a) > 1 else i)
         marked.update(range(i, j + 1))
     return marked
