@@ -400,18 +400,8 @@ def publish(output_dir: Path, staging: Path, names: list[str], state: dict, log)
     again after a kill at any point, and it never deletes a file no manifest of this tool lists."""
     manifest = output_dir / OUTPUT_MANIFEST
     previous = (read_record(manifest, "files") or {}).get("files", [])
-    moved_before = {n for n in names if not (staging / n).exists()}
-    for n in moved_before:
-        if not (output_dir / n).is_file():
-            raise RunFailure(f"{output_dir / n} was published by an interrupted run and is gone since; "
-                             f"delete {staging} and prepare again")
-    strangers = [p for p in output_dir.glob("combined_*.txt") if p.name not in previous and p.name not in moved_before]
-    if strangers:
-        aside = output_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
-        aside.mkdir()
-        for p in strangers:
-            os.replace(p, aside / p.name)
-        log(f"moved {len(strangers)} combined_*.txt file(s) this tool had not recorded to {aside}")
+    moved_before = _published_before(output_dir, staging, names)
+    _move_strangers_aside(output_dir, set(previous) | moved_before, log)
     for name in names:
         if name not in moved_before:
             os.replace(staging / name, output_dir / name)
@@ -420,6 +410,28 @@ def publish(output_dir: Path, staging: Path, names: list[str], state: dict, log)
     write_json(manifest, {"files": names, "books_read": state["books_read"], "skipped": len(state["skipped"])})
     shutil.rmtree(staging)
     return [output_dir / n for n in names]
+
+
+def _published_before(output_dir: Path, staging: Path, names: list[str]) -> set[str]:
+    """The staged names a killed publish already moved into place (each must still be there)."""
+    moved = {n for n in names if not (staging / n).exists()}
+    for n in moved:
+        if not (output_dir / n).is_file():
+            raise RunFailure(f"{output_dir / n} was published by an interrupted run and is gone since; "
+                             f"delete {staging} and prepare again")
+    return moved
+
+
+def _move_strangers_aside(output_dir: Path, ours: set[str], log) -> None:
+    """combined_*.txt files no manifest of this tool lists are someone else's: moved aside, not deleted."""
+    strangers = [p for p in output_dir.glob("combined_*.txt") if p.name not in ours]
+    if not strangers:
+        return
+    aside = output_dir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for p in strangers:
+        os.replace(p, aside / p.name)
+    log(f"moved {len(strangers)} combined_*.txt file(s) this tool had not recorded to {aside}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -694,6 +706,13 @@ def check_download_flags(args) -> None:
                             f"{'en' if name == 'languages' else 'Text'}); an empty list would keep no book")
 
 
+def _selection(args) -> Selection:
+    """Which books a catalog run takes: the catalog (if any), languages and types from the flags."""
+    return Selection(read_catalog(args.catalog) if args.catalog else None,
+                     tuple(s.strip().lower() for s in args.languages.split(",") if s.strip()),
+                     tuple(s.strip() for s in args.types.split(",") if s.strip()))
+
+
 def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     data_dir = args.data_dir or DEFAULT_RAW_DIR
@@ -701,9 +720,7 @@ def main(argv=None) -> dict:
     check_output_dir(args.output_dir)
     if data_dir.exists():
         check_prepare_inputs(data_dir, args.max_size_mb, args.workers, args.output_dir, args.max_book_mb)
-    selection = Selection(read_catalog(args.catalog) if args.catalog else None,
-                          tuple(s.strip().lower() for s in args.languages.split(",") if s.strip()),
-                          tuple(s.strip() for s in args.types.split(",") if s.strip()))
+    selection = _selection(args)
     if args.download is not None:
         download_books(download_ids(args, selection), data_dir, mirror=args.mirror, retries=args.retries,
                        delay=args.delay)

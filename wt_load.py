@@ -112,6 +112,16 @@ def load_into(model: gt.GPTModel, sd: dict[str, torch.Tensor], source: str) -> N
     own = model.state_dict()
     if model.cfg.tie_embeddings:
         sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+    _check_tensors(model, own, sd, source)
+    with torch.no_grad():
+        for k, v in own.items():
+            if k in sd:
+                v[: sd[k].shape[0]].copy_(sd[k])
+
+
+def _check_tensors(model: gt.GPTModel, own: dict, sd: dict, source: str) -> None:
+    """One error line for the first tensor the model needs that `sd` lacks, has in another shape, or
+    that `sd` has and the model does not."""
     for k, v in own.items():
         if k == "lm_head.weight" and model.cfg.tie_embeddings:
             continue
@@ -124,10 +134,6 @@ def load_into(model: gt.GPTModel, sd: dict[str, torch.Tensor], source: str) -> N
     extra = sorted(set(sd) - set(own))
     if extra:
         raise gt.UserError(f"{source} has tensor {extra[0]!r} that the model does not (config mismatch?)")
-    with torch.no_grad():
-        for k, v in own.items():
-            if k in sd:
-                v[: sd[k].shape[0]].copy_(sd[k])
 
 
 def unpadded_state_dict(model: gt.GPTModel) -> tuple[dict[str, torch.Tensor], gt.GPTConfig]:
@@ -329,14 +335,23 @@ def hf_tokenizer_files(folder: Path, context_length: int) -> None:
         indent=2))
 
 
-def model_card(cfg: gt.GPTConfig, ckpt: dict | None, source: str) -> str:
-    """README.md of an export: what the model is, what it was trained on, how far, and how it was made."""
-    ckpt = ckpt or {}
+def _card_facts(ckpt: dict):
+    """From a checkpoint: its run record, the run's settings, the data it named, and last(key), the
+    final recorded value of a loss history ("not recorded" when there is none)."""
     run = ckpt.get("run") or {}
     args = run.get("args") or {}
     history = (ckpt.get("progress") or {}).get("history") or {}
-    data = args.get("data") or args.get("data_dir") or "the embedded Project Gutenberg sample" if args else "unknown"
-    last = lambda key: f"{history[key][-1]:.4f}" if history.get(key) else "not recorded"  # noqa: E731
+    data = (args.get("data") or args.get("data_dir") or "the embedded Project Gutenberg sample") if args else "unknown"
+
+    def last(key: str) -> str:
+        return f"{history[key][-1]:.4f}" if history.get(key) else "not recorded"
+    return run, args, data, last
+
+
+def model_card(cfg: gt.GPTConfig, ckpt: dict | None, source: str) -> str:
+    """README.md of an export: what the model is, what it was trained on, how far, and how it was made."""
+    ckpt = ckpt or {}
+    run, args, data, last = _card_facts(ckpt)
     params = gt.count_parameters_from_config(cfg)["tied"]
     return f"""---
 library_name: transformers

@@ -157,14 +157,24 @@ def walk_files(folder: Path, accept: Callable[[str], bool], skip: Path | None = 
     """Files under `folder` that `accept(path)` takes (hidden files and folders are not looked at), sorted,
     and notes on links: a symlinked file is read where it points (a note names those pointing outside
     the folder), a symlinked folder is not entered (a loop could never end). `skip` is a folder left out."""
-    root, skip = os.path.realpath(folder), os.path.realpath(skip) if skip else None
+    skip = os.path.realpath(skip) if skip else None
     files, linked_dirs = [], []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
         linked_dirs += [os.path.join(dirpath, d) for d in dirnames if os.path.islink(os.path.join(dirpath, d))]
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and os.path.realpath(os.path.join(dirpath, d)) != skip)
+        dirnames[:] = _entered(dirpath, dirnames, skip)
         files += [p for p in (os.path.join(dirpath, n) for n in filenames if not n.startswith("."))
                   if os.path.isfile(p) and accept(p)]
+    return sorted(files), _link_notes(folder, files, linked_dirs)
+
+
+def _entered(dirpath: str, dirnames: list[str], skip: str | None) -> list[str]:
+    """The subfolders the walk goes into: not hidden, not `skip` (os.walk itself never enters links)."""
+    return sorted(d for d in dirnames if not d.startswith(".") and os.path.realpath(os.path.join(dirpath, d)) != skip)
+
+
+def _link_notes(folder: Path, files: list[str], linked_dirs: list[str]) -> list[str]:
+    """What the walk says about links: files read from outside `folder`, folders not entered."""
+    root = os.path.realpath(folder)
     outside = [f"{p} -> {os.path.realpath(p)}" for p in files
                if os.path.islink(p) and os.path.commonpath([root, os.path.realpath(p)]) != root]
     notes = []
@@ -174,7 +184,7 @@ def walk_files(folder: Path, accept: Callable[[str], bool], skip: Path | None = 
     if linked_dirs:
         notes.append(f"note: {len(linked_dirs)} symlinked folder(s) in {folder} were not entered (first: "
                      f"{linked_dirs[0]}); pass their targets as data of their own to read them")
-    return sorted(files), notes
+    return notes
 
 
 def sha256_file(path, chunk: int = 1 << 22) -> str:

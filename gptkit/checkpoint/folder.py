@@ -213,14 +213,20 @@ class RunFolder:
         own = info["run_id"] if info else point.checkpoint.get("run_id")
         if info and point.checkpoint.get("run_id") not in (info["run_id"], None) and self.index.steps(own):
             return self._resume_another_run(point, info, overwrite)
-        newer = [(s, p) for s, p in self.index.entries(own) if s > point.checkpoint["step"]]
-        if newer:
-            if not overwrite:
-                raise UserError(f"{self.dir} holds newer checkpoints of this run (step "
-                                f"{', '.join(str(s) for s, _ in newer)}) that resuming from step {point.checkpoint['step']} "
-                                "would overwrite; resume with --resume auto, or add --overwrite to move the newer ones aside")
-            self.move_aside(info, only=[p for _, p in newer])
+        self._newer_aside(point, own, info, overwrite)
         return point
+
+    def _newer_aside(self, point: ResumePoint, own: str | None, info: dict | None, overwrite: bool) -> None:
+        """Resuming from an older checkpoint of this run: its newer ones would be overwritten as training
+        passes their steps again, so they are refused, or with --overwrite moved aside."""
+        newer = [(s, p) for s, p in self.index.entries(own) if s > point.checkpoint["step"]]
+        if not newer:
+            return
+        if not overwrite:
+            raise UserError(f"{self.dir} holds newer checkpoints of this run (step "
+                            f"{', '.join(str(s) for s, _ in newer)}) that resuming from step {point.checkpoint['step']} "
+                            "would overwrite; resume with --resume auto, or add --overwrite to move the newer ones aside")
+        self.move_aside(info, only=[p for _, p in newer])
 
     def _resume_another_run(self, point: ResumePoint, info: dict, overwrite: bool) -> ResumePoint:
         """A checkpoint of another run resumed in a folder holding this one's: refused, or with
