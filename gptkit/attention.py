@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptkit.errors import UserError
+from gptkit.registry import Registry
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -47,18 +47,9 @@ class AttentionSpec:
     hf_gpt2: bool = False  # same maths and names as GPT-2's attention: exports to Hugging Face
 
 
-ATTENTIONS: dict[str, AttentionSpec] = {}
-
-
-def register_attention(spec: AttentionSpec) -> AttentionSpec:
-    ATTENTIONS[spec.name] = spec
-    return spec
-
-
-def attention_spec(name: str) -> AttentionSpec:
-    if name not in ATTENTIONS:
-        raise UserError(f"unknown attention {name!r}; choose one of {', '.join(ATTENTIONS)}")
-    return ATTENTIONS[name]
+ATTENTIONS: Registry[AttentionSpec] = Registry("attention")
+register_attention = ATTENTIONS.add  # register_x(spec): one line in the component's own file
+attention_spec = ATTENTIONS.spec  # the spec of a name, or one error line listing the names
 
 
 class CausalSelfAttention(nn.Module):

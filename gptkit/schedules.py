@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from gptkit.config import at_least, setting
 from gptkit.errors import UserError
+from gptkit.registry import Registry
 
 
 @dataclass
@@ -44,18 +45,9 @@ class ScheduleSpec:
     uses: tuple[str, ...] = ()  # the shared settings it reads: warmup_steps, min_lr
 
 
-SCHEDULES: dict[str, ScheduleSpec] = {}
-
-
-def register_schedule(spec: ScheduleSpec) -> ScheduleSpec:
-    SCHEDULES[spec.name] = spec
-    return spec
-
-
-def schedule_spec(name: str) -> ScheduleSpec:
-    if name not in SCHEDULES:
-        raise UserError(f"unknown schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
-    return SCHEDULES[name]
+SCHEDULES: Registry[ScheduleSpec] = Registry("schedule")
+register_schedule = SCHEDULES.add  # register_x(spec): one line in the component's own file
+schedule_spec = SCHEDULES.spec  # the spec of a name, or one error line listing the names
 
 
 def resolve(cfg: ScheduleConfig, lr: float, max_steps: int, given: set[str] = frozenset()) -> tuple[ScheduleSpec, Schedule]:

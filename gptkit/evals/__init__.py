@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from gptkit.config import add_flags, from_args
 from gptkit.errors import UserError
+from gptkit.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -29,12 +30,8 @@ class EvalSpec:
     build: Callable[[object, object], Callable]  # (config, runtime) -> fn(model) -> {name: value}
 
 
-EVALS: dict[str, EvalSpec] = {}
-
-
-def register_eval(spec: EvalSpec) -> EvalSpec:
-    EVALS[spec.name] = spec
-    return spec
+EVALS: Registry[EvalSpec] = Registry("evaluation")
+register_eval = EVALS.add  # register_eval(spec): one line in the evaluation's own file
 
 
 def add_eval_flags(p: argparse.ArgumentParser) -> None:

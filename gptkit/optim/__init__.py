@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from gptkit.config import at_least, between, setting
-from gptkit.errors import UserError
+from gptkit.registry import Registry
 
 
 @dataclass
@@ -54,18 +54,9 @@ class OptimizerSpec:
     extra_state_bytes: Callable[[Any], int] = _no_extra  # measured state not held as tensors in .state
 
 
-OPTIMIZERS: dict[str, OptimizerSpec] = {}
-
-
-def register_optimizer(spec: OptimizerSpec) -> OptimizerSpec:
-    OPTIMIZERS[spec.name] = spec
-    return spec
-
-
-def optimizer_spec(name: str) -> OptimizerSpec:
-    if name not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-    return OPTIMIZERS[name]
+OPTIMIZERS: Registry[OptimizerSpec] = Registry("optimizer")
+register_optimizer = OPTIMIZERS.add  # register_x(spec): one line in the component's own file
+optimizer_spec = OPTIMIZERS.spec  # the spec of a name, or one error line listing the names
 
 
 def spec_of_kind(kind: str) -> OptimizerSpec | None:
