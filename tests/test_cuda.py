@@ -149,17 +149,17 @@ def test_gpu_benchmark_stages_run_on_cpu(small_corpus, tmp_path):
     """The GPU benchmark on the CPU with tiny models, compiled where the GPU run compiles: every stage
     in a process of its own, each row appended as it is measured, each stage's output kept."""
     out, logs = tmp_path / "results.jsonl", tmp_path / "logs"
-    stages = "headline,real_run,explicit"
+    stages = "headline,real_run"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_gpu.py"), "--smoke", "--stages", stages,
                         "--batch_sizes", "2", "--iters", "1", "--data", str(small_corpus), "--out", str(out),
                         "--logs", str(logs)],
                        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["stage"] for r in rows] == ["environment", "headline", "real_run", "explicit"]
+    assert [r["stage"] for r in rows] == ["environment", "headline", "real_run"]
     assert not [r for r in rows if "error" in r or "skipped" in r], rows
     assert all(r["tokens/s"] > 0 and r["loss"] > 0 and r["compile"] for r in rows if r["stage"] == "headline")
     real = next(r for r in rows if r["stage"] == "real_run")
     assert real["rc"] == 0 and real["resume rc"] == 0 and real["resumed steps"][-1] == 16  # 6 steps, then 10 more
     logged = sorted(p.name.split("-")[0] for p in logs.glob("*.log"))
-    assert logged == ["explicit", "headline", "real_run"]  # each stage's whole output, kept
+    assert logged == ["headline", "real_run"]  # each stage's whole output, kept

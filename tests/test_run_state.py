@@ -380,7 +380,7 @@ def test_training_killed_at_random_points_resumes_bit_identically(fault_corpus, 
     assert ref.returncode == 0, ref.stderr[-2000:]
     reference = json.loads((tmp_path / "ref" / "losses.json").read_text())["train_loss"]
     plans = [{"in_write": 2, "phase": "before_rename"}, {"in_write": 3, "phase": "after_rename"},
-             {"at_step": 5, "action": "sigkill"}, {"in_write": 4, "phase": "before_rename"}]
+             {"at_step": 5, "action": "sigkill"}]
     r = faults.training_trial(fault_corpus, tmp_path / "t", reference, plans, 12)
     assert r["kills"] >= 3 and r["recovered"] and not r["leftovers"], r
 
