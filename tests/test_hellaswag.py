@@ -121,3 +121,14 @@ def test_training_scores_hellaswag_every_n_steps(val_file, small_corpus, tmp_pat
     assert [e.step for e in acc.Scalars("eval/hellaswag")] == [0, 2, 4]
     with pytest.raises(gt.UserError, match="--hellaswag_every has no effect without"):
         adv.main([*flags[: flags.index("--hellaswag")], "--hellaswag_every", "2"])
+
+
+def test_a_bad_hellaswag_file_is_refused_before_the_run_starts(small_corpus, tmp_path):
+    import pretraining_advanced as adv
+
+    (tmp_path / "bad.jsonl").write_text('{"ctx_a": "x"}\n')
+    for path, fragment in ((tmp_path / "nope.jsonl", "is not a file"), (tmp_path / "bad.jsonl", "has no activity_label")):
+        with pytest.raises(gt.UserError, match=fragment):
+            adv.main(["--data", str(small_corpus), "--model", "debug", "--max_steps", "2", "--cache_dir",
+                      str(tmp_path / "c"), "--run_dir", str(tmp_path / "r"), "--hellaswag", str(path)])
+        assert not (tmp_path / "r").exists() and not (tmp_path / "c").exists()  # nothing made, nothing tokenized

@@ -4,8 +4,8 @@ their own number of steps and at the end, on every rank (each rank scores its sh
 values as eval/NAME to the log line, train.log, W&B and TensorBoard.
 
 How to add an evaluation: a config dataclass, `enabled(config)`, and `build(config, runtime)`
-returning fn(model) -> {name: value}; `register_eval(EvalSpec(...))` in its file, and the file in
-BUILTIN below.
+returning fn(model) -> {name: value} (and, optionally, `check(config)` for its inputs, run before the
+run folder is touched); `register_eval(EvalSpec(...))` in its file, and the file in BUILTIN below.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ class EvalSpec:
     enabled: Callable[[object], bool]
     every: Callable[[object], int]  # steps between runs (0: only at the end)
     build: Callable[[object, object], Callable]  # (config, runtime) -> fn(model) -> {name: value}
+    check: Callable[[object], None] = lambda cfg: None  # its inputs, checked before any long work (UserError)
 
 
 EVALS: Registry[EvalSpec] = Registry("evaluation")
@@ -45,6 +46,7 @@ def enabled(args: argparse.Namespace, given: set[str]) -> list[tuple[EvalSpec, o
     for spec in EVALS.values():
         cfg = from_args(spec.config, args)
         if spec.enabled(cfg):
+            spec.check(cfg)
             out.append((spec, cfg))
             continue
         typed = [f.name for f in dataclasses.fields(spec.config) if f.name in given]

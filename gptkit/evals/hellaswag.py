@@ -206,4 +206,8 @@ def build(cfg: HellaSwagConfig, runtime):
     return run
 
 
-register_eval(EvalSpec("hellaswag", HellaSwagConfig, enabled, lambda cfg: cfg.hellaswag_every, build))
+def check(cfg: HellaSwagConfig) -> None:
+    read_items(cfg.hellaswag, cfg.hellaswag_limit)  # a missing or malformed file: one line, before any work
+
+
+register_eval(EvalSpec("hellaswag", HellaSwagConfig, enabled, lambda cfg: cfg.hellaswag_every, build, check))
