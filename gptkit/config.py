@@ -96,7 +96,7 @@ _UNSET = object()
 def parse(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, set[str]]:
     """parse_args, and the set of destinations the user gave on the command line (defaults filled in
     after), so that conflicting flags can be refused instead of one silently winning."""
-    dests = {a.dest: a.default for a in parser._actions if a.dest != argparse.SUPPRESS}
+    dests = {a.dest: a.default for a in parser._actions if a.default != argparse.SUPPRESS}  # not --help
     ns = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(dests, _UNSET)))
     given = {k for k, v in vars(ns).items() if v is not _UNSET}
     for k, default in dests.items():

@@ -40,9 +40,10 @@ def test_validation_loss_falls(small_corpus, tmp_path):
     assert len(val) == 3 and val[0] > 10.5 and val[-1] < val[0] - 2.0
 
 
-def test_resume_continues_bit_identically(small_corpus, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_continues_bit_identically(optimizer, small_corpus, tmp_path):
     common = ["--data_dir", str(small_corpus), *DEBUG, "--drop_rate", "0.1", "--eval_freq", "5",
-              "--print_sample_iter", "0", "--log_every", "1"]
+              "--print_sample_iter", "0", "--log_every", "1", "--optimizer", optimizer]
     full = pretraining_simple.main([*common, "--output_dir", str(tmp_path / "a"), "--max_steps", "12"])
     first = pretraining_simple.main([*common, "--output_dir", str(tmp_path / "b"), "--max_steps", "7"])
     assert first["state"].step == 7
@@ -54,6 +55,8 @@ def test_resume_continues_bit_identically(small_corpus, tmp_path):
     a = gt.load_checkpoint(tmp_path / "a" / "ckpt_00000012.pt")["model"]
     b = gt.load_checkpoint(tmp_path / "b" / "ckpt_00000012.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    settings = json.loads((tmp_path / "b" / "run.json").read_text())["settings"]
+    assert settings["optimizer"] == optimizer and "help" not in settings  # the run's settings, and only those
 
 
 def test_resume_refuses_other_model(small_corpus, tmp_path):

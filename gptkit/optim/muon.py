@@ -18,7 +18,7 @@ from gptkit.optim import OptimArgs, OptimizerSpec, adamw_state_bytes, decay_grou
 
 @dataclass
 class MuonConfig:
-    lr: float = setting(0.02, "Muon's peak learning rate for the blocks' matrices (the schedule scales it as it "
+    lr: float = setting(0.01, "Muon's peak learning rate for the blocks' matrices (the schedule scales it as it "
                               "scales --lr)", check=(above(0), "a number > 0"))
     momentum: float = setting(0.95, "Muon's momentum", check=(lambda v: 0 <= v < 1, "in [0, 1)"))
     nesterov: bool = setting(True, "Nesterov momentum for Muon")
