@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from gptkit.errors import UserError
+from gptkit.files import make_folder
 
 
 def _one_line(kind, value, tb, _default=sys.excepthook):
@@ -54,12 +55,7 @@ def settings() -> tuple[bool, Path | None, Path]:
         raise UserError(f"NOTEBOOK_CHECKPOINT {checkpoint} does not exist; point it at a checkpoint (.pt), a sharded "
                         "checkpoint's folder or a .safetensors export, or unset it to train a small model here")
     out = Path(os.environ.get("NOTEBOOK_OUT") or "runs/notebook")
-    if out.exists() and not out.is_dir():
-        raise UserError(f"NOTEBOOK_OUT {out} is a file; point it at a folder for the figures")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"NOTEBOOK_OUT {out} cannot be made ({e.strerror}); point it at a writable folder")
+    make_folder(out, "NOTEBOOK_OUT", "point NOTEBOOK_OUT at a writable folder for the figures")
     return quick == "1", Path(checkpoint) if checkpoint else None, out
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 from gptkit.cli import run_cli
 from gptkit.config import HelpFormatter
 from gptkit.errors import RunFailure, UserError
-from gptkit.files import DISK_FULL, FolderLock, disk_full, write_json
+from gptkit.files import DISK_FULL, FolderLock, check_writable_folder, disk_full, write_json
 from gptkit.progress import progress_bar
 from gptkit.tokenizer import EOT_TOKEN
 from gutenberg_sources import (  # noqa: F401  (re-exported: where books come from lives there)
@@ -342,13 +342,7 @@ def check_prepare_inputs(data_dir: Path, max_size_mb: float, workers: int | None
 
 
 def check_output_dir(output_dir: Path) -> None:
-    """A folder (or one that can be made) this user can write: refused before any work otherwise."""
-    if output_dir.exists() and not output_dir.is_dir():
-        raise UserError(f"--output_dir {output_dir} is a file; point it at a folder for the combined files")
-    existing = next(p for p in (output_dir, *output_dir.parents, Path(".")) if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--output_dir {output_dir} cannot be written ({existing} is read-only for this user); pick "
-                        "another folder")
+    check_writable_folder(output_dir, "--output_dir", "pick a writable folder for the combined files")
 
 
 def _signature(refs: list[BookRef], max_size_mb, selection: Selection) -> str:

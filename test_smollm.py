@@ -202,22 +202,16 @@ def check_wandb() -> Check:
                  "set WANDB_API_KEY (or `wandb login`) to sync runs; `wandb sync` uploads offline runs later")
 
 
-def nearest_existing(path: Path) -> Path:
-    return next((p for p in (path, *path.parents) if p.exists()), Path("."))
-
 
 def check_output_dir(path: Path) -> None:
-    """--output_dir must be a folder this user can write, or one that can be made: refused otherwise."""
-    from gptkit.errors import UserError
+    from gptkit.files import check_writable_folder
 
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--output_dir {path} is a file; point it at the folder training output will go to")
-    existing = nearest_existing(path)
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--output_dir {path} cannot be written ({existing} is read-only for this user); pick another")
+    check_writable_folder(path, "--output_dir", "pick a writable folder for the training output")
 
 
 def check_disk(path: Path) -> Check:
+    from gptkit.files import nearest_existing
+
     free = shutil.disk_usage(nearest_existing(path)).free / 2**30
     if free < 0.5:
         return Check("free disk", "FAIL", f"{free:.1f} GiB free in {path}", "free space or pick another --output_dir")

@@ -196,6 +196,34 @@ def sha256_file(path, chunk: int = 1 << 22) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# Output folders: made, or refused in one line before any work. `name` is how the user gave the
+# folder (a flag, a variable), `hint` what to do instead.
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path` or its nearest parent that exists (the folder a new one would be made in)."""
+    return next((p for p in (path, *path.parents) if p.exists()), Path("."))
+
+
+def make_folder(path: Path, name: str, hint: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{name} {path} is a file; {hint}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create {name} {path} ({os_reason(e)}); {hint}")
+
+
+def check_writable_folder(path: Path, name: str, hint: str) -> None:
+    """A folder this user can write, or one that can be made: checked without making it."""
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{name} {path} is a file; {hint}")
+    existing = nearest_existing(path)
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{name} {path} cannot be written ({existing} is read-only for this user); {hint}")
+
+
+# ----------------------------------------------------------------------------------------------
 # The lock
 
 

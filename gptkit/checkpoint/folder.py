@@ -18,7 +18,7 @@ from pathlib import Path
 from gptkit.checkpoint.runinfo import LOCK_FILE, RUN_FILE, RUN_FORMAT, RUN_OUTPUTS, read_run_info, status, write_status
 from gptkit.checkpoint.store import SHARDED_DONE, checkpoint_header, load_checkpoint, save_checkpoint, save_sharded
 from gptkit.errors import CheckpointError, UserError
-from gptkit.files import FolderLock, os_reason, remove_stale_temps, write_json
+from gptkit.files import FolderLock, make_folder, remove_stale_temps, write_json
 
 
 class CheckpointIndex:
@@ -129,7 +129,7 @@ class RunFolder:
 
     def claim(self, script: str, settings: dict, resume: str | None = None, overwrite: bool = False,
               checkpoint_bytes: int = 0) -> RunFolder:
-        self._make_dir()
+        make_folder(self.dir, "run folder", "pick another folder with --run_dir")
         self.lock.acquire()
         try:
             self._claim_locked(script, settings, resume, overwrite, checkpoint_bytes)
@@ -137,14 +137,6 @@ class RunFolder:
             self.lock.release()
             raise
         return self
-
-    def _make_dir(self) -> None:
-        if self.dir.exists() and not self.dir.is_dir():
-            raise UserError(f"run folder {self.dir} is a file; pick a folder with --run_dir")
-        try:
-            self.dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"cannot create run folder {self.dir} ({os_reason(e)}); pick another --run_dir")
 
     def _claim_locked(self, script, settings, resume, overwrite, checkpoint_bytes) -> None:
         self.index.remove_stale_temps(self.log)

@@ -26,7 +26,7 @@ import numpy as np
 
 from gptkit.data.sources import DataSource, Mixer, first_line
 from gptkit.errors import UserError
-from gptkit.files import FolderLock, atomic_write, remove_stale_temps, write_json
+from gptkit.files import FolderLock, atomic_write, make_folder, remove_stale_temps, write_json
 from gptkit.progress import progress_bar
 from gptkit.tokenizer import get_tokenizer, tokenizer_fingerprint
 
@@ -286,12 +286,7 @@ def check_manifest(m: dict, cache_dir: Path, source: DataSource | None = None, m
 def _claim_folder(cache_dir: Path) -> dict | None:
     """The folder's manifest, or None for an empty (new) folder; a folder holding anything else is
     not the cache's and is refused before a byte is written."""
-    if cache_dir.exists() and not cache_dir.is_dir():
-        raise UserError(f"--cache_dir {cache_dir} is a file; pick a folder")
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"cannot create --cache_dir {cache_dir} ({e.strerror})")
+    make_folder(cache_dir, "--cache_dir", "pick another folder with --cache_dir")
     manifest = read_manifest(cache_dir)
     if manifest is None:
         others = [p.name for p in cache_dir.iterdir() if p.name != LOCK and not (p.name.startswith(f".{MANIFEST}.")
