@@ -99,7 +99,7 @@ if CHECKPOINT is None:
                                    "--no-progress", "--log_every", "10", "--overwrite"])
     CHECKPOINT = run["checkpoint"]
 model, ckpt = wt_load.load_ours(CHECKPOINT)  # a .pt file, a sharded checkpoint's folder or a .safetensors export
-print(f"{CHECKPOINT}: step {ckpt.get('step', 0)}, {gt.count_parameters(model)['tied']:,} parameters")
+print(f"{CHECKPOINT}: step {ckpt.get('step', 0)}, {gt.count_parameters(model)['total']:,} parameters")
 
 # %% [markdown]
 # ## 2. Train and validation loss

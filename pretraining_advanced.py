@@ -133,7 +133,7 @@ def check_combinations(s: Settings, given: set[str]) -> None:
     refuse_together(given, ("grad_accum", "total_batch_tokens", "--total_batch_tokens sets the accumulation for the "
                                                                 "device count"),
                     ("max_steps", "train_tokens", "--train_tokens sets the number of steps"))
-    resolve(s.shared.schedule, s.shared.optim.lr, 1, given)  # a setting the schedule ignores, --min_lr above --lr
+    resolve(s.shared.schedule, s.shared.optim.lr, 1, given, s.shared.schedule_config)  # a setting the schedule ignores, --min_lr above --lr
     spec = optimizer_spec(s.shared.optim.optimizer)
     if s.scale.fsdp and spec.fsdp:
         raise gt.UserError(spec.fsdp)
@@ -159,7 +159,7 @@ def train_setup(s: Settings, world: int, cuda: bool = True) -> TrainSetup:
 
 def estimate_memory(s: Settings) -> dict:
     """--estimate_memory: the plan for the given flags, printed; no data, no model, no training."""
-    cfg = s.shared.model.config()
+    cfg = s.shared.model_config
     cuda = torch.cuda.is_available() and not s.shared.runtime.device.startswith(("cpu", "mps"))
     memory = (s.scale.gpu_memory_gb or (torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else 24)) * 2**30
     world = int(os.environ.get("WORLD_SIZE", "1")) if s.scale.fsdp else 1
@@ -280,7 +280,7 @@ def train(s: Settings, rank: int, world: int, local_rank: int) -> dict:
     sh = s.shared
     runtime = gt.setup_runtime(sh.runtime.device, sh.runtime.dtype, sh.runtime.compile, rank, world, local_rank,
                                s.scale.fsdp, s.scale.cpu_offload)
-    cfg = sh.model.config()
+    cfg = sh.model_config
     if s.data.prepare_only:
         cache_dir, cache = prepare_cache(s.data, runtime, sh.log.progress)
         return {"cache_dir": cache_dir, "manifest": cache.manifest}
@@ -310,14 +310,14 @@ def train_in(run: gt.RunFolder, s: Settings, cfg: gt.GPTConfig, runtime: gt.Runt
     if val_data is not None and len(val_data) == 0:
         val_data = None
     plan = plan_steps(s, plan, runtime.world_size, len(train_data))
-    say(f"model: {sh.model.model} {gt.count_parameters(gt.unwrap_model(model))['tied'] / 1e6:.1f}M parameters | "
+    say(f"model: {sh.model.model} {gt.count_parameters(gt.unwrap_model(model))['total'] / 1e6:.1f}M parameters | "
         f"{train_data.num_tokens():,} train tokens | {plan.tokens_per_step:,} tokens/step ({sh.batch.batch_size} x "
         f"{cfg.context_length} x {plan.grad_accum} accum x {runtime.world_size} devices) | {plan.max_steps} steps | "
         f"{runtime.device} {runtime.dtype} ({runtime.dtype_reason}){' compiled' if sh.runtime.compile else ''} | "
         f"{sh.optim.optimizer}, {sh.schedule.schedule} LR | run {run.run_id} in {run.dir}")
     sinks = start_run_sinks(s, run, cfg, runtime, plan, closers)
     spec = optimizer_spec(sh.optim.optimizer)
-    sched_spec, schedule = resolve(sh.schedule, sh.optim.lr, plan.max_steps, sh.given)
+    sched_spec, schedule = resolve(sh.schedule, sh.optim.lr, plan.max_steps, sh.given, sh.schedule_config)
     tcfg = gt.train_config(sh, plan.max_steps, plan.grad_accum, s.sinks.histogram_every)
     result = gt.run_training(
         model, optimizer, runtime, tcfg, train_data, val_data, run, log_sinks=sinks,

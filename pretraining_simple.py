@@ -97,7 +97,7 @@ def load_corpus(data_dir: Path | None, val_fraction: float, context_length: int,
 def main(argv=None) -> dict:
     s = parse_args(argv)
     sh = s.shared
-    cfg = sh.model.config()
+    cfg = sh.model_config
     runtime = gt.setup_runtime(sh.runtime.device, sh.runtime.dtype, sh.runtime.compile)
     run_dir = sh.run.run_dir or gt.default_run_dir(SCRIPT, s.args, build_parser())
     run = gt.open_run(runtime, run_dir, SCRIPT, gt.args_to_dict(s.args), sh.run.resume, sh.run.overwrite,
@@ -120,13 +120,13 @@ def train(s: Settings, cfg: gt.GPTConfig, runtime: gt.Runtime, run: gt.RunFolder
     print(f"data: {len(files)} file(s), {train_data.num_tokens():,} train / {val_data.num_tokens():,} val tokens; "
           f"{steps_per_epoch} steps per epoch, {max_steps} steps")
     counts = gt.count_parameters(model)
-    print(f"model: {sh.model.model} ({counts['tied'] / 1e6:.1f}M parameters, {counts['non_embedding'] / 1e6:.1f}M "
+    print(f"model: {sh.model.model} ({counts['total'] / 1e6:.1f}M parameters, {counts['non_embedding'] / 1e6:.1f}M "
           f"non-embedding) | {runtime.device} {runtime.dtype} ({runtime.dtype_reason}) | {sh.optim.optimizer}, "
           f"{sh.schedule.schedule} LR | run folder {run.dir}")
     model = runtime.prepare(model)
     spec = optimizer_spec(sh.optim.optimizer)
     optimizer = build_optimizer(model, sh.optim, sh.optimizer_config, runtime.device)
-    sched_spec, schedule = resolve(sh.schedule, sh.optim.lr, max_steps, sh.given)
+    sched_spec, schedule = resolve(sh.schedule, sh.optim.lr, max_steps, sh.given, sh.schedule_config)
     result = gt.run_training(model, optimizer, runtime, gt.train_config(sh, max_steps), train_data, val_data, run,
                              lr_fn=lr_function(sched_spec, schedule), optimizer_spec=spec,
                              run_info={"script": SCRIPT, "args": gt.args_to_dict(s.args), "optimizer": spec.name,

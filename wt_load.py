@@ -287,7 +287,7 @@ def save_from_model(model: gt.GPTModel, out, source: str) -> Path:
 
 
 def ours_to_hf(model: gt.GPTModel) -> dict[str, torch.Tensor]:
-    if not gt.attention_spec(model.cfg.attention).hf_gpt2:
+    if not gt.attention_spec(model.cfg.attention).hf:
         raise gt.UserError(f"this model's attention ({model.cfg.attention}) is not GPT-2's, so it has no Hugging Face "
                            "GPT-2 form; export it with to-safetensors instead")
     sd, cfg = unpadded_state_dict(model)
@@ -352,7 +352,7 @@ def model_card(cfg: gt.GPTConfig, ckpt: dict | None, source: str) -> str:
     """README.md of an export: what the model is, what it was trained on, how far, and how it was made."""
     ckpt = ckpt or {}
     run, args, data, last = _card_facts(ckpt)
-    params = gt.count_parameters_from_config(cfg)["tied"]
+    params = gt.count_parameters_from_config(cfg)["total"]
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation
@@ -473,7 +473,7 @@ def describe_checkpoint(path) -> dict:
     size = sum(f.stat().st_size for f in path.iterdir()) if path.is_dir() else path.stat().st_size
     return {"path": str(path), "size_mb": round(size / 2**20, 2), "config": ckpt["config"],
             "sharded": bool(ckpt.get("sharded")),
-            "step": ckpt.get("step", 0), "tokens_seen": ckpt.get("tokens_seen", 0), "parameters": counts["tied"],
+            "step": ckpt.get("step", 0), "tokens_seen": ckpt.get("tokens_seen", 0), "parameters": counts["total"],
             "optimizer_state": opt_desc, "optimizer": (opt or {}).get("kind") or ckpt.get("optimizer_kind"),
             "data_position": (ckpt.get("data") or {}).get("position"), "script": extra.get("script"),
             "run_id": ckpt.get("run_id")}
@@ -555,7 +555,7 @@ def _convert_in(args) -> Path:
     _fresh_file(Path(args.out))
     model = load_hf(args.source) if args.command == "from-hf" else load_openai(args.source)
     out = save_from_model(model, args.out, args.source)
-    print(f"wrote {out} ({gt.count_parameters(model)['tied'] / 1e6:.1f}M parameters)")
+    print(f"wrote {out} ({gt.count_parameters(model)['total'] / 1e6:.1f}M parameters)")
     return out
 
 

@@ -1,11 +1,17 @@
 """Quality per step: the README main job's model and data (the `small` preset on the embedded Gutenberg
-books, 16 x 128 tokens a step), trained with each optimizer at several learning rates, side by side:
-the same data, batches, seed and initial weights, and validation on the same fixed batches. Prints
-each run's final validation loss and, for the best of each optimizer, how many steps Muon needs to
-reach AdamW's final validation loss; writes the curves to a PNG for the README.
+books, 16 x 128 tokens a step), trained by several arms side by side: the same data, batches, seed and
+validation batches, 600 cosine steps. An arm is an architecture, an optimizer and its learning rates:
 
-    python benchmarks/bench_quality.py                                   # ~1.5-2 hours on 2 CPU cores
-    python benchmarks/bench_quality.py --steps 300 --adamw_lrs 1e-3 --muon_lrs 0.02
+- GPT-2 + AdamW at its best LR, GPT-2 + Muon (the toolkit's earlier results);
+- `modern` + Muon and `llama` + Muon, each with its learning rates swept;
+- ablations: each part of the modern block added alone to GPT-2 + Muon.
+
+Prints each run's final validation loss, its parameter counts (all and non-embedding) and FLOPs per
+token, its cost per step, and how many steps the best modern run needs to reach GPT-2 + AdamW's and
+GPT-2 + Muon's final losses; writes the curves to a PNG for the README.
+
+    python benchmarks/bench_quality.py                       # every arm: hours on 2 CPU cores
+    python benchmarks/bench_quality.py --arms gpt2-muon,modern-muon --steps 300
 
 Every run is `pretraining_simple.py` itself, in a process of its own; each result is appended to
 --out as soon as it is measured, and a rerun skips the runs already there.
@@ -22,25 +28,67 @@ from pathlib import Path
 from _common import print_table
 
 ROOT = Path(__file__).resolve().parents[1]
+MUON = ["--optimizer", "muon"]
+# name -> flags on top of the shared ones. The first of each family at its best LR comes first.
+ARMS = {
+    "gpt2-adamw-lr0.001": ["--lr", "1e-3"],
+    "gpt2-adamw-lr0.0005": ["--lr", "5e-4"],
+    "gpt2-adamw-lr0.002": ["--lr", "2e-3"],
+    "gpt2-muon0.01": [*MUON, "--muon_lr", "0.01"],
+    "gpt2-muon0.02": [*MUON, "--muon_lr", "0.02"],
+    "modern-muon0.02-emb0.01-head0.004": ["--arch", "modern", *MUON, "--muon_lr", "0.02", "--muon_embed_lr", "0.01",
+                                          "--muon_head_lr", "0.004"],
+    "modern-muon0.01-emb0.01-head0.004": ["--arch", "modern", *MUON, "--muon_lr", "0.01", "--muon_embed_lr", "0.01",
+                                          "--muon_head_lr", "0.004"],
+    "modern-muon0.02": ["--arch", "modern", *MUON, "--muon_lr", "0.02"],
+    "modern-muon0.04-emb0.01-head0.004": ["--arch", "modern", *MUON, "--muon_lr", "0.04", "--muon_embed_lr", "0.01",
+                                          "--muon_head_lr", "0.004"],
+    "llama-muon0.02-emb0.01-head0.004": ["--arch", "llama", *MUON, "--muon_lr", "0.02", "--muon_embed_lr", "0.01",
+                                         "--muon_head_lr", "0.004"],
+    "llama-muon0.01-emb0.01-head0.004": ["--arch", "llama", *MUON, "--muon_lr", "0.01", "--muon_embed_lr", "0.01",
+                                         "--muon_head_lr", "0.004"],
+    # Ablations: one part of the modern block on GPT-2 + Muon (its LRs: --muon_lr 0.01, --lr 1e-3).
+    "gpt2-muon0.01+rotary": [*MUON, "--muon_lr", "0.01", "--position", "rotary"],
+    "gpt2-muon0.01+rmsnorm": [*MUON, "--muon_lr", "0.01", "--norm", "rmsnorm", "--no-rmsnorm_affine"],
+    "gpt2-muon0.01+qk_norm": [*MUON, "--muon_lr", "0.01", "--qk_norm"],
+    "gpt2-muon0.01+relu2": [*MUON, "--muon_lr", "0.01", "--mlp", "relu2"],
+    "gpt2-muon0.01+swiglu": [*MUON, "--muon_lr", "0.01", "--mlp", "swiglu"],
+    "gpt2-muon0.01+untied": [*MUON, "--muon_lr", "0.01", "--no-tie_embeddings", "--muon_head_lr", "0.004"],
+    "gpt2-muon0.01+no_bias": [*MUON, "--muon_lr", "0.01", "--no-bias", "--no-qkv_bias"],
+    "gpt2-muon0.01+embed_norm": [*MUON, "--muon_lr", "0.01", "--embed_norm"],
+    "gpt2-muon0.01+zero_proj": [*MUON, "--muon_lr", "0.01", "--init", "zero_proj"],
+}
+DEFAULT_ARMS = ("gpt2-adamw-lr0.001", "gpt2-muon0.01", "modern-muon0.02-emb0.01-head0.004",
+                "llama-muon0.02-emb0.01-head0.004")
 
 
-def run(optimizer: str, lr: float, muon_lr: float | None, a: argparse.Namespace, work: Path) -> dict:
-    """One training run; its validation curve."""
-    name = f"{optimizer}-lr{lr:g}" + (f"-muon{muon_lr:g}" if muon_lr else "")
+def run(name: str, a: argparse.Namespace, work: Path) -> dict:
+    """One training run; its validation curve, counts and speed."""
     flags = ["--model", "small", "--batch_size", "16", "--max_steps", str(a.steps), "--schedule", a.schedule,
-             "--warmup_steps", str(a.warmup), "--lr", str(lr), "--optimizer", optimizer, "--eval_every", str(a.eval_every),
-             "--eval_iters", str(a.eval_iters), "--sample_every", "0", "--save_every", "0", "--log_every", "100",
-             "--no-progress", "--dtype", a.dtype, "--seed", str(a.seed), "--run_dir", str(work / name), "--overwrite"]
-    if muon_lr:
-        flags += ["--muon_lr", str(muon_lr)]
+             "--warmup_steps", str(a.warmup), "--lr", "1e-3", "--eval_every", str(a.eval_every), "--eval_iters",
+             str(a.eval_iters), "--sample_every", "0", "--save_every", "0", "--log_every", "100", "--no-progress",
+             "--dtype", a.dtype, "--seed", str(a.seed), "--run_dir", str(work / name), "--overwrite", *ARMS[name]]
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, str(ROOT / "pretraining_simple.py"), *flags], capture_output=True, text=True,
                        cwd=work)
     if r.returncode != 0:
         return {"run": name, "error": r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"rc {r.returncode}"}
     h = json.loads((work / name / "losses.json").read_text())
-    return {"run": name, "optimizer": optimizer, "lr": lr, "muon_lr": muon_lr, "val_step": h["val_step"],
-            "val_loss": h["val_loss"], "final": h["val_loss"][-1], "minutes": round((time.perf_counter() - t0) / 60, 1)}
+    ms = [float(ln.split("ms/step")[1].split("|")[0]) for ln in r.stdout.splitlines() if "ms/step" in ln]
+    return {"run": name, "flags": ARMS[name], "val_step": h["val_step"], "val_loss": h["val_loss"],
+            "final": h["val_loss"][-1], "minutes": round((time.perf_counter() - t0) / 60, 1),
+            "ms_per_step": round(sum(ms[1:]) / max(1, len(ms[1:])), 1) if ms else None, **counts(ARMS[name])}
+
+
+def counts(arm_flags: list[str]) -> dict:
+    """Parameters (all, non-embedding) and training FLOPs per token of an arm's model."""
+    sys.path.insert(0, str(ROOT))
+    import gpt_train as gt
+    import pretraining_simple
+
+    cfg = pretraining_simple.parse_args(["--model", "small", *arm_flags]).shared.model_config
+    c = gt.count_parameters_from_config(cfg)
+    return {"params": c["total"], "non_embedding": c["non_embedding"], "flops_per_token": gt.flops_per_token(cfg, 128)}
 
 
 def steps_to(curve: dict, target: float) -> int | None:
@@ -48,35 +96,33 @@ def steps_to(curve: dict, target: float) -> int | None:
     return next((s for s, v in zip(curve["val_step"], curve["val_loss"]) if v <= target), None)
 
 
-def plot(best: dict, path: Path) -> None:
+def plot(curves: dict, path: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.5, 4))
+    fig = Figure(figsize=(7, 4.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for label, c in best.items():
-        lrs = f"Muon lr {c['muon_lr']:g}, AdamW lr {c['lr']:g}" if c.get("muon_lr") else f"lr {c['lr']:g}"
-        ax.plot(c["val_step"][1:], c["val_loss"][1:], marker="o", ms=3, label=f"{label} ({lrs})")
-    target = best["AdamW"]["final"]
-    ax.axhline(target, color="grey", lw=0.8, ls="--")
-    reached = steps_to(best["Muon"], target)
-    if reached:
-        ax.annotate(f"AdamW's final loss: Muon at step {reached}", (reached, target), xytext=(-6, -14),
-                    textcoords="offset points", fontsize=8, ha="right")
-    ax.set(xlabel="step", ylabel="validation loss",
-           title="small preset, Gutenberg sample, 16 x 128 tokens/step, cosine LR")
-    ax.legend()
+    for label, c in curves.items():
+        ax.plot(c["val_step"][1:], c["val_loss"][1:], marker="o", ms=2.5, label=f"{label}: {c['run']}")
+    for label in ("GPT-2 + AdamW", "GPT-2 + Muon"):
+        if label in curves:
+            ax.axhline(curves[label]["final"], color="grey", lw=0.7, ls="--")
+    ax.set(xlabel="step", ylabel="validation loss", title="small preset, Gutenberg sample, 16 x 128 tokens/step, cosine LR")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
 
+def best(results: list[dict], prefix: str) -> dict | None:
+    ok = [r for r in results if "final" in r and r["run"].startswith(prefix) and "+" not in r["run"]]
+    return min(ok, key=lambda r: r["final"]) if ok else None
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arms", default=",".join(DEFAULT_ARMS), help=f"arms to run (all: {','.join(ARMS)}) or 'all'")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
-    p.add_argument("--adamw_lrs", default="5e-4,1e-3,2e-3", help="AdamW learning rates to try")
-    p.add_argument("--muon_lrs", default="0.005,0.01,0.02,0.04", help="Muon learning rates to try (its AdamW part at the "
-                                                                "best AdamW --lr)")
     p.add_argument("--schedule", default="cosine", help="the same schedule for every run")
     p.add_argument("--warmup", type=int, default=30, help="warmup steps")
     p.add_argument("--eval_every", type=int, default=25, help="steps between validations")
@@ -86,29 +132,37 @@ def main(argv=None) -> dict:
     p.add_argument("--out", type=Path, default=Path("bench_quality.jsonl"), help="results, one run per line")
     p.add_argument("--plot", type=Path, default=ROOT / "docs" / "bench_quality.png", help="the curves, as PNG")
     a = p.parse_args(argv)
+    names = list(ARMS) if a.arms == "all" else a.arms.split(",")
     done = {r["run"]: r for r in map(json.loads, a.out.read_text().splitlines())} if a.out.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
-        results = [_cached(done, "adamw", float(lr), None, a, Path(tmp)) for lr in a.adamw_lrs.split(",")]
-        adamw = min((r for r in results if "final" in r), key=lambda r: r["final"])
-        results += [_cached(done, "muon", adamw["lr"], float(m), a, Path(tmp)) for m in a.muon_lrs.split(",")]
-    ok = [r for r in results if "final" in r]
-    print_table([{k: r.get(k) for k in ("run", "final", "minutes", "error")} for r in results])
-    best = {"AdamW": adamw, "Muon": min((r for r in ok if r["optimizer"] == "muon"), key=lambda r: r["final"])}
-    reached = steps_to(best["Muon"], adamw["final"])
-    summary = {"adamw": adamw["run"], "adamw_final": adamw["final"], "muon": best["Muon"]["run"],
-               "muon_final": best["Muon"]["final"], "muon_steps_to_adamw_final": reached,
-               "fraction": reached / a.steps if reached else None}
+        results = [_cached(done, name, a, Path(tmp)) for name in names]
+    results += [r for n, r in done.items() if n not in names and "final" in r]
+    print_table([{k: r.get(k) for k in ("run", "final", "params", "non_embedding", "flops_per_token", "ms_per_step",
+                                        "error")} for r in results])
+    curves = {label: c for label, c in (("GPT-2 + AdamW", best(results, "gpt2-adamw")),
+                                        ("GPT-2 + Muon", best(results, "gpt2-muon")),
+                                        ("modern + Muon", best(results, "modern-muon")),
+                                        ("llama + Muon", best(results, "llama-muon"))) if c}
+    summary = {label: {"run": c["run"], "final": c["final"]} for label, c in curves.items()}
+    for label, c in curves.items():
+        for target in ("GPT-2 + AdamW", "GPT-2 + Muon"):
+            if target in curves and label != target:
+                s = steps_to(c, curves[target]["final"])
+                summary[label][f"steps to {target}'s final"] = s
+                summary[label][f"fraction of {target}'s steps"] = round(s / a.steps, 3) if s else None
     print(json.dumps(summary, indent=2))
     a.plot.parent.mkdir(parents=True, exist_ok=True)
-    plot(best, a.plot)
+    plot(curves, a.plot)
     return summary
 
 
-def _cached(done: dict, optimizer: str, lr: float, muon_lr, a, work: Path) -> dict:
-    name = f"{optimizer}-lr{lr:g}" + (f"-muon{muon_lr:g}" if muon_lr else "")
-    if name in done and "final" in done[name] and len(done[name]["val_step"]) and done[name]["val_step"][-1] == a.steps:
-        return done[name]
-    r = run(optimizer, lr, muon_lr, a, work)
+def _cached(done: dict, name: str, a, work: Path) -> dict:
+    if name not in ARMS:
+        raise SystemExit(f"unknown arm {name!r}; choose from {', '.join(ARMS)}")
+    r = done.get(name)
+    if r and "final" in r and r["val_step"] and r["val_step"][-1] == a.steps:
+        return r
+    r = run(name, a, work)
     with open(a.out, "a") as f:
         f.write(json.dumps(r) + "\n")
     print(f"{r['run']}: final validation loss {r.get('final')} ({r.get('minutes')} min)", flush=True)

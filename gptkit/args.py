@@ -13,12 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptkit.attention import ATTENTIONS
-from gptkit.config import add_flags, at_least, between, from_args, setting
+from gptkit.components import add_component_flags, refuse_unselected, set_choices, settings
+from gptkit.config import add_flags, at_least, between, flag_name, from_args, setting
 from gptkit.errors import UserError
 from gptkit.loop import TrainConfig
+from gptkit.metrics import STEP_METRICS
 from gptkit.model import PRESETS, GPTConfig, get_config
 from gptkit.optim import OPTIMIZERS, OptimArgs, optimizer_spec
-from gptkit.schedules import SCHEDULES, ScheduleConfig
+from gptkit.parts import ARCHS
+from gptkit.schedules import SCHEDULES, ScheduleConfig, schedule_spec
 
 
 @dataclass
@@ -40,15 +43,30 @@ class RunArgs:
 
 @dataclass
 class ModelArgs:
-    model: str = setting("124M", "preset: " + ", ".join(PRESETS) + " (or gpt2, gpt2-medium, ...)")
+    model: str = setting("124M", "size preset: " + ", ".join(PRESETS) + " (or gpt2, gpt2-medium, ...)")
+    arch: str = setting("gpt2", "a named set of block parts (each part below can be set on top of it, for ablations)")
+    depth: int | None = setting(None, "model size as one dial, as nanochat: depth blocks, 64 x depth wide, heads of 128 "
+                                      "(of 64 when depth is odd); the preset's context length",
+                                check=(at_least(1), "at least 1"))
     context_length: int | None = setting(None, "override the preset's context length",
                                          check=(lambda v: 1 <= v <= 65536, "between 1 and 65536"))
     drop_rate: float | None = setting(None, "dropout rate (preset: 0)", check=(lambda v: 0 <= v < 1, "in [0, 1)"))
     n_layers: int | None = setting(None, "override the preset's number of blocks", check=(at_least(1), "at least 1"))
     n_heads: int | None = setting(None, "override the preset's attention heads", check=(at_least(1), "at least 1"))
     emb_dim: int | None = setting(None, "override the preset's width", check=(at_least(1), "at least 1"))
-    qkv_bias: bool | None = setting(None, "bias in the q/k/v projection (preset default: on)")
-    attention: str = setting("causal", "the attention (a registered kind)")
+    n_kv_heads: int | None = setting(None, "key/value heads, fewer than --n_heads for grouped-query attention (default: "
+                                           "one per query head)", check=(at_least(1), "at least 1"))
+    attention: str | None = setting(None, "the attention (default: the arch's)")
+    position: str | None = setting(None, "how positions enter the model (default: the arch's)")
+    norm: str | None = setting(None, "the normalisation of the blocks, the final one and QK-norm (default: the arch's)")
+    mlp: str | None = setting(None, "the MLP of each block (default: the arch's)")
+    init: str | None = setting(None, "the initialisation (default: the arch's)")
+    qk_norm: bool | None = setting(None, "normalise each head's queries and keys (default: the arch's)")
+    embed_norm: bool | None = setting(None, "a norm right after the token embedding (default: the arch's)")
+    bias: bool | None = setting(None, "biases in the projections, MLPs and norms (default: the arch's)")
+    qkv_bias: bool | None = setting(None, "bias in the q/k/v projection (default: the arch's; GPT-2: on)")
+    tie_embeddings: bool | None = setting(None, "one matrix for the token embedding and the output head (default: "
+                                                "the arch's; GPT-2: tied)")
     flash: bool = setting(True, "SDPA attention (flash/memory-efficient kernels); --no-flash uses explicit masked softmax")
     pad_vocab: bool | None = setting(None, "round the embedding and head rows up to a multiple of 64 (50257 -> 50304) "
                                            "for faster GPU matmuls; exports cut them back (default: on for CUDA; a "
@@ -56,10 +74,54 @@ class ModelArgs:
     activation_checkpointing: bool = setting(False, "recompute each block's activations in the backward pass: less "
                                                     "memory, ~1/3 more compute")
 
-    def config(self) -> GPTConfig:
-        return get_config(self.model, n_layers=self.n_layers, n_heads=self.n_heads, emb_dim=self.emb_dim,
-                          context_length=self.context_length, drop_rate=self.drop_rate, qkv_bias=self.qkv_bias,
-                          attention=self.attention, flash=self.flash, activation_checkpointing=self.activation_checkpointing)
+
+PART_FLAGS = ("attention", "position", "norm", "mlp", "init", "qk_norm", "embed_norm", "bias", "qkv_bias",
+              "tie_embeddings", "n_kv_heads")  # GPTConfig fields an arch sets and a flag may override
+
+
+def part_registries() -> dict:
+    """{GPTConfig field: registry} of the pluggable block parts."""
+    from gptkit.parts import INITS, MLPS, NORMS, POSITIONS
+
+    return {"attention": ATTENTIONS, "position": POSITIONS, "norm": NORMS, "mlp": MLPS, "init": INITS}
+
+
+def depth_sizes(depth: int) -> dict:
+    """nanochat's one dial: depth blocks of width 64 x depth, in heads of 128 (an odd depth: of 64)."""
+    width = 64 * depth
+    return dict(n_layers=depth, emb_dim=width, n_heads=width // 128 if depth % 2 == 0 else depth)
+
+
+def model_config(m: ModelArgs, args: argparse.Namespace, given: set[str]) -> GPTConfig:
+    """The model config: the preset's sizes (or --depth's), the arch's parts, each part flag typed on
+    top, and the chosen parts' settings (typed > the arch's > the part's default), all recorded."""
+    arch = ARCHS.spec(m.arch)
+    if m.depth is not None:
+        typed = [k for k in ("n_layers", "emb_dim", "n_heads") if k in given]
+        if typed:
+            raise UserError(f"--depth and --{typed[0]} cannot be used together: --depth sets the number of blocks, the "
+                            "width and the heads")
+    fields = {**arch.fields, **{k: getattr(m, k) for k in PART_FLAGS if getattr(m, k) is not None}}
+    parts = {}
+    for key, registry in part_registries().items():
+        name = fields.get(key, getattr(GPTConfig, key))
+        refuse_unselected(registry, name, given)
+        spec = registry.spec(name)
+        if spec.config is not None:
+            parts[name] = _part_settings(spec, arch.parts.get(name, {}), args, given)
+    sizes = depth_sizes(m.depth) if m.depth is not None else {}
+    overrides = {**dict(n_layers=m.n_layers, n_heads=m.n_heads, emb_dim=m.emb_dim), **sizes}
+    return get_config(m.model, **overrides, context_length=m.context_length, drop_rate=m.drop_rate, flash=m.flash,
+                      activation_checkpointing=m.activation_checkpointing, **fields, parts=parts)
+
+
+def _part_settings(spec, arch_values: dict, args: argparse.Namespace, given: set[str]) -> dict:
+    """A part's settings, each field from the flag if it was typed, else the arch's, else its default."""
+    values = {}
+    for f in dataclasses.fields(spec.config):
+        dest = flag_name(spec.name, f.name)
+        values[f.name] = getattr(args, dest) if dest in given or f.name not in arch_values else arch_values[f.name]
+    return values
 
 
 @dataclass
@@ -117,26 +179,23 @@ DEBUG_DEFAULTS = {"max_steps": 20, "eval_every": 10, "sample_every": 10, "log_ev
 
 def add_shared_flags(p: argparse.ArgumentParser, **defaults) -> None:
     """The flags both training scripts take (one name each; older names stay as aliases), with the
-    script's own defaults; each registered optimizer's settings in a group of its own."""
+    script's own defaults; each registered component's settings in a group of its own."""
     add_flags(p.add_argument_group("run folder"), RunArgs, **defaults)
     add_flags(p.add_argument_group("model"), ModelArgs, **defaults)
-    _set_choices(p, "attention", ATTENTIONS)
+    set_choices(p, "arch", ARCHS)
+    for dest, registry in part_registries().items():
+        set_choices(p, dest, registry)
+        add_component_flags(p, registry)
     add_flags(p.add_argument_group("batch"), BatchArgs, **defaults)
     add_flags(p.add_argument_group("optimizer"), OptimArgs, **defaults)
-    _set_choices(p, "optimizer", OPTIMIZERS)
-    for name, spec in OPTIMIZERS.items():
-        if spec.config is not None:
-            add_flags(p.add_argument_group(f"--optimizer {name}"), spec.config, prefix=name)
+    set_choices(p, "optimizer", OPTIMIZERS)
+    add_component_flags(p, OPTIMIZERS)
     add_flags(p.add_argument_group("learning-rate schedule"), ScheduleConfig, **defaults)
-    _set_choices(p, "schedule", SCHEDULES)
+    set_choices(p, "schedule", SCHEDULES)
+    add_component_flags(p, SCHEDULES)
     add_flags(p.add_argument_group("precision and speed"), RuntimeArgs, **defaults)
     add_flags(p.add_argument_group("evaluation and logging"), LogArgs, **defaults)
-
-
-def _set_choices(p: argparse.ArgumentParser, dest: str, registry: dict) -> None:
-    action = next(a for a in p._actions if a.dest == dest)
-    action.choices = list(registry)
-    action.help = f"{action.help}: {', '.join(registry)}"
+    add_component_flags(p, STEP_METRICS)
 
 
 @dataclass
@@ -148,9 +207,11 @@ class SharedSettings:
     optim: OptimArgs
     optimizer_config: object  # the chosen optimizer's own settings (None if it has none)
     schedule: ScheduleConfig
+    schedule_config: object  # the chosen schedule's own settings (None if it has none)
     runtime: RuntimeArgs
     log: LogArgs
     given: set[str]
+    model_config: GPTConfig  # the model the flags describe (vocab_multiple is decided with the run folder)
 
 
 def shared_settings(args: argparse.Namespace, given: set[str]) -> SharedSettings:
@@ -158,17 +219,16 @@ def shared_settings(args: argparse.Namespace, given: set[str]) -> SharedSettings
     apply_debug(args, given)
     optim = from_args(OptimArgs, args)
     spec = optimizer_spec(optim.optimizer)
-    for name, other in OPTIMIZERS.items():  # another optimizer's settings typed: refused, not ignored
-        for f in dataclasses.fields(other.config) if other.config is not None and name != optim.optimizer else ():
-            if f"{name}_{f.name}" in given:
-                raise UserError(f"--{name}_{f.name} is a setting of --optimizer {name}; this run uses --optimizer "
-                                f"{optim.optimizer}")
+    refuse_unselected(OPTIMIZERS, optim.optimizer, given)  # another optimizer's settings: refused, not ignored
+    schedule = from_args(ScheduleConfig, args)
+    refuse_unselected(SCHEDULES, schedule.schedule, given)
     if "resume" in given and "init_from" in given:
         raise UserError("--resume and --init_from cannot be used together: --resume continues a run (weights, "
                         "optimizer, data position), --init_from starts a new one from weights only")
-    return SharedSettings(from_args(RunArgs, args), from_args(ModelArgs, args), from_args(BatchArgs, args), optim,
-                          from_args(spec.config, args, prefix=spec.name) if spec.config else None,
-                          from_args(ScheduleConfig, args), from_args(RuntimeArgs, args), from_args(LogArgs, args), given)
+    model = from_args(ModelArgs, args)
+    return SharedSettings(from_args(RunArgs, args), model, from_args(BatchArgs, args), optim, settings(spec, args),
+                          schedule, settings(schedule_spec(schedule.schedule), args), from_args(RuntimeArgs, args),
+                          from_args(LogArgs, args), given, model_config(model, args, given))
 
 
 def apply_debug(args: argparse.Namespace, given: set[str]) -> None:

@@ -54,6 +54,17 @@ def _base_type(hint):
     return next((a for a in args if a is not type(None)), hint) if args else hint
 
 
+def flag_name(prefix: str, field: str) -> str:
+    """The one naming rule of a component's settings: --NAME_FIELD (`--muon_lr`, `--rotary_base`),
+    and a field named like the component itself is --NAME (`--hellaswag FILE` turns it on)."""
+    return field if not prefix or field == prefix else f"{prefix}_{field}"
+
+
+def flags_of(cls, prefix: str = "") -> list[str]:
+    """The flag destinations of a settings dataclass (see flag_name)."""
+    return [flag_name(prefix, f.name) for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
 def add_flags(group, cls, prefix: str = "", **defaults) -> None:
     """A flag per field of dataclass `cls` (named --PREFIX_FIELD when `prefix` is given), with the
     field's help; `defaults` override the field defaults (per-script defaults)."""
@@ -63,19 +74,22 @@ def add_flags(group, cls, prefix: str = "", **defaults) -> None:
         if "help" not in meta:
             continue
         kind = _base_type(hints[f.name])
-        name = f"{prefix}_{f.name}" if prefix else f.name
+        name = flag_name(prefix, f.name)
         kw = {"dest": name, "default": defaults.get(f.name, f.default), "help": meta["help"]}
         if kind is bool:
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw.update(type=kind if kind in (int, float, Path) else str, choices=meta["choices"], metavar=meta["metavar"])
-        group.add_argument(f"--{name}", *meta["aliases"], **kw)
+        try:
+            group.add_argument(f"--{name}", *meta["aliases"], **kw)
+        except argparse.ArgumentError:
+            raise UserError(f"two settings claim the flag --{name} (the second: {cls.__name__}.{f.name}); rename the "
+                            "component or the setting") from None
 
 
 def from_args(cls, args: argparse.Namespace, prefix: str = "", **extra):
     """An instance of `cls` from the parsed flags (checked), plus `extra` fields that are not flags."""
-    values = {f.name: getattr(args, f"{prefix}_{f.name}" if prefix else f.name) for f in dataclasses.fields(cls)
-              if "help" in f.metadata}
+    values = {f.name: getattr(args, flag_name(prefix, f.name)) for f in dataclasses.fields(cls) if "help" in f.metadata}
     obj = cls(**values, **extra)
     check(obj, prefix)
     return obj
@@ -87,7 +101,7 @@ def check(obj, prefix: str = "") -> None:
         rule = f.metadata.get("check")
         value = getattr(obj, f.name)
         if rule is not None and value is not None and not rule[0](value):
-            raise UserError(f"--{prefix + '_' if prefix else ''}{f.name} must be {rule[1]}, got {value}")
+            raise UserError(f"--{flag_name(prefix, f.name)} must be {rule[1]}, got {value}")
 
 
 _UNSET = object()

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gptkit.registry import Registry
+
 
 @dataclass
 class StepContext:
@@ -45,12 +47,8 @@ class StepMetric:
     history: str | None = None  # its list in losses.json (none if None)
 
 
-STEP_METRICS: dict[str, StepMetric] = {}
-
-
-def register_metric(metric: StepMetric) -> StepMetric:
-    STEP_METRICS[metric.name] = metric
-    return metric
+STEP_METRICS: Registry[StepMetric] = Registry("step metric")
+register_metric = STEP_METRICS.add  # register_metric(spec): one line in the metric's own file
 
 
 def device_metrics() -> list[StepMetric]:

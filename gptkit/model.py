@@ -1,32 +1,33 @@
-"""The GPT-2 model: config and presets, MLP, block, model, and the counts that follow from a config
-(parameters, training FLOPs). Pure functions of a config: no files, no devices.
+"""The model: config and presets, the block and the model, and the counts that follow from a config
+(parameters, training FLOPs). Pure functions of a config: no files, no devices. GPT-2 by default;
+the parts of newer blocks (rotary, RMSNorm, QK-norm, ReLU^2/SwiGLU, untied head, GQA) are chosen by
+name from gptkit/parts and gptkit/attention.py, and `--arch` names sets of them.
 
 Rules a change here must respect (other files match on them):
 - Parameter names are Hugging Face's GPT2LMHeadModel names without `transformer.`: `wte`, `wpe`,
   `h.{i}.ln_1`, `h.{i}.attn.c_attn`, `h.{i}.attn.c_proj`, `h.{i}.ln_2`, `h.{i}.mlp.c_fc`, `h.{i}.mlp.c_proj`,
-  `ln_f`, `lm_head`. wt_load.py converts weights by these names (and transposes the four `c_*` weights)
-  and the init below scales every `c_proj.weight`. Optimizers that treat matrices apart (GaLore, Muon)
-  take every 2-D weight under `h.` (`block_matrices`), whatever the attention names its own.
+  `ln_f`, `lm_head` (plus `ln_emb`, `h.{i}.attn.q_norm` and `k_norm` when a part has them). wt_load.py
+  converts weights by these names, and the inits treat every `c_proj.weight` as a residual projection.
+  Optimizers that treat matrices apart (GaLore, Muon) take every 2-D weight under `h.`
+  (`block_matrices`), whatever the attention names its own.
 - `GPTConfig` fields are architecture (they fix tensor shapes or wiring: a checkpoint must agree on
   them to load) unless declared with `runtime_field()`. `ARCH_FIELDS` is derived from that; a new field
-  is architecture by default.
-- The attention is chosen by name (`attention`, gptkit/attention.py) and so is its FLOP count.
+  is architecture by default. A part's own settings live in `parts`, never in new fields.
 - `GPTModel.forward(idx)` takes (B, T) token ids and returns (B, T, vocab_size) logits; the loss,
-  generation, evaluation and exports rely on nothing else.
+  evaluation and exports rely on nothing else (generation adds a KV cache).
 """
-
 from __future__ import annotations
 
 import dataclasses
 import functools
-import math
+import json
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from gptkit.attention import attention_spec
+from gptkit.attention import ATTENTIONS, AttentionInput, attention_spec
 from gptkit.errors import UserError
 
 
@@ -48,6 +49,16 @@ class GPTConfig:
     # shapes on GPUs. The extra rows are never a target and are cut off the logits.
     vocab_multiple: int = 1
     attention: str = "causal"  # a registered AttentionSpec (gptkit/attention.py)
+    # The block parts (gptkit/parts): each a registered name; GPT-2's by default.
+    position: str = "learned"
+    norm: str = "layernorm"
+    mlp: str = "gelu"
+    init: str = "gpt2"
+    bias: bool = True  # biases in the projections, the MLP and the norms (qkv_bias: the q/k/v projection's)
+    qk_norm: bool = False  # each head's queries and keys normalised (with the --norm kind)
+    embed_norm: bool = False  # a norm right after the token embedding (nanochat)
+    n_kv_heads: int | None = None  # key/value heads (grouped-query attention); None: one per query head
+    parts: dict = dataclasses.field(default_factory=dict)  # the chosen parts' settings: {part name: {field: value}}
     drop_rate: float = runtime_field(0.0)
     flash: bool = runtime_field(True)  # SDPA kernels; False = explicit masked softmax (same maths)
     # Recompute each block's activations in the backward pass instead of keeping them: less memory,
@@ -64,16 +75,33 @@ class GPTConfig:
                 f"model config: emb_dim {self.emb_dim} is not divisible by n_heads {self.n_heads}; "
                 "pick a head count that divides it"
             )
+        if self.n_kv_heads is not None and (isinstance(self.n_kv_heads, bool) or not isinstance(self.n_kv_heads, int)
+                                            or self.n_kv_heads < 1 or self.n_heads % self.n_kv_heads):
+            raise UserError(f"model config: n_kv_heads must be a whole number that divides n_heads {self.n_heads}, "
+                            f"got {self.n_kv_heads!r}")
         if not (isinstance(self.drop_rate, (int, float)) and 0.0 <= self.drop_rate < 1.0):
             raise UserError(f"model config: drop_rate must be in [0, 1), got {self.drop_rate!r}")
+        self.parts = dict(self.parts or {})
+        _check_parts(self)
 
     @property
     def head_dim(self) -> int:
         return self.emb_dim // self.n_heads
 
     @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
     def padded_vocab_size(self) -> int:
         return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+    def chosen_parts(self) -> list:
+        """(registry, chosen name) of every pluggable part of this config."""
+        from gptkit.parts import INITS, MLPS, NORMS, POSITIONS
+
+        return [(ATTENTIONS, self.attention), (POSITIONS, self.position), (NORMS, self.norm), (MLPS, self.mlp),
+                (INITS, self.init)]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -82,6 +110,23 @@ class GPTConfig:
     def from_dict(cls, d: dict) -> GPTConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _check_parts(cfg: GPTConfig) -> None:
+    """Every part is registered (one error line naming it, with the --plugin hint), and the recorded
+    settings are those of chosen parts and pass their checks."""
+    from gptkit.config import check
+    from gptkit.registry import settings_of
+
+    chosen = {}
+    for registry, name in cfg.chosen_parts():
+        chosen[name] = registry.spec(name)
+    for name, values in cfg.parts.items():
+        if name not in chosen:
+            raise UserError(f"model config: settings for part {name!r}, which this model does not use")
+        check(settings_of(chosen[name], values), name)
+    if cfg.position == "rotary" and cfg.head_dim % 2:
+        raise UserError(f"model config: rotary positions need an even head size, got {cfg.head_dim}")
 
 
 # Fields that decide tensor shapes or wiring; a checkpoint must agree on these to be loaded.
@@ -113,62 +158,49 @@ def get_config(name: str = "124M", **overrides) -> GPTConfig:
 # Modules
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig):
-        super().__init__()
-        self.c_fc = nn.Linear(cfg.emb_dim, 4 * cfg.emb_dim)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU
-        self.c_proj = nn.Linear(4 * cfg.emb_dim, cfg.emb_dim)
-        self.dropout = nn.Dropout(cfg.drop_rate)
+def MLP(cfg: GPTConfig) -> nn.Module:
+    """The config's MLP (--mlp; GPT-2's 4x GELU MLP by default)."""
+    from gptkit.parts import MLPS
 
-    def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+    return MLPS.spec(cfg.mlp).build(cfg)
 
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.emb_dim)
+        from gptkit.parts import build_norm
+
+        self.ln_1 = build_norm(cfg, cfg.emb_dim)
         self.attn = attention_spec(cfg.attention).build(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.emb_dim)
+        self.ln_2 = build_norm(cfg, cfg.emb_dim)
         self.mlp = MLP(cfg)
 
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x))  # pre-LayerNorm residual blocks
+    def forward(self, x, ctx: AttentionInput | None = None):
+        x = x + self.attn(self.ln_1(x), ctx)  # pre-norm residual blocks
         return x + self.mlp(self.ln_2(x))
 
 
 class GPTModel(nn.Module):
-    """GPT-2. Parameter names follow Hugging Face's GPT2LMHeadModel minus the `transformer.` prefix,
-    so pretrained weights map one-to-one (wt_load.py)."""
+    """GPT-2, and the newer blocks as parts (gptkit/parts). Parameter names follow Hugging Face's
+    GPT2LMHeadModel minus the `transformer.` prefix, so GPT-2 weights map one-to-one (wt_load.py)."""
 
     def __init__(self, cfg: GPTConfig):
         super().__init__()
+        from gptkit.parts import INITS, POSITIONS, build_norm
+
         self.cfg = cfg
         self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.emb_dim)
-        self.wpe = nn.Embedding(cfg.context_length, cfg.emb_dim)
+        table = POSITIONS.spec(cfg.position).embedding
+        self.wpe = table(cfg) if table is not None else None  # learned positions (GPT-2); rotary: none
+        self.ln_emb = build_norm(cfg, cfg.emb_dim) if cfg.embed_norm else None
         self.drop = nn.Dropout(cfg.drop_rate)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_f = nn.LayerNorm(cfg.emb_dim)
+        self.ln_f = build_norm(cfg, cfg.emb_dim)
         self.lm_head = nn.Linear(cfg.emb_dim, cfg.padded_vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight  # weight tying: one matrix embeds tokens and scores them
             self.register_load_state_dict_pre_hook(self._tie_head_on_load)
-        self.apply(self._init_weights)
-        # GPT-2 scales the projections that write into the residual stream by 1/sqrt(2 * n_layers),
-        # so the stream's variance does not grow with depth.
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layers))
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        INITS.spec(cfg.init).apply(self)
 
     @staticmethod
     def _tie_head_on_load(module, state_dict, prefix, *_):
@@ -177,16 +209,30 @@ class GPTModel(nn.Module):
         if prefix + "lm_head.weight" not in state_dict and prefix + "wte.weight" in state_dict:
             state_dict[prefix + "lm_head.weight"] = state_dict[prefix + "wte.weight"]
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, cache=None, positions: torch.Tensor | None = None,
+                key_padding: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, vocab_size) logits. Generation passes a KVCache (the tokens
+        before these are in it), and for left-padded prompts each token's position (B, T) and which
+        keys are padding (B, cache length + T)."""
         B, T = idx.shape
-        if T > self.cfg.context_length:
-            raise ValueError(f"sequence length {T} exceeds the model's context_length {self.cfg.context_length}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        start = cache.length if cache is not None else 0
+        if start + T > self.cfg.context_length:
+            raise ValueError(f"sequence length {start + T} exceeds the model's context_length {self.cfg.context_length}")
+        if positions is None:
+            positions = torch.arange(start, start + T, device=idx.device)
+        x = self.wte(idx)  # (B, T, C)
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        if self.ln_emb is not None:
+            x = self.ln_emb(x)
+        x = self.drop(x)
         recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
-        for block in self.h:
+        for i, block in enumerate(self.h):
+            ctx = AttentionInput(positions, cache.layers[i] if cache is not None else None, key_padding)
             # Non-reentrant checkpointing: the block runs again in backward, RNG state (dropout) included.
-            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
+            x = checkpoint(block, x, ctx, use_reentrant=False) if recompute else block(x, ctx)
+        if cache is not None:
+            cache.length += T
         logits = self.lm_head(self.ln_f(x))  # (B, T, padded_vocab_size)
         return logits[..., : self.cfg.vocab_size] if self.cfg.vocab_multiple > 1 else logits
 
@@ -196,13 +242,14 @@ class GPTModel(nn.Module):
 
 
 def count_parameters(model: GPTModel) -> dict[str, int]:
-    """Parameter counts: `tied` as built with a shared embedding/head, `untied` with a separate head,
-    `non_embedding` without token and position embeddings (the figure scaling laws use)."""
+    """Parameter counts: `total` as built (a tied head once), `tied` and `untied` as if the head were
+    shared with the embedding or not, `non_embedding` without the token and position tables and an
+    untied head (the figure scaling laws use; the head still costs compute: flops_per_token)."""
     unique = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     head = model.lm_head.weight.numel()
     tied = unique if model.cfg.tie_embeddings else unique - head
-    emb = model.wte.weight.numel() + model.wpe.weight.numel()
-    return {"tied": tied, "untied": tied + head, "non_embedding": tied - emb}
+    emb = model.wte.weight.numel() + (model.wpe.weight.numel() if model.wpe is not None else 0)
+    return {"total": unique, "tied": tied, "untied": tied + head, "non_embedding": tied - emb}
 
 
 def count_parameters_from_config(cfg: GPTConfig) -> dict[str, int]:
@@ -238,12 +285,13 @@ def block_matrices(named_parameters) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 @functools.lru_cache(maxsize=16)
-def _parameter_shapes(arch: tuple) -> tuple:
+def _parameter_shapes(arch: str) -> tuple:
     with torch.device("meta"):
-        model = GPTModel(GPTConfig(**dict(arch)))
+        model = GPTModel(GPTConfig(**json.loads(arch)))
     return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
 
 
 def parameter_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
     """Every unique parameter's shape (the tied head once), without allocating the model."""
-    return dict(_parameter_shapes(tuple(sorted((k, v) for k, v in cfg.to_dict().items() if k in ARCH_FIELDS))))
+    return dict(_parameter_shapes(json.dumps({k: v for k, v in cfg.to_dict().items() if k in ARCH_FIELDS},
+                                             sort_keys=True)))

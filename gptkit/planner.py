@@ -38,7 +38,7 @@ def optimizer_state_bytes_of(cfg: GPTConfig, optimizer: str = "adamw", config=No
 
 def checkpoint_bytes(cfg: GPTConfig, optimizer: str = "adamw", config=None) -> int:
     """About how big a checkpoint of this model is: fp32 weights plus the optimizer's state."""
-    return 4 * count_parameters_from_config(cfg)["tied"] + optimizer_state_bytes_of(cfg, optimizer, config)
+    return 4 * count_parameters_from_config(cfg)["total"] + optimizer_state_bytes_of(cfg, optimizer, config)
 
 
 def activation_bytes_per_token(cfg: GPTConfig, dtype: str, checkpointing: bool) -> float:
@@ -138,7 +138,7 @@ def memory_report(cfg: GPTConfig, setup: TrainSetup, memory: float) -> list[str]
     plan = memory_plan(cfg, setup)
     gib = lambda b: f"{b / 2**30:7.2f} GiB"  # noqa: E731
     ckpt_plan = memory_plan(cfg, dataclasses.replace(setup, activation_checkpointing=not setup.activation_checkpointing))
-    lines = [f"memory per device: {count_parameters_from_config(cfg)['tied'] / 1e6:.0f}M parameters, micro-batch "
+    lines = [f"memory per device: {count_parameters_from_config(cfg)['total'] / 1e6:.0f}M parameters, micro-batch "
              f"{setup.batch_size} x {cfg.context_length}, {setup.dtype}, {setup.optimizer}"
              f"{', FSDP over ' + str(setup.world_size) if setup.fsdp else ''}{', CPU offload' if setup.cpu_offload else ''}"]
     for part in ("parameters", "gradients", "optimizer", "gathered blocks", "activations", "logits and loss", "margin"):

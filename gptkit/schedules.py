@@ -35,6 +35,7 @@ class Schedule:
     min_lr: float
     warmup_steps: int
     max_steps: int
+    config: object = None  # the schedule's own settings (its dataclass), if it has any
 
 
 @dataclass(frozen=True)
@@ -43,14 +44,16 @@ class ScheduleSpec:
     lr_at: Callable[[int, Schedule], float]
     help: str
     uses: tuple[str, ...] = ()  # the shared settings it reads: warmup_steps, min_lr
+    config: type | None = None  # a dataclass of its own settings (flags --NAME_FIELD), given to lr_at as s.config
 
 
-SCHEDULES: Registry[ScheduleSpec] = Registry("schedule")
+SCHEDULES: Registry[ScheduleSpec] = Registry("schedule", selector="schedule")
 register_schedule = SCHEDULES.add  # register_x(spec): one line in the component's own file
 schedule_spec = SCHEDULES.spec  # the spec of a name, or one error line listing the names
 
 
-def resolve(cfg: ScheduleConfig, lr: float, max_steps: int, given: set[str] = frozenset()) -> tuple[ScheduleSpec, Schedule]:
+def resolve(cfg: ScheduleConfig, lr: float, max_steps: int, given: set[str] = frozenset(),
+            own=None) -> tuple[ScheduleSpec, Schedule]:
     """The spec and settings of this run; a setting typed on the command line that the schedule does
     not use, or a --min_lr above --lr, is refused."""
     spec = schedule_spec(cfg.schedule)
@@ -61,7 +64,9 @@ def resolve(cfg: ScheduleConfig, lr: float, max_steps: int, given: set[str] = fr
     min_lr = cfg.min_lr if cfg.min_lr is not None else lr / 10
     if min_lr > lr:
         raise UserError(f"--min_lr {min_lr} is above --lr {lr}; a schedule decays from --lr down to --min_lr")
-    return spec, Schedule(lr, min_lr, cfg.warmup_steps, max_steps)
+    if own is None and spec.config is not None:
+        own = spec.config()
+    return spec, Schedule(lr, min_lr, cfg.warmup_steps, max_steps, own)
 
 
 def lr_function(spec: ScheduleSpec, s: Schedule) -> Callable[[int], float]:

@@ -168,9 +168,8 @@ class WindowAttention(CausalSelfAttention):
         super().__init__(cfg)
         self.flash = False  # the explicit softmax, with this mask
 
-    def mask(self, T, device):
-        i = torch.arange(T, device=device)
-        return (i[None, :] > i[:, None]) | (i[None, :] < i[:, None] - self.WINDOW + 1)
+    def mask(self, q_pos, k_pos):
+        return (k_pos[None, :] > q_pos[:, None]) | (k_pos[None, :] < q_pos[:, None] - self.WINDOW + 1)
 
 
 @pytest.fixture

@@ -54,7 +54,7 @@ class OptimizerSpec:
     extra_state_bytes: Callable[[Any], int] = _no_extra  # measured state not held as tensors in .state
 
 
-OPTIMIZERS: Registry[OptimizerSpec] = Registry("optimizer")
+OPTIMIZERS: Registry[OptimizerSpec] = Registry("optimizer", selector="optimizer")
 register_optimizer = OPTIMIZERS.add  # register_x(spec): one line in the component's own file
 optimizer_spec = OPTIMIZERS.spec  # the spec of a name, or one error line listing the names
 

@@ -28,6 +28,10 @@ class MuonConfig:
     adjust_lr: str = setting("original", "how Muon scales its LR by matrix shape: original (Keller Jordan's, "
                                          "sqrt(max(1, rows/cols))) or match_rms_adamw (Moonshot's)",
                              choices=("original", "match_rms_adamw"))
+    embed_lr: float | None = setting(None, "peak LR of the token (and position) embedding, in Muon's AdamW part "
+                                           "(default: --lr)", check=(above(0), "a number > 0"))
+    head_lr: float | None = setting(None, "peak LR of an untied output head, in Muon's AdamW part (default: --lr)",
+                                    check=(above(0), "a number > 0"))
 
 
 class OptimizerChain:
@@ -86,9 +90,24 @@ def build(model: torch.nn.Module, args: OptimArgs, config: MuonConfig, device: t
     for g in muon.param_groups:
         g["lr_scale"] = config.lr / args.lr  # the schedule sets lr = scheduled lr x lr_scale
     fused = device.type == "cuda" and all(p.device.type == "cuda" for _, p in named)
-    adamw = torch.optim.AdamW(decay_groups([(n, p) for n, p in named if id(p) not in ids], args.weight_decay),
+    adamw = torch.optim.AdamW(adamw_groups([(n, p) for n, p in named if id(p) not in ids], args, config),
                               lr=args.lr, betas=(args.beta1, args.beta2), fused=fused or None)
     return OptimizerChain(muon=muon, adamw=adamw)
+
+
+EMBEDDINGS = ("wte.weight", "wpe.weight")
+
+
+def adamw_groups(named: list, args: OptimArgs, config: MuonConfig) -> list[dict]:
+    """The AdamW part's groups: the embeddings at --muon_embed_lr and an untied head at --muon_head_lr
+    when given (each a group with its lr_scale), the rest with decay on matrices only, at --lr."""
+    groups = []
+    for names, lr in ((EMBEDDINGS, config.embed_lr), (("lm_head.weight",), config.head_lr)):
+        chosen = [p for n, p in named if n in names] if lr is not None else []
+        if chosen:
+            groups.append({"params": chosen, "weight_decay": args.weight_decay, "lr": lr, "lr_scale": lr / args.lr})
+            named = [(n, p) for n, p in named if n not in names]
+    return groups + decay_groups(named, args.weight_decay)
 
 
 def state_bytes(shapes: dict, config) -> int:
