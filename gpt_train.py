@@ -24,7 +24,7 @@ from gptkit.checkpoint.state import (
 )
 from gptkit.checkpoint.store import SHARDED_DONE, checkpoint_header, dcp_load, load_checkpoint, peek_checkpoint, save_checkpoint
 from gptkit.cli import run_cli
-from gptkit.config import HelpFormatter, finite, refuse_together
+from gptkit.config import HelpFormatter, finite, read_config_file, refuse_together, write_config_file
 from gptkit.data.batches import BatchSampler, TokenWindowDataset, create_dataloader
 from gptkit.errors import CheckpointError, RunFailure, UserError
 from gptkit.files import (
@@ -40,7 +40,7 @@ from gptkit.files import (
                                      write_json,
 )
 from gptkit.generation import generate, generate_and_print_sample, text_to_token_ids, token_ids_to_text
-from gptkit.loop import StepResult, StopSignal, TrainConfig, TrainHooks, TrainState, train_model, train_step
+from gptkit.loop import Reporter, StepResult, StopSignal, TrainConfig, TrainState, train_step
 from gptkit.loss import _MeanCrossEntropy, calc_loss_batch, compiled_cross_entropy, evaluate_model, loss_sums
 from gptkit.metrics import STEP_METRICS, StepMetric, format_log_line, register_metric
 from gptkit.model import (
@@ -62,7 +62,7 @@ from gptkit.optim import OPTIMIZERS, OptimizerSpec, optimizer_spec, register_opt
 from gptkit.optim.adamw import make_adamw
 from gptkit.planner import TrainSetup, checkpoint_bytes, largest_micro_batch, memory_plan, memory_report, optimizer_state_bytes_of
 from gptkit.progress import PlainProgress, progress_bar, progress_write
-from gptkit.run import Evaluation, open_run, plot_losses, run_training, vocab_multiple_for
+from gptkit.run import Evaluation, check_run, open_run, plot_losses, run_training, vocab_multiple_for
 from gptkit.runtime import (
                                      DTYPES,
                                      Runtime,
@@ -75,3 +75,4 @@ from gptkit.runtime import (
 )
 from gptkit.schedules import SCHEDULES, ScheduleSpec, cosine_lr, register_schedule
 from gptkit.tokenizer import EOT_ID, EOT_TOKEN, encode_documents, get_tokenizer, gpt2_bpe_files, tokenizer_fingerprint
+from gptkit.trainer import Trainer

@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 
 import gpt_train as gt
-import wt_load
 from gptkit import evals
 from gptkit import runtime as rt
 from gptkit.args import SharedSettings, add_shared_flags, shared_settings
@@ -41,8 +40,10 @@ from gptkit.data import cache as token_cache
 from gptkit.data.sources import resolve_source
 from gptkit.optim import build_optimizer, measured_state_bytes, optimizer_spec
 from gptkit.planner import TrainSetup, memory_report
+from gptkit.plugins import preload
 from gptkit.schedules import lr_function, resolve
 from gptkit.sinks import SinkConfig, git_hash, library_versions, start_sinks
+from gptkit.weights import new_model
 
 SCRIPT = "pretraining_advanced"
 DEFAULTS = dict(model="124M", batch_size=32, seed=1337, eval_every=500, eval_iters=20, sample_every=1000,
@@ -120,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> Settings:
+    plugins = preload(argv)  # before the parser: a plugin's components are choices and flags of it
     args, given = parse(build_parser(), argv)
-    shared = shared_settings(args, given)
+    shared = shared_settings(args, given, plugins)
     s = Settings(from_args(DataArgs, args), from_args(BudgetArgs, args), from_args(ScaleArgs, args),
                  from_args(SinkConfig, args), evals.enabled(args, given), shared, args)
     check_combinations(s, given)
@@ -133,14 +135,15 @@ def check_combinations(s: Settings, given: set[str]) -> None:
     refuse_together(given, ("grad_accum", "total_batch_tokens", "--total_batch_tokens sets the accumulation for the "
                                                                 "device count"),
                     ("max_steps", "train_tokens", "--train_tokens sets the number of steps"))
-    resolve(s.shared.schedule, s.shared.optim.lr, 1, given, s.shared.schedule_config)  # a setting the schedule ignores, --min_lr above --lr
+    # a setting the schedule ignores, --min_lr above --lr
+    resolve(s.shared.schedule, s.shared.optim.lr, 1, given, s.shared.schedule_config)
     spec = optimizer_spec(s.shared.optim.optimizer)
     if s.scale.fsdp and spec.fsdp:
         raise gt.UserError(spec.fsdp)
     if s.scale.cpu_offload and not s.scale.fsdp:
         raise gt.UserError("--cpu_offload offloads FSDP's shards: add --fsdp (under torchrun, --nproc_per_node 1 for "
                            "one GPU)")
-    if s.scale.fsdp and "WORLD_SIZE" not in os.environ and not s.scale.estimate_memory:
+    if s.scale.fsdp and "WORLD_SIZE" not in os.environ and not (s.scale.estimate_memory or s.shared.run.check):
         raise gt.UserError("--fsdp shards over the processes torchrun starts: run it as torchrun --nproc_per_node N "
                            "pretraining_advanced.py --fsdp ... (N=1 with --cpu_offload for one GPU)")
 
@@ -256,7 +259,7 @@ def build_model(s: Settings, cfg: gt.GPTConfig, runtime: gt.Runtime, say):
     """The (wrapped) model and its optimizer; the initial weights are the same on every rank."""
     sh = s.shared
     gt.seed_everything(sh.run.seed)
-    model = wt_load.new_model(cfg, sh.run.init_from, log=say)
+    model = new_model(cfg, sh.run.init_from, log=say)
     model = runtime.prepare(model)
     optimizer = build_optimizer(model, sh.optim, sh.optimizer_config, runtime.device)
     torch.manual_seed(sh.run.seed + runtime.rank)  # dropout differs across ranks; init above was shared
@@ -267,6 +270,8 @@ def main(argv=None) -> dict:
     s = parse_args(argv)
     if s.scale.estimate_memory:
         return estimate_memory(s)
+    if s.shared.run.check:
+        return check(s)
     rank, world, local_rank = rt.setup_distributed(s.shared.runtime.device, s.scale.fsdp, s.scale.cpu_offload,
                                                    s.scale.dist_timeout_min)
     try:
@@ -274,6 +279,21 @@ def main(argv=None) -> dict:
     finally:
         rt.teardown_distributed()
     return result
+
+
+def check(s: Settings) -> dict:
+    """--check: the data source, --init_from and the run folder, as the run would see them (in this one
+    process, before any worker starts); no cache is built, nothing is trained or written."""
+    sh, d = s.shared, s.data
+    gt.resolve_device(sh.runtime.device)
+    if d.data != "gutenberg":
+        resolve_source(d.data, d.text_column, d.data_mix, d.smollm_dir).probe()
+    cfg = sh.model_config
+    model = new_model(cfg, sh.run.init_from, log=lambda *_: None)
+    run_dir = sh.run.run_dir or gt.default_run_dir(SCRIPT, s.args, build_parser())
+    what = f"model {sh.model.model} ({gt.count_parameters(model)['total'] / 1e6:.1f}M parameters) | data {d.data}"
+    return gt.check_run(run_dir, cfg, sh.run.resume, sh.run.overwrite, optimizer_spec(sh.optim.optimizer).kind,
+                        sh.model.pad_vocab, what, sh.plugins)
 
 
 def train(s: Settings, rank: int, world: int, local_rank: int) -> dict:
@@ -288,7 +308,7 @@ def train(s: Settings, rank: int, world: int, local_rank: int) -> dict:
     run_dir = sh.run.run_dir or gt.default_run_dir(SCRIPT, s.args, build_parser())
     ckpt_bytes = gt.checkpoint_bytes(cfg, sh.optim.optimizer, sh.optimizer_config) // (world if s.scale.fsdp else 1)
     run = gt.open_run(runtime, run_dir, SCRIPT, gt.args_to_dict(s.args), sh.run.resume, sh.run.overwrite,
-                      sh.run.keep_last, ckpt_bytes)
+                      sh.run.keep_last, ckpt_bytes, sh.plugins)
     closers = []
     try:
         cfg = dataclasses.replace(cfg, vocab_multiple=gt.vocab_multiple_for(sh.model.pad_vocab, runtime, run))
@@ -325,7 +345,8 @@ def train_in(run: gt.RunFolder, s: Settings, cfg: gt.GPTConfig, runtime: gt.Runt
         peak_flops=rt.peak_flops_for(runtime.device, s.scale.peak_tflops, warn=say),
         evaluations=tuple(evals.build(s.evals, runtime)),
         run_info={"script": SCRIPT, "args": gt.args_to_dict(s.args), "world_size": runtime.world_size,
-                  "optimizer": spec.name, "schedule": {"name": sched_spec.name, **dataclasses.asdict(schedule)}})
+                  "optimizer": spec.name, "plugins": [p.record() for p in sh.plugins],
+                  "schedule": {"name": sched_spec.name, **dataclasses.asdict(schedule)}})
     if runtime.world_size > 1 and not runtime.fsdp:  # (FSDP ranks hold different shards by design)
         result["weights_in_sync"] = rt.weights_in_sync(gt.unwrap_model(model), runtime.world_size)
         say(f"weights identical on all {runtime.world_size} ranks: {result['weights_in_sync']}")

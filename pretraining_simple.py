@@ -24,13 +24,15 @@ from pathlib import Path
 
 import gpt_train as gt
 import prep_dataset
-import wt_load
+from gptkit import evals
 from gptkit.args import SharedSettings, add_shared_flags, shared_settings
 from gptkit.config import HelpFormatter, add_flags, at_least, between, from_args, parse, setting
 from gptkit.data import cache as token_cache
 from gptkit.data.sources import DataSource
 from gptkit.optim import build_optimizer, optimizer_spec
+from gptkit.plugins import preload
 from gptkit.schedules import lr_function, resolve
+from gptkit.weights import new_model
 
 SCRIPT = "pretraining_simple"
 DEFAULTS = dict(model="small", batch_size=16, seed=123, eval_every=50, eval_iters=10, sample_every=200, save_every=500,
@@ -52,6 +54,7 @@ class BookData:
 class Settings:
     data: BookData
     shared: SharedSettings
+    evals: list  # enabled evaluations' configs (gptkit.evals)
     args: argparse.Namespace  # as parsed: recorded in run.json and checkpoints
 
 
@@ -59,29 +62,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_flags(p.add_argument_group("data"), BookData)
     add_shared_flags(p, **DEFAULTS)
+    evals.add_eval_flags(p)
     return p
 
 
 def parse_args(argv=None) -> Settings:
+    plugins = preload(argv)  # before the parser: a plugin's components are choices and flags of it
     args, given = parse(build_parser(), argv)
-    shared = shared_settings(args, given)
+    shared = shared_settings(args, given, plugins)
     gt.refuse_together(given, ("max_steps", "n_epochs", "--max_steps sets the length of the run, --n_epochs too"))
-    return Settings(from_args(BookData, args), shared, args)
+    return Settings(from_args(BookData, args), shared, evals.enabled(args, given), args)
+
+
+def corpus_files(data_dir: Path) -> list[Path]:
+    """The combined_*.txt (else *.txt) files of --data_dir, or one error line saying what is wrong."""
+    if not data_dir.is_dir():
+        raise gt.UserError(f"--data_dir {data_dir} is not a folder; run prep_dataset.py to make one, "
+                           "or leave --data_dir out to use the embedded sample")
+    files = sorted(data_dir.glob("combined_*.txt")) or sorted(data_dir.glob("*.txt"))
+    if not files:
+        raise gt.UserError(f"no combined_*.txt or .txt files in {data_dir}; run prep_dataset.py first")
+    return files
 
 
 def load_corpus(data_dir: Path | None, val_fraction: float, context_length: int, cache_dir: Path | None = None,
                 progress: bool = True):
     """Train/validation token windows of every combined_*.txt, through the token cache: tokenized
     on the first run, memory-mapped afterwards."""
-    if data_dir is None:
-        files = prep_dataset.prepare_default_corpus()
-    else:
-        if not data_dir.is_dir():
-            raise gt.UserError(f"--data_dir {data_dir} is not a folder; run prep_dataset.py to make one, "
-                               "or leave --data_dir out to use the embedded sample")
-        files = sorted(data_dir.glob("combined_*.txt")) or sorted(data_dir.glob("*.txt"))
-        if not files:
-            raise gt.UserError(f"no combined_*.txt or .txt files in {data_dir}; run prep_dataset.py first")
+    files = corpus_files(data_dir) if data_dir is not None else prep_dataset.prepare_default_corpus()
     source = DataSource("local", [[str(f) for f in files]], None, "text", [f"{files[0].parent} ({len(files)} file(s))"])
     cache_dir = cache_dir or files[0].parent / ".token_cache"
     token_cache.build_cache(source, cache_dir, val_fraction=val_fraction, progress=progress)
@@ -98,10 +106,12 @@ def main(argv=None) -> dict:
     s = parse_args(argv)
     sh = s.shared
     cfg = sh.model_config
-    runtime = gt.setup_runtime(sh.runtime.device, sh.runtime.dtype, sh.runtime.compile)
     run_dir = sh.run.run_dir or gt.default_run_dir(SCRIPT, s.args, build_parser())
+    if sh.run.check:
+        return check(s, cfg, run_dir)
+    runtime = gt.setup_runtime(sh.runtime.device, sh.runtime.dtype, sh.runtime.compile)
     run = gt.open_run(runtime, run_dir, SCRIPT, gt.args_to_dict(s.args), sh.run.resume, sh.run.overwrite,
-                      sh.run.keep_last, gt.checkpoint_bytes(cfg, sh.optim.optimizer, sh.optimizer_config))
+                      sh.run.keep_last, gt.checkpoint_bytes(cfg, sh.optim.optimizer, sh.optimizer_config), sh.plugins)
     try:
         cfg = dataclasses.replace(cfg, vocab_multiple=gt.vocab_multiple_for(sh.model.pad_vocab, runtime, run))
         return train(s, cfg, runtime, run)
@@ -109,10 +119,22 @@ def main(argv=None) -> dict:
         run.release()
 
 
+def check(s: Settings, cfg: gt.GPTConfig, run_dir: Path) -> dict:
+    """--check: the data folder, --init_from and the run folder, as the run would see them; no training."""
+    sh = s.shared
+    gt.resolve_device(sh.runtime.device)
+    files = corpus_files(s.data.data_dir) if s.data.data_dir is not None else None
+    model = new_model(cfg, sh.run.init_from, log=lambda *_: None)
+    what = (f"model {sh.model.model} ({gt.count_parameters(model)['total'] / 1e6:.1f}M parameters) | data "
+            f"{f'{len(files)} file(s) in {s.data.data_dir}' if files else 'the embedded Gutenberg sample'}")
+    return gt.check_run(run_dir, cfg, sh.run.resume, sh.run.overwrite, optimizer_spec(sh.optim.optimizer).kind,
+                        sh.model.pad_vocab, what, sh.plugins)
+
+
 def train(s: Settings, cfg: gt.GPTConfig, runtime: gt.Runtime, run: gt.RunFolder) -> dict:
     sh = s.shared
     gt.seed_everything(sh.run.seed)
-    model = wt_load.new_model(cfg, sh.run.init_from)  # before the corpus: a bad --init_from fails fast
+    model = new_model(cfg, sh.run.init_from)  # before the corpus: a bad --init_from fails fast
     train_data, val_data, files = load_corpus(s.data.data_dir, s.data.val_fraction, cfg.context_length,
                                               s.data.cache_dir, sh.log.progress)
     steps_per_epoch = len(train_data) // (sh.batch.batch_size * sh.batch.grad_accum)
@@ -129,7 +151,9 @@ def train(s: Settings, cfg: gt.GPTConfig, runtime: gt.Runtime, run: gt.RunFolder
     sched_spec, schedule = resolve(sh.schedule, sh.optim.lr, max_steps, sh.given, sh.schedule_config)
     result = gt.run_training(model, optimizer, runtime, gt.train_config(sh, max_steps), train_data, val_data, run,
                              lr_fn=lr_function(sched_spec, schedule), optimizer_spec=spec,
+                             evaluations=tuple(evals.build(s.evals, runtime)),
                              run_info={"script": SCRIPT, "args": gt.args_to_dict(s.args), "optimizer": spec.name,
+                                       "plugins": [p.record() for p in sh.plugins],
                                        "schedule": {"name": sched_spec.name, **dataclasses.asdict(schedule)}})
     if not result["stop_reason"]:
         result["sample"] = gt.generate_and_print_sample(

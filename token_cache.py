@@ -32,6 +32,7 @@ from gptkit.data.cache import (  # noqa: F401
 )
 from gptkit.data.sources import DataSource, resolve_source  # noqa: F401
 from gptkit.errors import UserError
+from gptkit.plugins import add_plugin_flag, preload
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, what in (("inspect", "print what a cache holds"), ("verify", "check every shard's sha256 and ids")):
         s = sub.add_parser(name, help=what, formatter_class=HelpFormatter)
         s.add_argument("cache_dir", type=Path, help="a token cache folder")
+    for sub_parser in (p, *sub.choices.values()):  # before or after the command
+        add_plugin_flag(sub_parser)
     return p
 
 
@@ -66,6 +69,7 @@ def _check_build(args) -> None:
 
 
 def main(argv=None) -> dict:
+    preload(argv)  # a plugin's data sources and file formats
     args = build_parser().parse_args(argv)
     if args.command == "build":
         _check_build(args)

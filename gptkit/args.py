@@ -21,6 +21,7 @@ from gptkit.metrics import STEP_METRICS
 from gptkit.model import PRESETS, GPTConfig, get_config
 from gptkit.optim import OPTIMIZERS, OptimArgs, optimizer_spec
 from gptkit.parts import ARCHS
+from gptkit.plugins import add_plugin_flag
 from gptkit.schedules import SCHEDULES, ScheduleConfig, schedule_spec
 
 
@@ -39,6 +40,9 @@ class RunArgs:
     keep_last: int = setting(3, "this run's checkpoints kept in --run_dir (0: all)", check=(at_least(0), ">= 0 (0: keep all)"))
     seed: int = setting(0, "random seed (init, batch order, dropout)",
                         check=(lambda v: 0 <= v < 2**32, "a whole number from 0 to 4294967295"))
+    check: bool = setting(False, "check the settings and inputs (data, the checkpoint --resume would take, "
+                                 "--init_from) and say what the run would do, then exit touching nothing (launch.py "
+                                 "does it before starting any worker)")
 
 
 @dataclass
@@ -141,7 +145,7 @@ class RuntimeArgs:
 
 @dataclass
 class LogArgs:
-    log_every: int = setting(10, "log line every N steps", check=(at_least(1), "at least 1"))
+    log_every: int = setting(10, "log line every N steps (0: only the last step)", check=(at_least(0), ">= 0"))
     eval_every: int = setting(500, "validation loss every N steps (0: only at the end)", aliases=("--eval_freq",),
                               check=(at_least(0), ">= 0"))
     eval_iters: int = setting(20, "batches per evaluation", aliases=("--eval_iter",), check=(at_least(1), "at least 1"))
@@ -160,7 +164,7 @@ RUN_MECHANICS = {"run_dir", "resume", "overwrite", "max_steps", "n_epochs", "tra
                  "compile", "wandb", "wandb_project", "wandb_run_name", "tensorboard", "histogram_every",
                  "prepare_only", "estimate_memory", "gpu_memory_gb", "debug", "cache_dir", "max_bad_steps",
                  "activation_checkpointing", "dtype", "flash", "pad_vocab", "peak_tflops", "hellaswag", "hellaswag_every",
-                 "hellaswag_limit"}
+                 "hellaswag_limit", "check", "config", "plugin"}  # and every evaluation's flags (default_run_dir)
 # The settings whose values named default run folders before settings were typed components; any
 # other setting joins the name only when it differs from its default, so old runs are found again.
 HASHED_BEFORE = {
@@ -180,6 +184,11 @@ DEBUG_DEFAULTS = {"max_steps": 20, "eval_every": 10, "sample_every": 10, "log_ev
 def add_shared_flags(p: argparse.ArgumentParser, **defaults) -> None:
     """The flags both training scripts take (one name each; older names stay as aliases), with the
     script's own defaults; each registered component's settings in a group of its own."""
+    g = p.add_argument_group("settings from a file, components from a plugin")
+    g.add_argument("--config", type=Path, default=None, metavar="FILE",
+                   help="settings from a .toml or .yaml file (keys are the flags' names; a table [NAME] holds a "
+                        "component's, e.g. [muon] lr = 0.02); flags on the command line override it")
+    add_plugin_flag(g)
     add_flags(p.add_argument_group("run folder"), RunArgs, **defaults)
     add_flags(p.add_argument_group("model"), ModelArgs, **defaults)
     set_choices(p, "arch", ARCHS)
@@ -212,9 +221,11 @@ class SharedSettings:
     log: LogArgs
     given: set[str]
     model_config: GPTConfig  # the model the flags describe (vocab_multiple is decided with the run folder)
+    plugins: list = dataclasses.field(default_factory=list)  # gptkit.plugins.Plugin, as loaded for this run
+    metric_settings: dict = dataclasses.field(default_factory=dict)  # {metric name: its settings}
 
 
-def shared_settings(args: argparse.Namespace, given: set[str]) -> SharedSettings:
+def shared_settings(args: argparse.Namespace, given: set[str], plugins: list | None = None) -> SharedSettings:
     """The shared components from parsed flags: checked, --debug applied, conflicts refused."""
     apply_debug(args, given)
     optim = from_args(OptimArgs, args)
@@ -228,7 +239,8 @@ def shared_settings(args: argparse.Namespace, given: set[str]) -> SharedSettings
     model = from_args(ModelArgs, args)
     return SharedSettings(from_args(RunArgs, args), model, from_args(BatchArgs, args), optim, settings(spec, args),
                           schedule, settings(schedule_spec(schedule.schedule), args), from_args(RuntimeArgs, args),
-                          from_args(LogArgs, args), given, model_config(model, args, given))
+                          from_args(LogArgs, args), given, model_config(model, args, given), list(plugins or []),
+                          {name: settings(spec, args) for name, spec in STEP_METRICS.configured()})
 
 
 def apply_debug(args: argparse.Namespace, given: set[str]) -> None:
@@ -252,7 +264,8 @@ def train_config(s: SharedSettings, max_steps: int, grad_accum: int | None = Non
                        seed=s.run.seed, max_grad_norm=s.optim.max_grad_norm, log_every=s.log.log_every,
                        eval_every=s.log.eval_every, eval_iters=s.log.eval_iters, sample_every=s.log.sample_every,
                        sample_prompt=s.log.sample_prompt, save_every=s.run.save_every, keep_last=s.run.keep_last,
-                       max_bad_steps=s.log.max_bad_steps, histogram_every=histogram_every, progress=s.log.progress)
+                       max_bad_steps=s.log.max_bad_steps, histogram_every=histogram_every, progress=s.log.progress,
+                       metric_settings=s.metric_settings)
 
 
 def args_to_dict(args: argparse.Namespace) -> dict:
@@ -264,12 +277,16 @@ def default_run_dir(script: str, args: argparse.Namespace, parser: argparse.Argu
     """runs/<script>-<model>-<hash of the settings that define the run>. Settings that named runs
     before always count; newer ones only when they differ from their default (so an older run's
     command finds its folder again)."""
+    from gptkit.config import flags_of
+    from gptkit.evals import EVALS
+
     defaults = {a.dest: a.default for a in parser._actions}
     before = HASHED_BEFORE.get(script, set())
+    mechanics = RUN_MECHANICS | {d for spec in EVALS.values() for d in flags_of(spec.config, spec.name)}
     settings = {}
     for k, v in sorted(args_to_dict(args).items()):
         name = RENAMED.get(k, k)
-        if k in RUN_MECHANICS or (name not in before and v == defaults.get(k)):
+        if k in mechanics or (name not in before and v == defaults.get(k)):
             continue
         settings[name] = v
     digest = hashlib.sha256(json.dumps(dict(sorted(settings.items())), sort_keys=True, default=str).encode()).hexdigest()[:8]

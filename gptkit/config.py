@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import sys
 import types
 import typing
 from collections.abc import Callable
@@ -108,15 +109,135 @@ _UNSET = object()
 
 
 def parse(parser: argparse.ArgumentParser, argv=None) -> tuple[argparse.Namespace, set[str]]:
-    """parse_args, and the set of destinations the user gave on the command line (defaults filled in
-    after), so that conflicting flags can be refused instead of one silently winning."""
+    """parse_args, and the set of destinations the user gave (defaults filled in after), so that
+    conflicting flags can be refused instead of one silently winning. With --config FILE (a flag of
+    the parser), the file's settings come first and flags typed on the command line override them;
+    both count as given (a file's default values do not)."""
+    argv = list(argv) if argv is not None else sys.argv[1:]
     dests = {a.dest: a.default for a in parser._actions if a.default != argparse.SUPPRESS}  # not --help
-    ns = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(dests, _UNSET)))
-    given = {k for k, v in vars(ns).items() if v is not _UNSET}
+    appended = {a.dest for a in parser._actions if isinstance(a, argparse._AppendAction)}  # start from None, not _UNSET
+    ns = parser.parse_args(argv, argparse.Namespace(**{k: None if k in appended else _UNSET for k in dests}))
+    given = {k for k, v in vars(ns).items() if v is not _UNSET and not (k in appended and v is None)}
+    for k in appended:
+        if getattr(ns, k) is None:
+            setattr(ns, k, _UNSET)
+    from_file = config_values(parser, ns.config) if "config" in given and ns.config else {}
     for k, default in dests.items():
         if getattr(ns, k) is _UNSET:
-            setattr(ns, k, default)
-    return ns, given
+            setattr(ns, k, from_file.get(k, default))
+    # A file's value counts as given unless it is the default (a recorded run's file lists every setting).
+    return ns, given | {k for k, v in from_file.items() if v != dests.get(k)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Settings from a file: --config FILE.toml or .yaml
+
+
+def read_config_file(path) -> dict:
+    """The settings of a TOML or YAML file, flat: a table [NAME] holds a component's settings, so
+    `[muon] lr = 0.02` is `muon_lr = 0.02` (the flags' own naming rule, gptkit.config.flag_name)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--config {path}: no such file")
+    text = path.read_bytes()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text.decode("utf-8"))
+        elif path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            raise UserError(f"--config {path}: use a .toml or .yaml file")
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"--config {path} is not valid {path.suffix[1:].upper()} ({str(e).strip().splitlines()[0][:120]})")
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path} holds {type(data).__name__}, not a table of settings")
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            for field, v in value.items():
+                flat[flag_name(str(key), str(field))] = v
+        else:
+            flat[str(key)] = value
+    return flat
+
+
+def config_values(parser: argparse.ArgumentParser, path) -> dict:
+    """A --config file's settings as parsed values, each checked as its flag would be; an unknown key
+    is one error line naming the key and the file."""
+    actions = {a.dest: a for a in parser._actions if a.default != argparse.SUPPRESS}
+    out = {}
+    for key, value in read_config_file(path).items():
+        dest = key.replace("-", "_")
+        if dest not in actions or dest == "config":
+            raise UserError(f"--config {path}: unknown setting {key!r} (there is no flag --{dest})")
+        out[dest] = _typed(actions[dest], value, f"--config {path}: {key}")
+    return out
+
+
+def _typed(action: argparse.Action, value, where: str):
+    """A file's value as the flag would have parsed it: its type, its choices, lists for repeatable flags."""
+    if isinstance(action, argparse._AppendAction):
+        values = value if isinstance(value, list) else [value]
+        return [_typed_one(action, v, where) for v in values]
+    if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if value is not None and not isinstance(value, bool):
+            raise UserError(f"{where} must be true or false, got {value!r}")
+        return value
+    return _typed_one(action, value, where)
+
+
+def _typed_one(action: argparse.Action, value, where: str):
+    if value is None:
+        return None
+    kind = action.type
+    ok = {int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)}.get(kind, lambda v: isinstance(v, str))
+    if not ok(value):
+        what = {int: "a whole number", float: "a number"}.get(kind, "a string")
+        raise UserError(f"{where} must be {what}, got {value!r}")
+    value = kind(value) if kind in (int, float, Path) else value
+    if action.choices is not None and value not in action.choices:
+        raise UserError(f"{where} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return value
+
+
+def write_config_file(path, settings: dict, header: str = "") -> Path:
+    """A TOML or YAML file (by suffix) of flat settings, that --config reads back to the same values.
+    None values are left out (the flag's default is None)."""
+    from gptkit.files import atomic_write
+
+    path = Path(path)
+    items = {k: (str(v) if isinstance(v, Path) else v) for k, v in sorted(settings.items()) if v is not None}
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        body = yaml.safe_dump(items, sort_keys=True)
+    elif path.suffix == ".toml":
+        body = "".join(f"{k} = {_toml(v)}\n" for k, v in items.items())
+    else:
+        raise UserError(f"{path}: write a .toml or .yaml file")
+    text = "".join(f"# {line}\n" for line in header.splitlines()) + body
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def _toml(v) -> str:
+    import json
+
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        if not math.isfinite(v):
+            raise UserError(f"a setting of {v} cannot be written to TOML")
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return json.dumps(str(v))  # a TOML basic string: JSON's escapes are TOML's
 
 
 def refuse_together(given: set[str], *pairs: tuple[str, str, str]) -> None:

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -185,6 +186,27 @@ def _link_notes(folder: Path, files: list[str], linked_dirs: list[str]) -> list[
         notes.append(f"note: {len(linked_dirs)} symlinked folder(s) in {folder} were not entered (first: "
                      f"{linked_dirs[0]}); pass their targets as data of their own to read them")
     return notes
+
+
+# A Hugging Face hub id: NAME or OWNER/NAME, letters, digits, '-', '_', '.', at most 96 each, no '--' or '..'.
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
+
+
+def could_be_hub_id(source: str) -> bool:
+    """Whether a string that names nothing on disk can be a hub id: not when it looks like a path (it
+    starts with '.', '/' or '~', has a backslash, a trailing '/', more than one '/'), nor when it breaks
+    the hub's naming rules."""
+    if source.startswith((".", "/", "~")) or source.endswith("/") or "\\" in source:
+        return False
+    return bool(_HUB_ID.match(source)) and "--" not in source and ".." not in source and not source.endswith(".")
+
+
+def no_such_path(what: str, source: str, hint: str = "") -> UserError:
+    """The one line for a path that names nothing: which flag or argument, which path, the nearest
+    folder that does exist."""
+    near = nearest_existing(Path(source).expanduser())
+    return UserError(f"{what} {source}: no such file or folder (the nearest existing folder is {near})"
+                     + (f"; {hint}" if hint else ""))
 
 
 def sha256_file(path, chunk: int = 1 << 22) -> str:

@@ -1,26 +1,23 @@
-"""The training loop, in two levels: `train_step` (one optimizer step: micro-batches, autocast,
-scaled backward, unscale and clip, the step's one all-reduce, then update or skip) and `train_model`
-(the schedule: the LR of each step, and when to log, evaluate, sample and save). A run's variable
-parts come in as hooks; what a step reports comes from the metric registry (gptkit/metrics.py)."""
-
+"""One training step and what it reports: `train_step` (micro-batches, autocast, scaled backward,
+unscale, the metrics, clip, the step's one all-reduce, then update or skip), the settings and state of
+a run's loop (`TrainConfig`, `TrainState`), the progress bar and log line (`Reporter`) and the clean
+stop on a signal (`StopSignal`). The loop itself is gptkit/trainer.py's `Trainer.train`."""
 from __future__ import annotations
 
-import functools
 import os
 import signal
 import sys
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from torch.nn.utils import clip_grads_with_norm_, get_total_norm
 
 from gptkit.data.batches import BatchSampler
 from gptkit.loss import calc_loss_batch
-from gptkit.metrics import STEP_METRICS, HostContext, StepContext, device_metrics, format_log_line, host_metrics
-from gptkit.model import flops_per_token, unwrap_model
+from gptkit.metrics import STEP_METRICS, HostContext, StepContext, device_metrics, format_log_line, host_metrics, update_metrics
 from gptkit.progress import progress_bar, progress_write
 from gptkit.runtime import Runtime
 
@@ -32,7 +29,7 @@ class TrainConfig:
     grad_accum_steps: int = 1
     seed: int = 0  # batch order
     max_grad_norm: float = 1.0  # 0: no clipping (the norm is still measured and logged)
-    log_every: int = 10
+    log_every: int = 10  # 0: only the last step
     eval_every: int = 0  # 0: only at the end of the run (with validation data)
     eval_iters: int = 10
     sample_every: int = 0  # 0: never
@@ -43,6 +40,19 @@ class TrainConfig:
     max_bad_steps: int = 3  # consecutive non-finite losses before the run stops
     histogram_every: int = 0  # parameter and gradient histograms to the log sinks (0: never)
     progress: bool = True
+    metric_settings: dict = field(default_factory=dict)  # {metric name: its settings} (metrics with a config)
+
+    def __post_init__(self):
+        """Each count checked in one line (from Python as from the flags): *_every 0 means "never"
+        (log_every and eval_every: only at the last step)."""
+        from gptkit.errors import UserError
+
+        for name, low in (("max_steps", 1), ("batch_size", 1), ("grad_accum_steps", 1), ("eval_iters", 1),
+                          ("max_bad_steps", 1), ("sample_tokens", 1), ("log_every", 0), ("eval_every", 0),
+                          ("sample_every", 0), ("save_every", 0), ("keep_last", 0), ("histogram_every", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise UserError(f"TrainConfig.{name} must be a whole number >= {low}, got {value!r}")
 
 
 def _new_history() -> dict:
@@ -87,20 +97,8 @@ class TrainState:
 
 
 @dataclass
-class TrainHooks:
-    """The variable parts of a run. evaluate, sample and checkpoint run on every rank (they use the
-    model or a collective; only rank 0 prints or writes); log sinks are called on rank 0 only, with
-    (kind, metrics) where kind is "train", "eval" or "histograms"."""
-    evaluate: Callable[[TrainState], None] | None = None  # after each step; runs what is due, records history
-    sample: Callable[[TrainState], None] | None = None
-    checkpoint: Callable[[TrainState], None] | None = None
-    histograms: Callable[[int], None] | None = None  # called with the step, while its gradients exist
-    log: list[Callable[[str, dict], None]] = field(default_factory=list)
-
-
-@dataclass
 class StepResult:
-    metrics: dict  # every device metric, averaged over the ranks (loss, grad_norm, ...)
+    metrics: dict  # every device metric, reduced over the ranks as it declares (loss, grad_norm, ...)
     skipped: bool  # the loss was not finite on some rank: no update was made
     stop: bool  # some rank received a stop signal
 
@@ -115,13 +113,14 @@ class StepResult:
 
 def train_step(model: nn.Module, optimizer, batches: BatchSampler, runtime: Runtime, grad_accum_steps: int,
                max_grad_norm: float, scaler, should_stop: Callable[[], bool] | None = None,
-               on_grads: Callable[[], None] | None = None) -> StepResult:
+               on_grads: Callable[[], None] | None = None, metric_settings: dict | None = None) -> StepResult:
     """One optimizer step: `grad_accum_steps` micro-batches (forward under autocast, scaled backward,
-    gradients synchronised on the last), unscale and clip, then one all-reduce that carries every
-    device metric and makes every rank agree on skipping a non-finite step and on stopping. The
-    values stay on the device until that reduction: one host sync per step (fp16's scaler adds its
-    own). `should_stop` is asked at the reduction (a signal during this step stops after it);
-    `on_grads` sees the unscaled gradients before clipping (histograms)."""
+    gradients synchronised on the last), unscale, the gradient norm, the metrics (they see the
+    gradients before clipping, and the clip factor), clip, then one all-reduce that carries every
+    device metric and makes every rank agree on skipping a non-finite step and on stopping; after the
+    update, the metrics that look at it. The values stay on the device until that reduction: one host
+    sync per step (fp16's scaler adds its own). `should_stop` is asked at the reduction (a signal
+    during this step stops after it); `on_grads` sees the unscaled gradients before clipping."""
     params = [p for g in optimizer.param_groups for p in g["params"]]
     loss_sum = torch.zeros((), device=runtime.device)
     for micro in range(grad_accum_steps):
@@ -134,35 +133,70 @@ def train_step(model: nn.Module, optimizer, batches: BatchSampler, runtime: Runt
     scaler.unscale_(optimizer)
     if on_grads is not None:
         on_grads()
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-    if hasattr(grad_norm, "full_tensor"):  # sharded gradients: the norm over all shards
-        grad_norm = grad_norm.full_tensor()
-    ctx = StepContext(loss_sum, grad_norm.to(runtime.device), model, optimizer,
-                      batches.batch_size * batches.dataset.context_length * grad_accum_steps)
-    metrics, bad, stop = _reduce(ctx, runtime, should_stop)
-    if bad:
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = get_total_norm(grads) if grads else torch.zeros((), device=runtime.device)
+    full_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).to(runtime.device)  # FSDP: all shards
+    limit = max_grad_norm if max_grad_norm > 0 else float("inf")
+    ctx = StepContext(loss_sum, full_norm, model, optimizer,
+                      batches.batch_size * batches.dataset.context_length * grad_accum_steps,
+                      clip_coef=torch.clamp(limit / (full_norm + 1e-6), max=1.0), sharded=runtime.fsdp,
+                      world_size=runtime.world_size, settings=metric_settings or {})
+    values = measure(device_metrics(), "device", ctx)  # before clipping: the metrics see the raw gradients
+    clip_grads_with_norm_(params, limit, norm)
+    metrics, flags = _reduce(values, runtime, ctx.loss, should_stop)
+    if flags["bad"]:
         optimizer.zero_grad(set_to_none=True)
         scaler.update()
-        return StepResult(metrics, skipped=True, stop=stop)
+        return StepResult(metrics, skipped=True, stop=flags["stop"])
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(metrics, skipped=False, stop=stop)
+    after = update_metrics()
+    if after:
+        metrics.update(_reduce(measure(after, "after_update", ctx), runtime)[0])
+    return StepResult(metrics, skipped=False, stop=flags["stop"])
 
 
-def _reduce(ctx: StepContext, runtime: Runtime, should_stop) -> tuple[dict, bool, bool]:
-    """The step's one all-reduce: every device metric (averaged over the ranks), whether some rank's
-    loss was not finite, and whether some rank was asked to stop."""
+def measure(specs, hook: str, ctx: StepContext) -> list[tuple]:
+    """(spec, its value as a 1-D float tensor) of each metric's `hook`, each called with its settings."""
+    out = []
+    for m in specs:
+        ctx.config = ctx.settings.get(m.name)
+        out.append((m, getattr(m, hook)(ctx).detach().float().reshape(-1)))
+    ctx.config = None
+    return out
+
+
+def _reduce(values: list[tuple], runtime: Runtime, loss: torch.Tensor | None = None,
+            should_stop=None) -> tuple[dict, dict]:
+    """The step's reduction: every metric across the ranks as it declares (mean, sum, max, or the
+    shards of a sharded statistic), with whether some rank's loss was not finite and whether some rank
+    was asked to stop. Sums in one all-reduce, maxima in a second only if a metric asks for one."""
     import torch.distributed as dist
 
-    specs = device_metrics()
-    flags = [(~torch.isfinite(ctx.loss)).float(),
-             torch.tensor(float(bool(should_stop and should_stop())), device=ctx.loss.device)]
-    stats = torch.stack([m.device(ctx).float().reshape(()) for m in specs] + flags)
+    device = loss.device if loss is not None else runtime.device
+    summed = [v for m, v in values if m.reduce != "max"]
+    flags = [] if loss is None else [(~torch.isfinite(loss)).float().reshape(1),
+                                     torch.tensor([float(bool(should_stop and should_stop()))], device=device)]
+    sums = torch.cat([*summed, *flags]) if summed or flags else torch.zeros(0, device=device)
+    maxes = torch.cat([v for m, v in values if m.reduce == "max"] or [torch.zeros(0, device=device)])
     if runtime.world_size > 1:
-        dist.all_reduce(stats)
-    values = [v / runtime.world_size for v in stats.tolist()]
-    return {m.name: v for m, v in zip(specs, values)}, bool(values[-2]), bool(values[-1])
+        dist.all_reduce(sums)
+        if maxes.numel():
+            dist.all_reduce(maxes, op=dist.ReduceOp.MAX)
+    sums, maxes = sums.cpu(), maxes.cpu()  # the step's host sync
+    out, i, j = {}, 0, 0
+    for m, v in values:
+        n = v.numel()
+        if m.reduce == "max":
+            reduced, j = maxes[j : j + n], j + n
+        else:
+            reduced, i = sums[i : i + n], i + n
+            if m.reduce == "mean" or (m.reduce == "shards" and not runtime.fsdp):
+                reduced = reduced / runtime.world_size
+        out[m.name] = m.finish(reduced) if m.finish is not None else float(reduced[0])
+    flag = sums[i:].tolist()
+    return out, {"bad": bool(flag[0]) if flag else False, "stop": bool(flag[1]) if flag else False}
 
 
 class StopSignal:
@@ -209,7 +243,7 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
-class _Reporter:
+class Reporter:
     """The progress bar and the log line of each logging step (rank 0). tok/s, ms/step and MFU are
     averaged over the steps since the previous log line."""
 
@@ -236,7 +270,7 @@ class _Reporter:
             self.bar.set_postfix(refresh=False, loss=f"{r.loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{host.tokens_per_sec:,.0f}")
             self.bar.update(1)
         last = state.step == self.tcfg.max_steps
-        if self.runtime.is_main and (last or state.step % self.tcfg.log_every == 0):
+        if self.runtime.is_main and (last or (self.tcfg.log_every > 0 and state.step % self.tcfg.log_every == 0)):
             progress_write(format_log_line(metrics))
             for sink in self.sinks:
                 sink("train", metrics)
@@ -248,90 +282,3 @@ class _Reporter:
             self.bar.close()
 
 
-def train_model(model: nn.Module, optimizer, batches: BatchSampler, runtime: Runtime, tcfg: TrainConfig,
-                lr_fn: Callable[[int], float] | None = None, state: TrainState | None = None,
-                hooks: TrainHooks | None = None, peak_flops: float | None = None, scaler=None) -> TrainState:
-    """The one training loop: a `train_step` per step from state.step to tcfg.max_steps, with the LR of
-    the schedule, and the decisions of when to log, evaluate, sample and save. `model` may be wrapped
-    (DDP, compiled). A finished run (state.step >= max_steps) is returned as it is."""
-    state = state or TrainState()
-    hooks = hooks or TrainHooks()
-    scaler = scaler or runtime.grad_scaler()
-    if state.step >= tcfg.max_steps:
-        return state
-    tokens_per_step = batches.batch_size * batches.dataset.context_length * tcfg.grad_accum_steps * runtime.world_size
-    report = _Reporter(runtime, tcfg, state, hooks.log, tokens_per_step,
-                       flops_per_token(unwrap_model(model).cfg, batches.dataset.context_length), peak_flops)
-    model.train()
-    with StopSignal() as stop:
-        t_last = time.perf_counter()
-        while state.step < tcfg.max_steps:
-            lr = _set_lr(optimizer, lr_fn, state.step)
-            r = train_step(model, optimizer, batches, runtime, tcfg.grad_accum_steps, tcfg.max_grad_norm, scaler,
-                           lambda: stop.received is not None, _histograms_due(hooks, tcfg, state.step + 1))
-            if r.skipped and _too_many_bad_steps(state, tcfg, runtime):
-                break
-            if not r.skipped:
-                state.record_step({**r.metrics, "lr": lr}, tokens_per_step)
-                report.step(state, r, lr, time.perf_counter() - t_last)
-                _after_step(state, tcfg, hooks)
-            if r.stop:
-                state.stop_reason = stop.received or "SIGTERM"  # a signal seen by another rank
-                break
-            t_last = time.perf_counter()  # eval, sampling and saving are not training time
-        report.close()
-        # At the end, on a signal, and (last good weights) after bad steps. Still under StopSignal: a
-        # scheduler's repeated SIGTERM (or torchrun forwarding it) must not kill the process mid-save.
-        _save(hooks, state)
-    return state
-
-
-def _save(hooks: TrainHooks, state: TrainState) -> None:
-    """A checkpoint of this step, unless there is no step yet or this step is already saved."""
-    if hooks.checkpoint and state.step > 0 and state.saved_step != state.step:
-        hooks.checkpoint(state)
-
-
-def _due(every: int, state: TrainState) -> bool:
-    return every > 0 and state.step % every == 0
-
-
-def _histograms_due(hooks: TrainHooks, tcfg: TrainConfig, step: int) -> Callable[[], None] | None:
-    if hooks.histograms and tcfg.histogram_every > 0 and step % tcfg.histogram_every == 0:
-        return functools.partial(hooks.histograms, step)
-    return None
-
-
-def _set_lr(optimizer, lr_fn: Callable[[int], float] | None, step: int) -> float:
-    """The schedule's LR for this step, set on every parameter group times the group's lr_scale (an
-    optimizer's own LR for part of the model, as Muon's); without a schedule the optimizer's own."""
-    if lr_fn is None:
-        return optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0)
-    lr = lr_fn(step)
-    for g in optimizer.param_groups:
-        g["lr"] = lr * g["lr_scale"] if "lr_scale" in g else lr
-    return lr
-
-
-def _after_step(state: TrainState, tcfg: TrainConfig, hooks: TrainHooks) -> None:
-    """The evaluation hook after every step (it knows which of its evaluations are due: the validation
-    loss every eval_every steps, each at the last step); a sample every sample_every; a checkpoint
-    every save_every (the last step's is written when the loop ends)."""
-    if hooks.evaluate:
-        hooks.evaluate(state)
-    if hooks.sample and _due(tcfg.sample_every, state):
-        hooks.sample(state)
-    if _due(tcfg.save_every, state) and state.step < tcfg.max_steps:
-        _save(hooks, state)
-
-
-def _too_many_bad_steps(state: TrainState, tcfg: TrainConfig, runtime: Runtime) -> bool:
-    state.bad_steps += 1
-    if runtime.is_main:
-        progress_write(f"warning: non-finite loss at step {state.step + 1}; update skipped "
-                       f"({state.bad_steps}/{tcfg.max_bad_steps} in a row)")
-    if state.bad_steps < tcfg.max_bad_steps:
-        return False
-    state.stop_reason = (f"{state.bad_steps} non-finite losses in a row at step {state.step + 1}: "
-                         "lower the learning rate, raise warmup, or use bf16 instead of fp16")
-    return True

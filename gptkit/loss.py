@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from gptkit.errors import UserError
+from gptkit.tokenizer import token_byte_lengths
 
 
 class _MeanCrossEntropy(torch.autograd.Function):
@@ -73,41 +75,53 @@ def _empty_loader_error() -> UserError:
 
 
 def loss_sums(data_loader, model, device, num_batches: int | None = None, autocast=None, rank: int = 0,
-              world_size: int = 1) -> tuple[float, int]:
+              world_size: int = 1, bytes_too: bool = False) -> tuple:
     """(summed loss, tokens) over this rank's share of the first `num_batches` batches: each batch is
     cut into world_size slices and rank r takes slice r, so the ranks split the work and their sums
-    add up to what one process gets from the same batches."""
+    add up to what one process gets from the same batches. With `bytes_too`, also (summed loss over
+    the targets that stand for text, their UTF-8 bytes): what bits per byte divide."""
     n = len(data_loader) if num_batches is None else min(num_batches, len(data_loader))
     if n == 0:
         raise _empty_loader_error()
-    total, count = 0.0, 0
+    total, count, text_loss, nbytes = 0.0, 0, 0.0, 0
+    lengths = torch.from_numpy(token_byte_lengths()).to(device) if bytes_too else None
     with autocast or contextlib.nullcontext():
         for i, (x, y) in enumerate(data_loader):
             if i >= n:
                 break
             x, y = x.tensor_split(world_size)[rank], y.tensor_split(world_size)[rank]
-            if len(x):
-                total += calc_loss_batch(x, y, model, device, reduction="sum").item()
-                count += y.numel()
-    return total, count
+            if not len(x):
+                continue
+            losses = calc_loss_batch(x, y, model, device, reduction="none")  # (B*T,)
+            total += losses.sum().item()
+            count += y.numel()
+            if lengths is not None:
+                b = lengths[y.to(device).flatten()]
+                text_loss += losses[b > 0].sum().item()
+                nbytes += int(b.sum().item())
+    return (total, count, text_loss, nbytes) if bytes_too else (total, count)
+
+
+def bits_per_byte(loss_sum: float, nbytes: int) -> float:
+    """Summed loss (nats) over target tokens / (ln 2 x their UTF-8 bytes): a tokenizer-free measure.
+    <|endoftext|> targets stand for no text: they count in neither sum (as nanochat's bpb)."""
+    return loss_sum / (math.log(2) * nbytes) if nbytes else float("nan")
 
 
 @torch.no_grad()
-def evaluate_model(model, train_loader, val_loader, device, eval_iter: int, autocast=None, runtime=None):
-    """(train loss, val loss) over `eval_iter` batches each, token-weighted. Under several processes the
-    loaders hold global batches (per-device batch x world size), each rank evaluates its slice and the
-    sums are all-reduced: the same global batch gives the same value for any world size."""
+def evaluate_model(model, train_loader, val_loader, device, eval_iter: int, autocast=None, runtime=None,
+                   with_bpb: bool = False):
+    """(train loss, val loss) over `eval_iter` batches each, token-weighted (and the validation bits
+    per byte with `with_bpb`). Under several processes the loaders hold global batches (per-device
+    batch x world size), each rank evaluates its slice and the sums are all-reduced: the same global
+    batch gives the same value for any world size."""
     was_training = model.training
     model.eval()
+    rank, world = (runtime.rank, runtime.world_size) if runtime else (0, 1)
     try:
-        sums = []
-        for loader in (train_loader, val_loader):
-            if loader is None:
-                sums += [0.0, 0]
-                continue
-            rank, world = (runtime.rank, runtime.world_size) if runtime else (0, 1)
-            sums += loss_sums(loader, model, device, eval_iter, autocast, rank, world)
-        if runtime is not None and runtime.world_size > 1:
+        sums = list(loss_sums(train_loader, model, device, eval_iter, autocast, rank, world)) if train_loader else [0.0, 0]
+        sums += loss_sums(val_loader, model, device, eval_iter, autocast, rank, world, bytes_too=True)
+        if world > 1:
             import torch.distributed as dist
 
             t = torch.tensor(sums, dtype=torch.float64, device=runtime.device)
@@ -116,4 +130,5 @@ def evaluate_model(model, train_loader, val_loader, device, eval_iter: int, auto
     finally:
         model.train(was_training)
     train_loss = sums[0] / sums[1] if train_loader is not None else None
-    return train_loss, sums[2] / sums[3]
+    out = (train_loss, sums[2] / sums[3])
+    return (*out, bits_per_byte(sums[4], int(sums[5]))) if with_bpb else out

@@ -1,32 +1,75 @@
-"""What a training step reports, pluggable: each metric is a StepMetric registered by name. A metric
-is either measured on the device during the step (`device`: a scalar tensor per rank; every device
-metric of a step travels in the step's one all-reduce and is averaged over the ranks) or derived on
-the host when the step is logged (`host`: from the step's timing and settings). Every metric goes to
-the log line (in registration order), to train.log, W&B and TensorBoard (as train/NAME), and, with a
-`history` key, to the run's losses.json.
+"""What a training step reports, pluggable: each metric is a StepMetric registered by name. Every metric
+goes to the log line (in registration order), to train.log, W&B and TensorBoard (as train/NAME), and,
+with a `history` key, to the run's losses.json.
 
-How to add a metric: `register_metric(StepMetric("name", show=lambda v: f"name {v:.3f}", device=fn))`
-in a file of its own, where fn(ctx: StepContext) returns a 0-d tensor; import the file once.
+The contract of a metric:
+- `device(ctx)` runs on every rank after the backward pass, before clipping and the update; it returns
+  a 0-d tensor, or a 1-D one (a value per layer, say), and stays on the device (no host sync).
+  `ctx.grads()` gives the gradients as clipping leaves them, `ctx.grads(clipped=False)` as the
+  backward made them (both averaged over the ranks, as DDP and FSDP reduce them); `ctx.clip_coef` is
+  the factor clipping multiplies them by; `ctx.parameters()` the weights. They are local tensors: under
+  FSDP each rank sees its shard of each tensor (`ctx.sharded`), never a DTensor.
+- `after_update(ctx)` runs the same way after the optimizer's update: an update-to-weight ratio keeps
+  what it needs in `ctx.stash` in its `device` hook and compares in this one.
+- `reduce` says how the ranks' values combine: "mean" (the default), "sum", "max", or "shards": the
+  sum of the ranks' parts of a statistic of sharded tensors under FSDP (a sum of squares over each
+  rank's shard), the mean otherwise (where every rank holds the whole tensors). Every metric of a step
+  travels in one all-reduce (a second one only for "max").
+- `finish(reduced)` turns the reduced tensor (on the host) into the logged number (default: its value).
+- `host(h)` is a metric computed on the host when the step is logged (tok/s, MFU), instead.
+- `config`: a settings dataclass (flags --NAME_FIELD); the hooks find it in `ctx.config`.
+
+How to add a metric: `register_metric(StepMetric("name", show=lambda v: f"name {v:.3f}", device=fn))` in
+a file of its own, loaded with `--plugin FILE`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 
 from gptkit.registry import Registry
 
+REDUCTIONS = ("mean", "sum", "max", "shards")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
 
 @dataclass
 class StepContext:
-    """What a device metric may look at, on each rank, after the backward pass and before the update."""
+    """What a device metric may look at, on each rank."""
     loss: torch.Tensor  # this rank's mean loss over the step's micro-batches (0-d, fp32)
-    grad_norm: torch.Tensor  # the global gradient norm before clipping (0-d)
+    grad_norm: torch.Tensor  # the global gradient norm before clipping (0-d), the same on every rank
     model: torch.nn.Module
     optimizer: object
     tokens: int  # tokens this rank trained on in the step
+    clip_coef: torch.Tensor = None  # what clipping multiplies the gradients by (0-d, at most 1)
+    sharded: bool = False  # FSDP: each rank holds a shard of each parameter and gradient
+    world_size: int = 1
+    settings: dict = field(default_factory=dict)  # every metric's settings, by name
+    config: object = None  # the settings of the metric being measured (set before each call)
+    stash: dict = field(default_factory=dict)  # what a metric keeps from its device hook to its after_update hook
+
+    def parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, weights) of the plain model, local tensors (this rank's shard under FSDP)."""
+        from gptkit.model import unwrap_model
+
+        for name, p in unwrap_model(self.model).named_parameters():
+            yield name, _local(p.detach())
+
+    def grads(self, clipped: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, gradient) of every parameter that has one, as clipping leaves it (or, with
+        clipped=False, as the backward made it); local tensors (this rank's shard under FSDP)."""
+        from gptkit.model import unwrap_model
+
+        for name, p in unwrap_model(self.model).named_parameters():
+            if p.grad is not None:
+                g = _local(p.grad.detach())
+                yield name, (g * self.clip_coef.to(g.dtype) if clipped else g)
 
 
 @dataclass
@@ -42,9 +85,19 @@ class HostContext:
 class StepMetric:
     name: str  # the key in the step's metrics (train/NAME in W&B and TensorBoard)
     show: Callable[[float], str]  # its part of the log line
-    device: Callable[[StepContext], torch.Tensor] | None = None
+    device: Callable[[StepContext], torch.Tensor] | None = None  # before clipping and the update
     host: Callable[[HostContext], float | None] | None = None
     history: str | None = None  # its list in losses.json (none if None)
+    reduce: str = "mean"  # across ranks: mean, sum, max or shards
+    after_update: Callable[[StepContext], torch.Tensor] | None = None  # after the optimizer's update
+    finish: Callable[[torch.Tensor], float] | None = None  # the reduced tensor -> the logged value
+    config: type | None = None  # a dataclass of its own settings (flags --NAME_FIELD)
+
+    def __post_init__(self):
+        if self.reduce not in REDUCTIONS:
+            from gptkit.errors import UserError
+
+            raise UserError(f"metric {self.name!r}: reduce must be one of {', '.join(REDUCTIONS)}, got {self.reduce!r}")
 
 
 STEP_METRICS: Registry[StepMetric] = Registry("step metric")
@@ -53,6 +106,10 @@ register_metric = STEP_METRICS.add  # register_metric(spec): one line in the met
 
 def device_metrics() -> list[StepMetric]:
     return [m for m in STEP_METRICS.values() if m.device is not None]
+
+
+def update_metrics() -> list[StepMetric]:
+    return [m for m in STEP_METRICS.values() if m.after_update is not None]
 
 
 def host_metrics() -> list[StepMetric]:

@@ -1,36 +1,29 @@
-"""Around the loop: what both training scripts share once they have a model, an optimizer and data.
-The run folder is claimed (and resumed from) on rank 0 and shared with every rank; deterministic
-batches; evaluation, sampling, histograms and checkpoints as the loop's hooks; at the end losses.json,
-loss_plot.png and the run's status in run.json (what a requeue script reads)."""
+"""Around the loop: the run folder claimed (and resumed from) on rank 0 and shared with every rank
+(`open_run`), or only checked (`check_run`, the scripts' --check); the run itself (`run_training`: a
+gptkit/trainer.py Trainer, fitted); the loss plot."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.nn as nn
 
 from gptkit.checkpoint.folder import ResumePoint, RunFolder
-from gptkit.checkpoint.state import CheckpointState, DictPart, ModelPart, OptimizerPart, RNGPart, ScalerPart
+from gptkit.checkpoint.state import (
+    OptimizerPart,
+    check_config_matches,
+)
 from gptkit.checkpoint.store import peek_checkpoint
-from gptkit.cli import EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM
-from gptkit.data.batches import BatchSampler, TokenWindowDataset, create_dataloader
-from gptkit.errors import RunFailure
-from gptkit.files import atomic_write, write_json
-from gptkit.generation import generate_and_print_sample
-from gptkit.loop import TrainConfig, TrainHooks, TrainState, train_model
-from gptkit.loss import evaluate_model
-from gptkit.model import unwrap_model
+from gptkit.data.batches import TokenWindowDataset
+from gptkit.files import atomic_write
+from gptkit.loop import TrainConfig
 from gptkit.progress import progress_write
 from gptkit.runtime import Runtime, broadcast_from_main
-from gptkit.tokenizer import get_tokenizer
-
-# How a run that stopped early ends: its exit code, and the status a requeue script reads.
-STOP_EXIT = {"SIGTERM": EXIT_SIGTERM, "SIGINT": EXIT_SIGINT, "launcher gone": EXIT_SIGTERM}
 
 
 @dataclass
@@ -43,7 +36,7 @@ class Evaluation:
 
 
 def open_run(runtime: Runtime, run_dir, script: str, settings: dict, resume: str | None = None,
-             overwrite: bool = False, keep_last: int = 3, checkpoint_bytes: int = 0) -> RunFolder:
+             overwrite: bool = False, keep_last: int = 3, checkpoint_bytes: int = 0, plugins=()) -> RunFolder:
     """Claim the run folder on rank 0 (lock, ownership, --resume resolved once, run.json) and tell every
     rank the run id and the checkpoint to resume from. Release it with `run.release()`. A process
     group that torchrun restarted (--max_restarts) continues from the newest checkpoint by itself."""
@@ -54,7 +47,7 @@ def open_run(runtime: Runtime, run_dir, script: str, settings: dict, resume: str
         resume = "auto"
 
     def claim():
-        run.claim(script, settings, resume, overwrite, checkpoint_bytes)
+        run.claim(script, settings, resume, overwrite, checkpoint_bytes, plugins)
         point = run.resume_point
         return run.run_id, str(point.path) if point else None
 
@@ -64,6 +57,35 @@ def open_run(runtime: Runtime, run_dir, script: str, settings: dict, resume: str
         if resume_path is not None:  # rank 0 verified the checksum; the others map the same file
             run.resume_point = ResumePoint(Path(resume_path), peek_checkpoint(resume_path))
     return run
+
+
+def check_run(run_dir, cfg, resume: str | None, overwrite: bool, optimizer_kind: str, pad_vocab: bool | None,
+              what: str, plugins=(), say: Callable[[str], None] = print) -> dict:
+    """--check: what the run would do in `run_dir`, decided as the real run decides it but read-only:
+    the folder claimed or refused, the checkpoint --resume would take (loaded, checksummed, of this
+    model and optimizer; a sharded one read through the allowlist), in one line and a JSON line.
+    Anything the run would refuse is the same one error line here."""
+    import json
+
+    point = RunFolder(run_dir, log=lambda *_: None).preview(resume, overwrite, plugins)
+    resumes = None
+    if point is not None:
+        ckpt = point.checkpoint
+        vm = cfg.vocab_multiple if pad_vocab is not None else int(ckpt["config"].get("vocab_multiple", 1))
+        check_config_matches(ckpt["config"], dataclasses.replace(cfg, vocab_multiple=vm))
+        saved = (ckpt.get("optimizer") or {}).get("kind") or ckpt.get("optimizer_kind")
+        if saved and saved != optimizer_kind:
+            OptimizerPart.check_kind_against(saved, optimizer_kind)
+        if ckpt.get("sharded"):
+            from gptkit.weights import load_sharded_weights
+
+            load_sharded_weights(point.path, ckpt)  # data only: a crafted shard is refused here, before any worker
+        resumes = {"path": str(point.path), "step": ckpt["step"]}
+    where = f"resumes {resumes['path']} at step {resumes['step']}" if resumes else "starts from step 0"
+    say(f"check ok: run folder {run_dir} ({where}) | {what}")
+    result = {"check": "ok", "run_dir": str(run_dir), "resume": resumes}
+    say(json.dumps(result))
+    return result
 
 
 def vocab_multiple_for(pad_vocab: bool | None, runtime: Runtime, run: RunFolder) -> int:
@@ -84,145 +106,13 @@ def run_training(model: nn.Module, optimizer, runtime: Runtime, tcfg: TrainConfi
                  val_data: TokenWindowDataset | None, run: RunFolder, *, lr_fn=None, log_sinks=(),
                  peak_flops: float | None = None, run_info: dict | None = None, optimizer_spec=None,
                  evaluations: tuple[Evaluation, ...] = ()) -> dict:
-    """Everything around the loop that both scripts share: deterministic batches, resume from the run
-    folder's resume point, eval, sampling, checkpoints, and losses.json + loss_plot.png at the end.
-    `model` may be DDP/compile-wrapped. result["exit_code"] is 0, or 143/130 after SIGTERM/SIGINT."""
-    raw = unwrap_model(model)
-    say = main_printer(runtime)
-    batches = BatchSampler(train_data, tcfg.batch_size, tcfg.seed, runtime.rank, runtime.world_size,
-                           device=runtime.device)
-    scaler = runtime.grad_scaler()  # its loss scale is part of an exact fp16 resume
-    state = TrainState()
-    ckpt_state = CheckpointState(raw.cfg, run.run_id, model=ModelPart(raw),
-                                 optimizer=OptimizerPart(optimizer, raw, optimizer_spec), data=batches,
-                                 scaler=ScalerPart(scaler), rng=RNGPart(runtime.rank, runtime.world_size, say),
-                                 progress=state, run=DictPart({"run_id": run.run_id, **(run_info or {})}))
-    _resume(run, ckpt_state, state, tcfg, say)
-    hooks = TrainHooks(evaluate=_evaluator(model, runtime, tcfg, train_data, val_data, log_sinks, say, evaluations),
-                       sample=_sampler(raw, runtime, tcfg, say), histograms=_histogrammer(raw, runtime, log_sinks),
-                       log=list(log_sinks) if runtime.is_main else [])
-    saved: list[Path] = []
-    hooks.checkpoint = _checkpointer(ckpt_state, run, runtime, saved)
-    if state.step == 0 and hooks.evaluate and (tcfg.eval_every or any(e.every for e in evaluations)):
-        hooks.evaluate(state)  # the starting point of the curve
-    try:
-        state = train_model(model, optimizer, batches, runtime, tcfg, lr_fn, state, hooks, peak_flops, scaler)
-    except BaseException as e:
-        if runtime.is_main:
-            run.set_status("stopped" if isinstance(e, KeyboardInterrupt) else "failed", state.step,
-                           f"{type(e).__name__}: {str(e)[:200]}")
-        raise
-    return _finish(state, run, runtime, tcfg, saved, say)
+    """The run both scripts share: a Trainer (gptkit/trainer.py) of these parts, fitted. `model` may be
+    DDP/compile-wrapped. result["exit_code"] is 0, or 143/130 after SIGTERM/SIGINT."""
+    from gptkit.trainer import Trainer
 
-
-def _resume(run: RunFolder, ckpt_state: CheckpointState, state: TrainState, tcfg: TrainConfig, say) -> None:
-    if run.resume_point is not None:
-        ckpt_state.load_state_dict(run.resume_point.checkpoint)
-        say(f"resumed from {run.resume_point.path} at step {state.step} ({state.tokens_seen:,} tokens seen)")
-        run.resume_point = None  # its tensors are in place; drop the mapping
-    if state.step >= tcfg.max_steps:
-        say(f"nothing to do: the run is already at step {state.step} of {tcfg.max_steps}")
-
-
-def _checkpointer(ckpt_state: CheckpointState, run: RunFolder, runtime: Runtime, saved: list):
-    def checkpoint(st: TrainState):
-        ckpt = ckpt_state.state_dict()  # every rank: the RNG part gathers across ranks
-        if runtime.fsdp:  # every rank writes its shards
-            saved.append(run.save_sharded(ckpt, runtime.rank))
-        elif runtime.is_main:
-            saved.append(run.save(ckpt))
-        st.saved_step = st.step
-    return checkpoint
-
-
-def _evaluator(model, runtime: Runtime, tcfg: TrainConfig, train_data, val_data, log_sinks, say,
-               evaluations: tuple[Evaluation, ...] = ()):
-    """The evaluation hook: the validation loss every eval_every steps, each other evaluation every
-    its own `every` steps, all of them at the last step (and at step 0)."""
-    if val_data is None and not evaluations:
-        return None
-    eval_model = model.module if hasattr(model, "no_sync") else model  # evaluation needs no gradient sync
-    global_batch = tcfg.batch_size * runtime.world_size  # split across the ranks by evaluate_model
-    loaders = None
-    if val_data is not None:
-        loaders = (create_dataloader(train_data, global_batch, shuffle=False, drop_last=True),
-                   create_dataloader(val_data, global_batch, shuffle=False, drop_last=False))
-    sinks = log_sinks if runtime.is_main else ()
-
-    def due(every: int, st: TrainState) -> bool:  # every N steps from step 0 on (0: never), and at the end
-        return st.step == tcfg.max_steps or (every > 0 and st.step % every == 0)
-
-    def evaluate(st: TrainState):
-        if loaders is not None and due(tcfg.eval_every, st):
-            tl, vl = evaluate_model(eval_model, *loaders, runtime.device, tcfg.eval_iters, runtime.autocast(), runtime)
-            st.record_eval({"val_loss": vl, "val_train_loss": tl})
-            say(f"eval step {st.step}: train loss {tl:.4f} | val loss {vl:.4f}")
-            for sink in sinks:
-                sink("eval", {"step": st.step, "val_loss": vl, "train_loss": tl})
-        for e in evaluations:
-            if due(e.every, st):
-                values = e.fn(eval_model)
-                st.record_eval(values, step_key=f"{e.name}_step")
-                say(f"eval step {st.step}: " + " | ".join(f"{k} {v:.4f}" for k, v in values.items()))
-                for sink in sinks:
-                    sink("eval", {"step": st.step, **values})
-    return evaluate
-
-
-def _sampler(raw: nn.Module, runtime: Runtime, tcfg: TrainConfig, say):
-    tokenizer = get_tokenizer()
-
-    def sample(st: TrainState):
-        generate_and_print_sample(raw, tokenizer, runtime.device, tcfg.sample_prompt, tcfg.sample_tokens,
-                                  printer=lambda t: say(f"sample step {st.step}: {t}"))
-    return sample
-
-
-HISTOGRAM_VALUES = 1 << 16  # values per tensor in a histogram: an even sample of larger tensors
-
-
-def _sample(t: torch.Tensor) -> torch.Tensor:
-    # FSDP: rank 0's shard, a sample of the tensor already, and no collective (only rank 0 logs).
-    t = t.to_local() if hasattr(t, "to_local") else t
-    flat = t.detach().flatten()
-    return flat[:: -(-flat.numel() // HISTOGRAM_VALUES)].float().cpu()
-
-
-def _histogrammer(raw: nn.Module, runtime: Runtime, log_sinks):
-    """Parameter and gradient values of every weight (an even sample of at most HISTOGRAM_VALUES
-    each; under FSDP of rank 0's shard), to the sinks as kind "histograms" (rank 0)."""
-    if not log_sinks:
-        return None
-
-    def histograms(step: int):
-        values = {"step": step}
-        for name, p in raw.named_parameters():
-            values[f"params/{name}"] = _sample(p)
-            if p.grad is not None:
-                values[f"grads/{name}"] = _sample(p.grad)
-        for sink in log_sinks if runtime.is_main else ():
-            sink("histograms", values)
-    return histograms
-
-
-def _finish(state: TrainState, run: RunFolder, runtime: Runtime, tcfg: TrainConfig, saved: list, say) -> dict:
-    failed = state.bad_steps >= tcfg.max_bad_steps
-    result = {"state": state, "history": state.history, "checkpoint": saved[-1] if saved else None,
-              "run_dir": run.dir, "run_id": run.run_id, "stop_reason": state.stop_reason,
-              "exit_code": STOP_EXIT.get(state.stop_reason, EXIT_OK)}
-    if runtime.is_main:
-        h = state.history
-        result["losses"] = write_json(run.dir / "losses.json", h)
-        if h["step"]:
-            result["plot"] = plot_losses(h["step"], h["tokens_seen"], h["train_loss"], h["val_loss"],
-                                         run.dir / "loss_plot.png", val_steps=h["val_step"])
-        if saved:
-            say(f"checkpoint: {saved[-1]}")
-        status = "failed" if failed else "stopped" if state.stop_reason else "finished"
-        run.set_status(status, state.step, state.stop_reason)
-    if failed:
-        raise RunFailure(f"training stopped: {state.stop_reason} (the last good weights are in {run.dir})")
-    return result
+    return Trainer(model, optimizer, runtime, tcfg, train_data, val_data, run, lr_fn=lr_fn, sinks=log_sinks,
+                   evaluations=evaluations, optimizer_spec=optimizer_spec, run_info=run_info,
+                   peak_flops=peak_flops).fit()
 
 
 def plot_losses(steps, tokens_seen, train_losses, val_losses, path, val_steps=None) -> Path:

@@ -148,6 +148,12 @@ def wandb_mode() -> str:
     return "online" if netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore") else "offline"
 
 
+def wandb_config(header: dict) -> dict:
+    """The run's settings flat, under the flags' names (lr, batch_size, ...: what W&B's run table,
+    filters and sweeps use), and the rest of the header (model config, versions, git) under run_info."""
+    return {**(header.get("args") or {}), "run_info": {k: v for k, v in header.items() if k != "args"}}
+
+
 def start_wandb(cfg: SinkConfig, run: RunFolder, config: dict):
     """The W&B run with the run folder's id, resumed if it exists. Steps that an earlier process of
     this run already saved to W&B are not logged again (the resumed run recomputes them bit for bit):
@@ -159,7 +165,7 @@ def start_wandb(cfg: SinkConfig, run: RunFolder, config: dict):
         raise UserError("--wandb needs the wandb package: pip install -r requirements.txt")
     already = wandb_logged_through(run)
     wb = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name or run.dir.name, id=run.run_id,
-                    resume="allow", dir=str(run.dir), config=config, mode=wandb_mode())
+                    resume="allow", dir=str(run.dir), config=wandb_config(config), mode=wandb_mode())
 
     def sink(kind: str, metrics: dict) -> None:
         if already is not None and metrics["step"] <= already:

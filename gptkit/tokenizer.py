@@ -88,3 +88,12 @@ def encode_documents(texts: list[str], tokenizer=None, num_threads: int | None =
     """Token ids of several documents as one uint16 stream, each followed by <|endoftext|>."""
     parts = encode_rows(texts, tokenizer, num_threads)
     return np.concatenate(parts) if parts else np.empty(0, dtype=np.uint16)
+
+
+@functools.lru_cache(maxsize=1)
+def token_byte_lengths() -> np.ndarray:
+    """(50257,) int32: the UTF-8 bytes each token id stands for; 0 for <|endoftext|>, which stands for no
+    text. Bits per byte divide by these, so they compare across tokenizers."""
+    tokenizer = get_tokenizer()
+    lengths = np.array([len(tokenizer.decode_single_token_bytes(i)) for i in range(EOT_ID)] + [0], dtype=np.int32)
+    return lengths

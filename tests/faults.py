@@ -93,12 +93,11 @@ def _arm_at_step(n: int, action: str, rank: int | None) -> None:
     if rank is not None and int(os.environ.get("RANK", "0")) != rank:
         return
 
-    def train_step(model, optimizer, batches, runtime, grad_accum, max_grad_norm, scaler, should_stop=None,
-                   on_grads=None):
+    def train_step(model, optimizer, batches, runtime, grad_accum, max_grad_norm, scaler, should_stop=None, *more):
         count["n"] += 1
         if count["n"] == n:
             _act(action, should_stop)
-        return real(model, optimizer, batches, runtime, grad_accum, max_grad_norm, scaler, should_stop, on_grads)
+        return real(model, optimizer, batches, runtime, grad_accum, max_grad_norm, scaler, should_stop, *more)
     loop.train_step = train_step
 
 

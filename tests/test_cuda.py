@@ -36,7 +36,7 @@ def _losses(dtype: str, compile_: bool, steps: int = 8) -> list[float]:
     opt = gt.make_adamw(model, 3e-3, device=runtime.device)
     batches = gt.BatchSampler(_dataset(), 8, seed=1, device=runtime.device)
     tcfg = gt.TrainConfig(max_steps=steps, progress=False, log_every=0)
-    return gt.train_model(model, opt, batches, runtime, tcfg).history["train_loss"]
+    return gt.Trainer(model, opt, runtime, tcfg, batches=batches).train().history["train_loss"]
 
 
 @needs_gpu

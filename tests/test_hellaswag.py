@@ -15,6 +15,7 @@ import gpt_train as gt
 import prep_dataset
 import wt_load
 from gptkit.evals import hellaswag as hs
+from gptkit.evals import scorer
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +43,11 @@ def test_a_pair_is_split_as_lm_eval_splits_it():
     whole = tok.encode_ordinary("He said hello")
     assert ctx + cont == whole and cont == whole[len(ctx):]
     item = hs.Item("a " * 50, ["b c d"], 0)  # longer than the model's context: the last tokens are kept
-    (inp, cont), = hs.requests(item, tok, max_length=8)
+    (request,) = hs.requests(item, tok, max_length=8)
+    inp, first, targets = scorer.fit(request, 8, "lm-eval")
+    cont = request.tokens[request.start:]
     full = tok.encode_ordinary(("a " * 50).strip() + "  b c d")
-    assert len(inp) == 8 and inp == full[-9:-1] and cont == full[-len(cont):]
+    assert len(inp) == 8 and inp == full[-9:-1] and targets == cont == full[-len(cont):] and first == 8 - len(cont)
 
 
 def lm_eval_style(hf_model, hf_tok, item: hs.Item, max_length: int) -> list[float]:
@@ -77,11 +80,12 @@ def test_scores_equal_an_lm_eval_style_scorer_on_the_hf_export(val_file, tmp_pat
     acc, norm = 0, 0
     for item in items:
         theirs = lm_eval_style(hf_model, hf_tok, item, 48)
-        mine = hs.loglikelihoods(model, hs.requests(item, gt.get_tokenizer(), 48), "cpu")
+        mine = [s.logprob for s in scorer.score_requests(model, hs.requests(item, gt.get_tokenizer(), 48), "cpu", 48)]
         assert np.allclose(mine, theirs, atol=1e-4), (mine, theirs)
-        a, n = hs.choose(theirs, item)
-        acc, norm = acc + a, norm + n
-    assert ours == {"acc": acc / len(items), "acc_norm": norm / len(items), "n": len(items)}
+        judged = hs.judge(item, [scorer.Scored(ll, 0.0, 1, False) for ll in theirs])
+        acc, norm = acc + judged["acc"], norm + judged["acc_norm"]
+    assert {k: ours[k] for k in ("acc", "acc_norm", "n")} == {"acc": acc / len(items), "acc_norm": norm / len(items),
+                                                             "n": len(items)}
 
 
 def test_wt_load_eval_prints_acc_acc_norm_and_n(val_file, tmp_path, capsys):
@@ -91,7 +95,8 @@ def test_wt_load_eval_prints_acc_acc_norm_and_n(val_file, tmp_path, capsys):
     result = json.loads(out)
     assert code == 0 and result["n"] == 12 and 0 <= result["acc"] <= 1 and 0 <= result["acc_norm"] <= 1
     model, _ = wt_load.load_ours(path)
-    assert {k: result[k] for k in ("acc", "acc_norm", "n")} == hs.score(model, hs.read_items(val_file, 12), "cpu")
+    again = hs.score(model, hs.read_items(val_file, 12), "cpu")
+    assert {k: result[k] for k in ("acc", "acc_norm", "n")} == {k: again[k] for k in ("acc", "acc_norm", "n")}
     code, out, err = run_cli(wt_load.main, ["eval", path, "--hellaswag", tmp_path / "nope.jsonl"], capsys)
     assert code == 2 and err.startswith("error: --hellaswag") and len(err.strip().splitlines()) == 1
     (tmp_path / "bad.jsonl").write_text('{"ctx_a": "x"}\n')

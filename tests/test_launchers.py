@@ -6,12 +6,14 @@ of an uninterrupted run. Signals fire at exact steps (tests/faults.py), so nothi
 import json
 import socket
 import subprocess
+import sys
 
 import faults
 import pytest
-from conftest import newest_checkpoint
+from conftest import ROOT, newest_checkpoint
 
 import pretraining_advanced as adv
+from gptkit.cli import EXIT_CRASHED
 
 STEPS = 8
 
@@ -116,3 +118,68 @@ def test_two_nodes_give_one_processs_losses_and_requeue_as_a_pair(flags, tmp_pat
     assert all(p.returncode == 0 for p, _, _ in nodes), nodes[0][2][-3000:]
     assert _losses(run) == pytest.approx(one["history"]["train_loss"], abs=1e-5)
     assert _logged_steps(run) == list(range(1, STEPS + 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# What a requeue script tells apart: stopped (above), crashed, failed; and launch.py's own exit code
+
+
+LAUNCH = [sys.executable, str(ROOT / "launch.py"), "--standalone", "--nproc_per_node", "2"]
+
+
+def test_a_crashed_rank_says_crashed_and_the_requeue_resumes_exactly(flags, uninterrupted, tmp_path):
+    """Rank 1 killed with SIGKILL in step 5 (the out-of-memory killer, a lost node): rank 0 loses its
+    peer mid-step. launch.py exits 75 with rank 0's one line last, run.json says crashed, and the
+    requeued run continues from the step-4 checkpoint to the uninterrupted losses."""
+    run = tmp_path / "run"
+    r = faults.run("pretraining_advanced.py", [*flags, "--run_dir", run], {"at_step": 5, "action": "sigkill", "rank": 1},
+                   launcher=LAUNCH)
+    assert r.returncode == EXIT_CRASHED, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("error: another process of this run died")
+    assert "Traceback" not in r.stderr and "ChildFailedError" not in r.stderr
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"]["state"] == "crashed" and info["crashes"][-1]["checkpoint"] == 4
+    status = faults.run("run_status.py", [run])
+    assert status.returncode == EXIT_CRASHED and "crashed at step 4" in status.stdout
+    _ok(faults.run("pretraining_advanced.py", [*flags, "--run_dir", run, "--resume", "auto"], launcher=LAUNCH))
+    assert _losses(run) == uninterrupted and json.loads((run / "run.json").read_text())["crashes"] == []
+    assert _logged_steps(run) == list(range(1, STEPS + 1))
+
+
+def test_a_failure_a_restart_would_repeat_says_failed(flags, tmp_path):
+    """Non-finite losses under torchrun: every rank stops, run.json says failed, launch.py and
+    run_status.py exit 1: a requeue script does not resume it."""
+    run = tmp_path / "run"
+    r = faults.run("pretraining_advanced.py", [*flags, "--run_dir", run, "--lr", "1e9", "--max_bad_steps", "1",
+                                               "--optimizer", "adamw", "--warmup_steps", "0"], launcher=LAUNCH)
+    assert r.returncode == 1 and "non-finite" in r.stderr.strip().splitlines()[-1]
+    assert json.loads((run / "run.json").read_text())["status"]["state"] == "failed"
+    assert faults.run("run_status.py", [run]).returncode == 1
+
+
+def test_settings_every_rank_would_refuse_are_one_line_before_any_worker(flags, tmp_path):
+    r = faults.run("pretraining_advanced.py", [*flags, "--run_dir", tmp_path / "run", "--fsdp"], launcher=LAUNCH)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: --optimizer muon orthogonalises whole matrices and cannot run on FSDP shards; use DDP (torchrun "
+        "without --fsdp), or --optimizer adamw with --fsdp"]
+    assert not (tmp_path / "run").exists()  # nothing started, nothing written
+
+
+def test_a_process_killed_without_a_word_is_a_crash_counted_until_the_bound(small_corpus, tmp_path):
+    """One process killed by SIGKILL says nothing: run.json still says running, nobody holds the run.
+    run_status.py calls that a crash; the resumed run records it; crashes in a row from the same
+    checkpoint beyond --max_crashes make it say failed, so a requeue loop ends."""
+    run = tmp_path / "run"
+    args = faults.train_flags(small_corpus, tmp_path / "cache", run, 6)
+    assert faults.run("pretraining_advanced.py", args, {"at_step": 4, "action": "sigkill"}).returncode == -9
+    status = faults.run("run_status.py", [run])
+    assert status.returncode == EXIT_CRASHED and "ended without a word" in status.stdout
+    for _ in range(3):  # three more attempts die in the same step: no progress past the step-3 checkpoint
+        assert faults.run("pretraining_advanced.py", [*args, "--resume", "auto"],
+                          {"at_step": 1, "action": "sigkill"}).returncode == -9
+    status = faults.run("run_status.py", [run, "--max_crashes", "3"])
+    assert status.returncode == 1 and "crashed 4 times in a row from the checkpoint of step 3" in status.stdout
+    assert faults.run("run_status.py", [run, "--max_crashes", "4"]).returncode == EXIT_CRASHED
+    _ok(faults.run("pretraining_advanced.py", [*args, "--resume", "auto"]))
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"]["state"] == "finished" and info["crashes"] == []

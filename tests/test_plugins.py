@@ -1,193 +1,263 @@
-"""Each common change made from outside the toolkit, the way DESIGN.md says to make it: one file of
-its own (here, this one) plus one registration, then trained through pretraining_advanced.py's
-command line. Nothing in the core names these components."""
+"""The common changes made from outside the toolkit, the way DESIGN.md says to make them: each is a
+file of the user's own (tests/plugins/), loaded with --plugin, and nothing in the toolkit names it.
+Each trains through both scripts where its kind applies, resumes bit-identically, and runs under FSDP.
+Then the rules of loading plugins, and settings from a file."""
 
-import dataclasses
 import json
 import math
+import sys
+from pathlib import Path
 
-import numpy as np
+import faults
 import pytest
-import torch
+from conftest import ROOT, run_cli
 
 import gpt_train as gt
 import pretraining_advanced as adv
-from gptkit.attention import ATTENTIONS, AttentionSpec, CausalSelfAttention, register_attention
-from gptkit.config import setting
-from gptkit.data.sources import SOURCES, DataSource, SourceKind, register_source
-from gptkit.metrics import STEP_METRICS, StepMetric, register_metric
-from gptkit.optim import OPTIMIZERS, OptimizerSpec, decay_groups, register_optimizer, trainable
-from gptkit.schedules import SCHEDULES, ScheduleSpec, register_schedule
+import pretraining_simple as simple
+import token_cache
+import wt_load
+from gptkit.evals import scorer
+
+PLUGINS = Path(__file__).resolve().parent / "plugins"
+
+
+def plugin(*names: str) -> list[str]:
+    return [a for n in names for a in ("--plugin", str(PLUGINS / f"{n}.py"))]
+
+
+@pytest.fixture(scope="module")
+def lambada_file(tmp_path_factory, small_corpus):
+    text = (small_corpus / "combined_1.txt").read_text()
+    passages = [" ".join(text[i : i + 400].split()[1:-1]) for i in range(0, 8000, 400)]
+    path = tmp_path_factory.mktemp("lambada") / "lambada.jsonl"
+    path.write_text("".join(json.dumps({"text": p}) + "\n" for p in passages))
+    return path
+
+
+COMMON = ["--model", "debug", "--batch_size", "4", "--lr", "2e-3", "--eval_iters", "2", "--no-progress", "--log_every",
+          "1", "--seed", "5", "--dtype", "fp32", "--device", "cpu", "--eval_every", "0", "--sample_every", "0",
+          "--keep_last", "0", "--save_every", "3"]
+USER_PARTS = ["--optimizer", "lion", "--lion_beta2", "0.98", "--lr", "3e-4", "--schedule", "wsd", "--warmup_steps", "1",
+              "--wsd_decay_fraction", "0.5", "--attention", "window", "--window_size", "3", "--lambada_every", "3"]
 
 
 @pytest.fixture
-def base(small_corpus, tmp_path):
-    return ["--data", str(small_corpus), "--cache_dir", str(tmp_path / "cache"), "--val_fraction", "0.2", "--model",
-            "debug", "--batch_size", "4", "--warmup_steps", "2", "--lr", "2e-3", "--eval_iters", "2", "--no-progress",
-            "--log_every", "1", "--seed", "5", "--dtype", "fp32", "--eval_every", "0", "--sample_every", "0"]
+def advanced(small_corpus, tmp_path, lambada_file):
+    return [*plugin("lion", "wsd", "layer_grad_max", "window_attention", "lambada"), "--data", str(small_corpus),
+            "--cache_dir", str(tmp_path / "cache"), "--val_fraction", "0.2", *COMMON, *USER_PARTS,
+            "--lambada", str(lambada_file)]
 
 
-def registered(registry: dict, register, spec):
-    """Register `spec` for one test, and take it out again after."""
-    register(spec)
-    yield spec
-    registry.pop(spec.name, None)
-
-
-# ----------------------------------------------------------------------------------------------
-# An optimizer: SGD with momentum, its own flag --sgd_momentum
-
-
-@dataclasses.dataclass
-class SGDConfig:
-    momentum: float = setting(0.9, "SGD momentum", check=(lambda v: 0 <= v < 1, "in [0, 1)"))
-
-
-def build_sgd(model, args, config: SGDConfig, device):
-    return torch.optim.SGD(decay_groups(trainable(model), args.weight_decay), lr=args.lr, momentum=config.momentum)
-
-
-@pytest.fixture
-def sgd():
-    yield from registered(OPTIMIZERS, register_optimizer, OptimizerSpec(
-        "sgd", "SGD with momentum", build_sgd, lambda shapes, cfg: sum(4 * math.prod(s) for s in shapes.values()),
-        kind="SGD", config=SGDConfig))
-
-
-def test_an_optimizer_plugs_in_with_its_flags_planner_bytes_and_exact_resume(sgd, base, tmp_path):
-    flags = [*base, "--optimizer", "sgd", "--sgd_momentum", "0.5", "--max_steps", "6", "--keep_last", "0"]
-    full = adv.main([*flags, "--run_dir", str(tmp_path / "full")])
-    adv.main([*flags, "--run_dir", str(tmp_path / "part"), "--max_steps", "3"])
-    resumed = adv.main([*flags, "--run_dir", str(tmp_path / "part"), "--resume", "auto"])
-    assert resumed["history"]["train_loss"] == full["history"]["train_loss"]  # momentum buffers saved and loaded
+def test_five_kinds_from_plugin_files_train_and_resume_exactly_in_the_advanced_script(advanced, tmp_path, capsys):
+    full = adv.main([*advanced, "--max_steps", "6", "--run_dir", str(tmp_path / "full")])
+    resumed = adv.main([*advanced, "--max_steps", "6", "--run_dir", str(tmp_path / "part"), "--resume",
+                        str(tmp_path / "full" / "ckpt_00000003.pt")])  # from step 3, in a folder of its own
+    h = full["history"]
+    for key in ("train_loss", "lr", "layer_grad_max", "lambada"):
+        assert resumed["history"][key] == h[key], key  # Lion's momentum, the schedule, the metric, the evaluation
+    # The schedule: warmup 1, stable to the middle, then linear to --min_lr (lr / 10).
+    assert h["lr"] == pytest.approx([3e-4, 3e-4, 3e-4, 2.1e-4, 1.2e-4, 3e-5])
+    # The optimizer's kind and settings in the checkpoint; its state bytes in the planner and as measured.
     ckpt = gt.load_checkpoint(full["checkpoint"])
-    assert ckpt["optimizer"]["kind"] == "SGD" and ckpt["optimizer"]["param_groups"][0]["momentum"] == 0.5
-    cfg = gt.get_config("debug")
-    params = gt.count_parameters_from_config(cfg)["tied"]
-    assert gt.memory_plan(cfg, gt.TrainSetup(optimizer="sgd"))["optimizer"] == 4 * params  # the spec's byte count
-    assert full["optimizer_state_bytes"] == 4 * params  # and it is what SGD holds
-    with pytest.raises(gt.UserError, match="--sgd_momentum is a setting of --optimizer sgd"):
-        adv.main([*base, "--sgd_momentum", "0.5", "--run_dir", str(tmp_path / "x")])
+    assert ckpt["optimizer"]["kind"] == "Lion" and tuple(ckpt["optimizer"]["param_groups"][0]["betas"]) == (0.9, 0.98)
+    params = gt.count_parameters_from_config(gt.GPTConfig.from_dict(ckpt["config"]))["total"]
+    assert full["optimizer_state_bytes"] == 4 * params
+    # The attention's setting is architecture: recorded in the model config, a resume with another is refused.
+    assert ckpt["config"]["attention"] == "window" and ckpt["config"]["parts"] == {"window": {"size": 3}}
+    with pytest.raises(gt.CheckpointError, match="different model config: .*parts="):
+        adv.main([*advanced, "--max_steps", "8", "--run_dir", str(tmp_path / "full"), "--resume", "auto",
+                  "--window_size", "4"])
+    with pytest.raises(gt.UserError, match="--window_size is a setting of --attention window"):
+        adv.main([*advanced[: advanced.index("--attention")], "--window_size", "4", "--run_dir", str(tmp_path / "x")])
+    # The metric: the largest block gradient norm, at most the whole gradient's norm.
+    assert all(0 < m <= g for m, g in zip(h["layer_grad_max"], h["grad_norm"]))
+    # The evaluation ran at 0, 3 and 6, and its last value is the scorer's on the final weights.
+    model, _ = wt_load.load_ours(full["checkpoint"])
+    lambada = sys.modules[next(m for m in sys.modules if m.endswith("_lambada"))]
+    direct = scorer.score(model, lambada.items(lambada.read(lambada.LambadaConfig(
+        Path(advanced[advanced.index("--lambada") + 1])))), "cpu", window="nanochat")
+    assert h["lambada_step"] == [0, 3, 6] and h["lambada"][-1] == direct["lambada"]
+    assert "| layer_grad_max " in (tmp_path / "full" / "train.log").read_text()
+    code, _, err = run_cli(wt_load.main, ["to-hf", full["checkpoint"], tmp_path / "hf"], capsys)
+    assert code == 2 and "--attention window has no Hugging Face equivalent" in err
+
+
+def test_the_same_plugins_in_the_simple_script(small_corpus, tmp_path, lambada_file):
+    flags = [*plugin("lion", "wsd", "layer_grad_max", "window_attention", "lambada"), "--data_dir", str(small_corpus),
+             *COMMON, *USER_PARTS, "--lambada", str(lambada_file), "--layer_grad_max_clipped", "--max_grad_norm", "0.5"]
+    full = simple.main([*flags, "--max_steps", "6", "--run_dir", str(tmp_path / "full")])
+    resumed = simple.main([*flags, "--max_steps", "6", "--run_dir", str(tmp_path / "part"), "--resume",
+                           str(tmp_path / "full" / "ckpt_00000003.pt")])
+    for key in ("train_loss", "lr", "layer_grad_max", "lambada"):
+        assert resumed["history"][key] == full["history"][key], key
+    assert all(m <= 0.5 + 1e-6 for m in full["history"]["layer_grad_max"])  # measured after clipping, as asked
+
+
+def test_a_file_format_plugin_and_compressed_files_out_of_the_box(tmp_path, capsys):
+    import bz2
+    import gzip
+
+    import zstandard
+
+    docs = [f"Row {i}: " + "the quick brown fox jumps over the lazy dog " * 12 for i in range(60)]
+    d = tmp_path / "corpus"
+    d.mkdir()
+    csv_text = "id,text\n" + "".join(f'{i},"{t}"\n' for i, t in enumerate(docs[:20]))
+    (d / "a.csv").write_text(csv_text)
+    (d / "b.csv.gz").write_bytes(gzip.compress(csv_text.replace("Row", "Gz row").encode()))
+    (d / "c.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps({"text": t}) + "\n" for t in docs[20:40]).encode()))
+    (d / "d.jsonl.bz2").write_bytes(bz2.compress("".join(json.dumps({"text": t}) + "\n" for t in docs[40:50]).encode()))
+    (d / "e.txt.zst").write_bytes(zstandard.ZstdCompressor().compress("\n".join(docs[50:]).encode()))
+    code, _, err = run_cli(token_cache.main, ["build", "--data", f"{d}/*.csv*", "--cache_dir", tmp_path / "c0"], capsys)
+    assert code == 2 and "unknown kind (.csv, .csv.gz)" in err  # without the plugin
+    manifest = token_cache.main([*plugin("csv_format"), "build", "--data", str(d), "--cache_dir", str(tmp_path / "c"),
+                                 "--val_fraction", "0.2", "--no-progress"])
+    assert manifest["documents"] == 20 + 20 + 20 + 10 + 1  # the .txt.zst file is one document
+    res = adv.main([*plugin("csv_format"), "--data", str(d), "--cache_dir", str(tmp_path / "c"), "--val_fraction", "0.2",
+                    *COMMON, "--max_steps", "2", "--run_dir", str(tmp_path / "r")])
+    assert res["state"].step == 2
+
+
+def test_every_plugin_runs_under_fsdp_as_on_one_process(small_corpus, tmp_path, lambada_file):
+    """Two FSDP ranks (gloo), all six plugins at once: the same losses, metric and evaluation as one
+    process with the same global batch. The metric sees local shards (never a DTensor) and its
+    "shards" reduction adds them up."""
+    d = tmp_path / "csv"
+    d.mkdir()
+    text = (small_corpus / "combined_1.txt").read_text()
+    (d / "a.csv").write_text("text\n" + "".join(f'"{text[i:i + 3000].replace(chr(34), "")}"\n'
+                                                for i in range(0, 60000, 3000)))
+    flags = [*plugin("lion", "wsd", "layer_grad_max", "window_attention", "lambada", "csv_format"), "--data", str(d),
+             "--cache_dir", str(tmp_path / "cache"), "--val_fraction", "0.2", *COMMON, *USER_PARTS,
+             "--lambada", str(lambada_file), "--max_steps", "4", "--lambada_every", "0"]
+    one = adv.main([*flags, "--run_dir", str(tmp_path / "one"), "--grad_accum", "2"])
+    r = faults.run("pretraining_advanced.py", [*flags, "--run_dir", tmp_path / "two", "--fsdp"],
+                   launcher=faults.torchrun(2))
+    assert r.returncode == 0, r.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "losses.json").read_text())
+    assert two["train_loss"] == pytest.approx(one["history"]["train_loss"], abs=1e-5)
+    assert two["layer_grad_max"] == pytest.approx(one["history"]["layer_grad_max"], rel=1e-4)
+    assert two["lambada"] == one["history"]["lambada"]
 
 
 # ----------------------------------------------------------------------------------------------
-# A schedule: the LR halves every 2 steps
+# The rules of loading plugins
 
 
-def halving(step, s):
-    return s.lr * 0.5 ** (step // 2)
+def test_a_plugin_that_fails_is_one_line_and_leaves_nothing_registered(tmp_path, capsys):
+    (tmp_path / "typo.py").write_text("import math\n\ndef broken(:\n    pass\n")
+    (tmp_path / "raises.py").write_text("import math\n\nx = 1\nraise RuntimeError('no GPU here')\n")
+    (tmp_path / "half.py").write_text(
+        "from gptkit.optim import OptimizerSpec, register_optimizer\n"
+        "register_optimizer(OptimizerSpec('half_a', 'x', None, lambda s, c: 0, kind='A'))\n"
+        "register_optimizer(OptimizerSpec('adamw', 'x', None, lambda s, c: 0, kind='B'))\n")
+    cases = [("typo.py", "typo.py failed to import: SyntaxError"), ("raises.py", "RuntimeError: no GPU here (line 4)"),
+             ("half.py", "optimizer 'adamw' is already registered"), ("missing.py", "missing.py: no such file"),
+             ("no_such_module_xyz", "no such file or module")]
+    for name, fragment in cases:
+        spec = str(tmp_path / name) if name.endswith(".py") else name
+        code, _, err = run_cli(simple.main, ["--plugin", spec, "--max_steps", "1"], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err
+    assert "half_a" not in gt.OPTIMIZERS and gt.OPTIMIZERS["adamw"].kind == "AdamW"  # taken back
 
 
-@pytest.fixture
-def step_schedule():
-    yield from registered(SCHEDULES, register_schedule, ScheduleSpec("halving", halving, "halves every 2 steps"))
+def test_plugins_are_recorded_and_a_resume_needs_them_unchanged_and_a_folder_never_imports_one(small_corpus,
+                                                                                              tmp_path, capsys):
+    marker = tmp_path / "imported"
+    src = (PLUGINS / "wsd.py").read_text().replace("register_schedule(", f"open({str(marker)!r}, 'a').write('x')\n"
+                                                                          "register_schedule(ScheduleSpec('wsd2', wsd, "
+                                                                          "'copy', uses=('warmup_steps', 'min_lr'), "
+                                                                          "config=WSDConfig))\nregister_schedule(", 1)
+    src = src.replace('ScheduleSpec("wsd"', 'ScheduleSpec("wsd_copy"').replace("decay_fraction:", "fraction:")
+    src = src.replace("s.config.decay_fraction", "s.config.fraction")
+    mine = tmp_path / "my_wsd.py"
+    mine.write_text(src)
+    flags = ["--data_dir", str(small_corpus), *COMMON, "--plugin", str(mine), "--schedule", "wsd2", "--warmup_steps",
+             "1", "--max_steps", "4", "--run_dir", str(tmp_path / "r")]
+    simple.main([*flags, "--max_steps", "2"])
+    info = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert info["plugins"][0]["path"] == str(mine) and info["plugins"][0]["sha256"] == gt.sha256_file(mine)
+    marker.unlink()
+    without = [f for f in flags if f not in ("--plugin", str(mine))]
+    code, _, err = run_cli(simple.main, [*without[: without.index("--schedule")], "--max_steps", "4", "--run_dir",
+                                         tmp_path / "r", "--resume", "auto"], capsys)
+    assert code == 2 and "was trained with --plugin" in err and not marker.exists()  # the folder named it: not imported
+    code, out, err = run_cli(wt_load.main, ["inspect", tmp_path / "r" / "ckpt_00000002.pt"], capsys)
+    assert code == 0 and not marker.exists()
+    mine.write_text(src + "\n# edited\n")
+    r = faults.run("pretraining_simple.py", [*flags, "--resume", "auto"])  # a new process: the edited file
+    assert r.returncode == 2 and "has changed since" in r.stderr.strip().splitlines()[-1]
+    mine.write_text(src)
+    assert simple.main([*flags, "--resume", "auto"])["state"].step == 4
 
 
-def test_a_schedule_plugs_in(step_schedule, base, tmp_path):
-    at = base.index("--warmup_steps")
-    no_warmup = base[:at] + base[at + 2 :]
-    res = adv.main([*no_warmup, "--schedule", "halving", "--max_steps", "5", "--run_dir", str(tmp_path / "r")])
-    assert res["history"]["lr"] == [2e-3, 2e-3, 1e-3, 1e-3, 5e-4]
-    with pytest.raises(gt.UserError, match="--warmup_steps has no effect with --schedule halving"):
-        adv.main([*base, "--schedule", "halving", "--max_steps", "5", "--run_dir", str(tmp_path / "x")])
+def test_a_module_plugin_by_name(tmp_path, monkeypatch):
+    (tmp_path / "user_metrics.py").write_text(
+        "import torch\nfrom gptkit.metrics import StepMetric, register_metric\n"
+        "register_metric(StepMetric('loss_squared', lambda v: f'l2 {v:.2f}', device=lambda c: c.loss ** 2, "
+        "reduce='max', history='loss_squared'))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        res = simple.main(["--plugin", "user_metrics", *COMMON, "--max_steps", "2", "--run_dir", str(tmp_path / "r"),
+                           "--data_dir", str(_corpus(tmp_path))])
+        h = res["history"]
+        assert h["loss_squared"] == pytest.approx([v * v for v in h["train_loss"]], rel=1e-6)
+    finally:
+        gt.STEP_METRICS.remove("loss_squared")
 
 
-# ----------------------------------------------------------------------------------------------
-# A metric: the norm of the weights, measured on the device, in the one reduction of the step
+def _corpus(tmp_path: Path) -> Path:
+    import prep_dataset
 
-
-def weight_norm(ctx):
-    return torch.sqrt(sum((p.detach().float() ** 2).sum() for p in gt.unwrap_model(ctx.model).parameters()))
-
-
-@pytest.fixture
-def norm_metric():
-    yield from registered(STEP_METRICS, register_metric, StepMetric(
-        "weight_norm", lambda v: f"weight_norm {v:.3f}", device=weight_norm, history="weight_norm"))
-
-
-def test_a_metric_plugs_in(norm_metric, base, tmp_path):
-    res = adv.main([*base, "--max_steps", "3", "--run_dir", str(tmp_path / "r"), "--tensorboard"])
-    norms = res["history"]["weight_norm"]
-    assert len(norms) == 3 and all(n > 1 for n in norms)
-    model, _ = __import__("wt_load").load_ours(res["checkpoint"])
-    assert norms[-1] != weight_norm(type("C", (), {"model": model})())  # measured before the last update
-    log = (tmp_path / "r" / "train.log").read_text()
-    assert log.count("| weight_norm ") == 3
-    assert json.loads((tmp_path / "r" / "losses.json").read_text())["weight_norm"] == norms
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tmp_path / "r" / "tensorboard"))
-    acc.Reload()
-    assert [e.value for e in acc.Scalars("train/weight_norm")] == pytest.approx(norms)
-
-
-# ----------------------------------------------------------------------------------------------
-# A data source: toy:N, N generated documents
-
-
-WORDS = "the quick brown fox jumps over a lazy dog while seven wizards box jovially".split()
-
-
-def toy_rows(source, i, skip, batch_size):
-    rng = np.random.default_rng(0)
-    docs = [f"Toy {k}: " + " ".join(rng.choice(WORDS, size=60)) for k in range(source.parts[i])]
-    for start in range(skip, len(docs), batch_size):
-        yield docs[start : start + batch_size]
-
-
-@pytest.fixture
-def toy_source():
-    kind = SourceKind("toy", claims=lambda data, options: data.startswith("toy:"),
-                      resolve=lambda data, options: DataSource("toy", [int(data[4:])], None, "text", [data]),
-                      identity=lambda source, known: {"kind": "toy", "docs": source.parts},
-                      rows=toy_rows, probe=lambda source: None)
-    yield from registered(SOURCES, register_source, kind)
-
-
-def test_a_data_source_plugs_in(toy_source, base, tmp_path):
-    flags = [f for f in base if f]
-    flags[flags.index("--data") + 1] = "toy:400"
-    res = adv.main([*flags, "--max_steps", "3", "--run_dir", str(tmp_path / "r")])
-    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
-    assert manifest["source"] == {"kind": "toy", "docs": [400]} and manifest["documents"] == 400
-    assert res["state"].step == 3
-    with pytest.raises(gt.UserError, match="was built from toy:400"):  # the identity is checked like any other
-        flags[flags.index("--data") + 1] = "toy:300"
-        adv.main([*flags, "--max_steps", "3", "--run_dir", str(tmp_path / "r2")])
+    d = tmp_path / "corpus"
+    d.mkdir()
+    (d / "combined_1.txt").write_text(prep_dataset.embedded_books()[0][:40000])
+    return d
 
 
 # ----------------------------------------------------------------------------------------------
-# An attention: causal, but each position sees only the 4 before it
+# Settings from a file
 
 
-class WindowAttention(CausalSelfAttention):
-    WINDOW = 4
+def test_settings_from_a_toml_or_yaml_file_and_back_out_of_a_checkpoint(small_corpus, tmp_path, capsys):
+    toml = tmp_path / "exp.toml"
+    toml.write_text(f'data_dir = "{small_corpus}"\nmodel = "debug"\nbatch_size = 4\nmax_steps = 3\noptimizer = "muon"\n'
+                    'dtype = "fp32"\nprogress = false\neval_every = 0\nsample_every = 0\n'
+                    f'plugin = ["{PLUGINS / "wsd.py"}"]\nschedule = "wsd"\nwarmup_steps = 1\n\n'
+                    '[muon]\nlr = 0.02\nmomentum = 0.9\n\n[wsd]\ndecay_fraction = 0.5\n')
+    res = simple.main(["--config", str(toml), "--run_dir", str(tmp_path / "a"), "--muon_momentum", "0.85"])
+    args = gt.load_checkpoint(res["checkpoint"])["run"]["args"]
+    assert (args["muon_lr"], args["muon_momentum"], args["wsd_decay_fraction"]) == (0.02, 0.85, 0.5)  # the flag wins
+    yaml = tmp_path / "exp.yaml"
+    yaml.write_text(f"data_dir: {small_corpus}\nmodel: debug\nbatch_size: 4\nmax_steps: 2\nprogress: false\n"
+                    "eval_every: 0\nsample_every: 0\ndtype: fp32\nmuon:\n  lr: 0.02\n")
+    code, _, err = run_cli(simple.main, ["--config", yaml, "--run_dir", tmp_path / "b"], capsys)
+    assert code == 2 and "--muon_lr is a setting of --optimizer muon" in err  # file settings are checked like flags
+    for body, fragment in (("lr = 1e-3\nlearning_rate = 3\n", "unknown setting 'learning_rate'"),
+                           ("batch_size = 'four'\n", "batch_size must be a whole number"),
+                           ("lr = [\n", "is not valid TOML")):
+        (tmp_path / "bad.toml").write_text(body)
+        code, _, err = run_cli(simple.main, ["--config", tmp_path / "bad.toml"], capsys)
+        assert code == 2 and fragment in err and str(tmp_path / "bad.toml") in err and len(err.strip().splitlines()) == 1
+    # A run's recorded settings, written out, start the same run.
+    code, out, _ = run_cli(wt_load.main, ["inspect", res["checkpoint"], "--config_out", tmp_path / "again.toml"], capsys)
+    assert code == 0 and "python pretraining_simple.py --config again.toml" in (tmp_path / "again.toml").read_text()
+    again = simple.main(["--config", str(tmp_path / "again.toml"), "--run_dir", str(tmp_path / "c")])
+    assert again["history"]["train_loss"] == res["history"]["train_loss"]
+    assert math.isfinite(again["history"]["train_loss"][-1])
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.flash = False  # the explicit softmax, with this mask
 
-    def mask(self, q_pos, k_pos):
-        return (k_pos[None, :] > q_pos[:, None]) | (k_pos[None, :] < q_pos[:, None] - self.WINDOW + 1)
-
-
-@pytest.fixture
-def window():
-    yield from registered(ATTENTIONS, register_attention, AttentionSpec(
-        "window4", WindowAttention, "causal, 4 positions wide", score_flops=lambda cfg, T: 12 * cfg.emb_dim * min(4, T)))
+def test_a_plugin_named_in_a_config_file_is_loaded_from_it(small_corpus, tmp_path):
+    (tmp_path / "c.yaml").write_text(f"plugin: [{PLUGINS / 'lion.py'}]\noptimizer: lion\nlion_beta1: 0.8\n")
+    res = adv.main(["--config", str(tmp_path / "c.yaml"), "--data", str(small_corpus), "--cache_dir",
+                    str(tmp_path / "cache"), "--val_fraction", "0.2", *COMMON, "--max_steps", "2", "--run_dir",
+                    str(tmp_path / "r")])
+    assert gt.load_checkpoint(res["checkpoint"])["optimizer"]["param_groups"][0]["betas"][0] == 0.8
 
 
-def test_an_attention_plugs_in(window, base, tmp_path):
-    res = adv.main([*base, "--attention", "window4", "--max_steps", "3", "--run_dir", str(tmp_path / "r")])
-    cfg = gt.GPTConfig.from_dict(gt.load_checkpoint(res["checkpoint"])["config"])
-    assert cfg.attention == "window4"
-    model = gt.GPTModel(cfg).eval()
-    x = torch.randint(0, 50257, (1, 12))
-    y = x.clone()
-    y[0, 0] = (y[0, 0] + 1) % 50257  # beyond the window of the positions >= 4 (two blocks: 7 back)
-    with torch.no_grad():
-        assert torch.equal(model(x)[0, 8:], model(y)[0, 8:]) and not torch.equal(model(x)[0, 1], model(y)[0, 1])
-    assert gt.flops_per_token(cfg, 32) < gt.flops_per_token(gt.get_config("debug"), 32)
-    with pytest.raises(gt.UserError, match="not GPT-2's"):
-        __import__("wt_load").main(["to-hf", str(res["checkpoint"]), str(tmp_path / "hf")])
+def test_no_toolkit_file_names_a_test_plugin():
+    names = ("lion", "wsd", "layer_grad_max", "csv_format", "window_attention", "lambada", "Lion", "LambadaConfig")
+    for path in [*ROOT.glob("*.py"), *(ROOT / "gptkit").rglob("*.py")]:
+        text = path.read_text()
+        assert not any(f'"{n}"' in text or f"'{n}'" in text for n in names), path

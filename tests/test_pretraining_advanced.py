@@ -54,7 +54,7 @@ def test_clipping_caps_the_update_and_logs_the_preclip_norm(tiny_cfg, small_corp
     before = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     tcfg = gt.TrainConfig(max_steps=1, max_grad_norm=0.05, progress=False)
-    state = gt.train_model(model, opt, gt.BatchSampler(ds, 4), gt.setup_runtime("cpu"), tcfg)
+    state = gt.Trainer(model, opt, gt.setup_runtime("cpu"), tcfg, batches=gt.BatchSampler(ds, 4)).train()
     delta = torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(model.parameters(), before)))
     assert state.history["grad_norm"][0] > 0.5  # the norm before clipping
     assert delta.item() == pytest.approx(0.05, rel=1e-3)  # SGD lr=1 moves by exactly the clipped gradient
@@ -81,7 +81,7 @@ def test_prefetching_changes_no_batch_and_no_loss(tiny_cfg, small_corpus):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         tcfg = gt.TrainConfig(max_steps=6, grad_accum_steps=2, progress=False)
         batches = gt.BatchSampler(ds, 4, seed=1, prefetch=prefetch)
-        return gt.train_model(model, opt, batches, gt.setup_runtime("cpu"), tcfg).history["train_loss"]
+        return gt.Trainer(model, opt, gt.setup_runtime("cpu"), tcfg, batches=batches).train().history["train_loss"]
 
     assert losses(True) == losses(False)
 
@@ -247,6 +247,9 @@ def test_wandb_offline_and_tensorboard_files(base, tmp_path, monkeypatch):
     assert wandb_steps == [1, 2, 3, 4]
     assert any(r.get("grads/wte.weight/_type") == "histogram" for r in wandb_history(offline[0]))
     assert gt.load_checkpoint(res["checkpoint"])["run_id"] == res["wandb_run_id"]
+    config = wandb_config(offline[0])  # the settings flat, under the flags' names: W&B's table, filters, sweeps
+    assert config["lr"] == 2e-3 and config["batch_size"] == 4 and config["model"] == "debug" and "args" not in config
+    assert config["run_info"]["model_config"]["n_layers"] == 2 and config["run_info"]["run_id"] == res["wandb_run_id"]
 
 
 def test_bad_checkpoints_are_refused(base, tmp_path):
@@ -337,6 +340,31 @@ def wandb_history(offline_dir):
     return rows
 
 
+def wandb_config(offline_dir) -> dict:
+    """The config an offline W&B run was given, read from its .wandb file."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    config = {}
+    for payload in sinks.wandb_records(next(offline_dir.glob("*.wandb")).read_bytes()):
+        record = pb.Record()
+        record.ParseFromString(payload)
+        kind = record.WhichOneof("record_type")
+        if kind in ("config", "run"):
+            updates = record.config.update if kind == "config" else record.run.config.update
+            config.update({item.key: json.loads(item.value_json) for item in updates})
+    return config
+
+
+def test_log_every_zero_logs_only_the_last_step(base, tmp_path):
+    res = adv.main([*base, "--run_dir", str(tmp_path / "r"), "--max_steps", "4", "--log_every", "0"])
+    assert [ln.split()[1] for ln in (tmp_path / "r" / "train.log").read_text().splitlines()
+            if ln.startswith("step ")] == ["4/4"]
+    assert res["history"]["step"] == [1, 2, 3, 4]  # every step still recorded
+    for bad in ({"log_every": -1}, {"eval_every": 1.5}, {"max_steps": 0}, {"save_every": True}):
+        with pytest.raises(gt.UserError, match=f"TrainConfig.{next(iter(bad))} must be a whole number"):
+            gt.TrainConfig(**{"max_steps": 3, **bad})
+
+
 def test_wandb_records_are_joined_across_blocks_and_torn_ends_dropped():
     """A large record (histograms) that does not fit its 32 KiB block is stored in fragments; the reader
     behind 'which steps did W&B already get' must join them, or it would log those steps twice."""
@@ -402,7 +430,7 @@ def test_a_signal_during_non_finite_steps_still_stops_the_run(tiny_cfg, small_co
     ds = gt.TokenWindowDataset(gt.encode_documents([(small_corpus / "combined_1.txt").read_text()]), 16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     tcfg = gt.TrainConfig(max_steps=50, batch_size=4, progress=False, max_bad_steps=40)
-    state = gt.train_model(model, opt, gt.BatchSampler(ds, 4), gt.setup_runtime("cpu"), tcfg)
+    state = gt.Trainer(model, opt, gt.setup_runtime("cpu"), tcfg, batches=gt.BatchSampler(ds, 4)).train()
     assert state.stop_reason == "SIGTERM" and state.bad_steps == 3 and state.step == 0
 
 
@@ -414,15 +442,18 @@ class Preempted(gt.GPTModel):
         if self.calls == 2:
             os.kill(os.getpid(), signal.SIGTERM)  # the scheduler's preemption, during step 2
         return super().forward(idx)
-def checkpoint(st):
-    os.kill(os.getpid(), signal.SIGTERM)  # repeated (or forwarded by torchrun) while the checkpoint is written
-    print("saved step", st.step, flush=True)
-    st.saved_step = st.step
+class Saving(gt.Trainer):
+    def save(self):
+        st = self.state
+        if st.step and st.saved_step != st.step:
+            os.kill(os.getpid(), signal.SIGTERM)  # repeated (or forwarded by torchrun) while the checkpoint is written
+            print("saved step", st.step, flush=True)
+            st.saved_step = st.step
 torch.manual_seed(0)
 model = Preempted(gt.get_config("debug"))
 ds = gt.TokenWindowDataset(np.arange(4000, dtype=np.uint16) % 500, 16)
-st = gt.train_model(model, torch.optim.AdamW(model.parameters()), gt.BatchSampler(ds, 2), gt.setup_runtime("cpu"),
-                    gt.TrainConfig(max_steps=10, progress=False), hooks=gt.TrainHooks(checkpoint=checkpoint))
+st = Saving(model, torch.optim.AdamW(model.parameters()), gt.setup_runtime("cpu"),
+            gt.TrainConfig(max_steps=10, progress=False), batches=gt.BatchSampler(ds, 2)).train()
 print("stopped", st.stop_reason, st.step)
 """
 
@@ -437,7 +468,7 @@ def test_a_second_sigterm_does_not_kill_the_final_save():
 def test_named_steps_of_a_run_work_alone(tmp_path):
     s = adv.parse_args(["--model", "debug", "--batch_size", "4", "--total_batch_tokens", str(4 * 32 * 2 * 3),
                         "--train_tokens", "1000"])
-    cfg = s.shared.model.config()
+    cfg = s.shared.model_config
     plan = adv.plan_batch(s, cfg, world=2)
     assert (plan.grad_accum, plan.tokens_per_step) == (3, 768)
     assert adv.plan_steps(s, plan, 2, 10_000).max_steps == 2  # ceil(1000 / 768)
@@ -478,3 +509,21 @@ def test_after_a_kill_and_a_resume_every_record_holds_each_step_once(base, tmp_p
         steps += [e.step for e in EventFileLoader(str(path)).Load()
                   for v in e.summary.value if v.tag == "train/loss"]
     assert sorted(steps) == list(range(1, 9))
+
+
+def test_check_says_what_the_run_would_do_and_touches_nothing(base, tmp_path):
+    """--check (what launch.py runs before any worker): the same decisions as the run, read-only."""
+    run = tmp_path / "run"
+    adv.main([*base, "--run_dir", str(run), "--max_steps", "2"])
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    res = adv.main([*base, "--run_dir", str(run), "--max_steps", "4", "--resume", "auto", "--check"])
+    assert res["check"] == "ok" and res["resume"]["step"] == 2
+    with pytest.raises(gt.UserError, match="already holds run"):
+        adv.main([*base, "--run_dir", str(run), "--check"])
+    with pytest.raises(gt.CheckpointError, match=r"different model config: .*n_layers=2 \(model: 3\)"):
+        adv.main([*base, "--run_dir", str(run), "--resume", "auto", "--n_layers", "3", "--check"])
+    with pytest.raises(gt.CheckpointError, match="trained with AdamW"):
+        adv.main([*base, "--run_dir", str(run), "--resume", "auto", "--optimizer", "muon", "--check"])
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert adv.main([*base, "--run_dir", str(tmp_path / "new"), "--check"])["resume"] is None
+    assert not (tmp_path / "new").exists()

@@ -41,6 +41,9 @@ def world(tmp_path_factory, small_corpus):
     (w / "user_dir" / "model_v1.bin").write_bytes(b"my weights")
     (w / "user_dir" / "pytorch_model.bin").write_bytes(b"more of my weights")
     (w / "a_file").write_text("not a folder")
+    import hellaswag_items
+
+    hellaswag_items.write(w / "hs.jsonl", "\n".join(prep_dataset.embedded_books()), 2)
     (w / "latin1").mkdir()
     (w / "latin1" / "combined_1.txt").write_bytes("Caf\xe9 ".encode("latin-1") * 2000)
     rows = [{"text": f"Row {i}: " + "words and more words " * 20} for i in range(60)]
@@ -178,6 +181,15 @@ BAD_INPUTS = [
     (prep_dataset.main, ["--data_dir", "W/corpus", "--output_dir", "W/o10", "--max_books", "5"], "--max_books limits"),
     (prep_dataset.main, ["--data_dir", "W/corpus", "--output_dir", "W/o11", "--max_book_mb", "0"], "--max_book_mb"),
     (test_smollm.main, ["--quick", "--output_dir", "W/a_file"], "a_file is a file"),
+    # A mistyped path is a missing path, wherever a path or a hub id is taken (not a failed hub lookup)
+    (wt_load.main, ["generate", "./no/such/folder"], "source ./no/such/folder: no such file or folder"),
+    (wt_load.main, ["eval", "no/such/folder", "--hellaswag", "W/hs.jsonl"], "source no/such/folder: no such file"),
+    (wt_load.main, ["from-hf", "W/no/such", "W/o12.pt"], "/no/such: no such file or folder"),
+    (wt_load.main, ["inspect", "W/no/such.pt"], "no/such.pt does not exist"),
+    (S, ["--run_dir", "W/new15", "--init_from", "./no/such/folder"], "--init_from ./no/such/folder: no such file"),
+    (A, ["--run_dir", "W/new16", "--init_from", "no/such/folder"], "--init_from no/such/folder: no such file"),
+    (A, ["--run_dir", "W/new17", "--data", "./no/such/folder"], "--data ./no/such/folder: no such file or folder"),
+    (S, ["--run_dir", "W/new18", "--data_dir", "./no/such/folder"], "--data_dir no/such/folder is not a folder"),
 ]
 
 
@@ -301,11 +313,14 @@ def test_reused_default_folder_never_loses_the_new_run(small_corpus, tmp_path):
     simple.main([*common, "--max_steps", "8"])
     with pytest.raises(gt.UserError, match="already holds run"):
         simple.main([*common, "--max_steps", "4"])
+    old_records = {n: (tmp_path / n).read_bytes() for n in ("train.log", "losses.json", "run.json", "loss_plot.png")
+                   if (tmp_path / n).exists()}
     res = simple.main([*common, "--max_steps", "4", "--overwrite"])
     assert res["checkpoint"].exists() and res["checkpoint"].name == "ckpt_00000004.pt"
     assert newest_checkpoint(tmp_path)[0] == 4
     previous = list((tmp_path / "previous").iterdir())
     assert len(previous) == 1 and (previous[0] / "ckpt_00000008.pt").exists()  # moved aside, not deleted
+    assert {n: (previous[0] / n).read_bytes() for n in old_records} == old_records  # and the records with them
 
 
 def test_resuming_behind_newer_checkpoints_is_refused(small_corpus, tmp_path):
@@ -313,8 +328,17 @@ def test_resuming_behind_newer_checkpoints_is_refused(small_corpus, tmp_path):
     simple.main([*common, "--max_steps", "6"])
     with pytest.raises(gt.UserError, match=r"newer checkpoints of this run \(step 6\)"):
         simple.main([*common, "--max_steps", "6", "--resume", str(tmp_path / "ckpt_00000004.pt")])
-    res = simple.main([*common, "--max_steps", "6", "--resume", str(tmp_path / "ckpt_00000004.pt"), "--overwrite"])
-    assert res["state"].step == 6 and list((tmp_path / "previous").glob("*/ckpt_00000006.pt"))
+    abandoned = json.loads((tmp_path / "losses.json").read_text())
+    res = simple.main([*common, "--max_steps", "6", "--resume", str(tmp_path / "ckpt_00000004.pt"), "--overwrite",
+                       "--drop_rate", "0.1"])  # another path from step 4 on: the abandoned steps 5-6 differ
+    aside = next((tmp_path / "previous").iterdir())
+    assert res["state"].step == 6 and (aside / "ckpt_00000006.pt").exists()
+    # The records of the abandoned steps stay beside their checkpoint; the run's own go on from step 4.
+    assert json.loads((aside / "losses.json").read_text()) == abandoned
+    assert (aside / "loss_plot.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((aside / "run.json").read_text())["status"]["state"] == "finished"
+    losses = res["history"]["train_loss"]
+    assert losses[:4] == abandoned["train_loss"][:4] and losses[4:] != abandoned["train_loss"][4:]
 
 
 def test_a_finished_run_resumed_is_left_as_it_is(small_corpus, tmp_path):

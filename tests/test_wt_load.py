@@ -142,8 +142,8 @@ def test_bad_inputs(tmp_path, capsys, monkeypatch):
     (tmp_path / "noweights").mkdir()
     (tmp_path / "noweights" / "config.json").write_text((d / "config.json").read_text())
     assert "has no weights" in err(["from-hf", tmp_path / "noweights", tmp_path / "o.pt"])
-    assert "unknown GPT-2 size 'gpt5'" in err(["from-hf", "gpt5", tmp_path / "o.pt"])
-    assert "could not get openai-community/gpt2" in err(["from-hf", "gpt2", tmp_path / "o.pt"])
+    assert "gpt5: no such file or folder, and not a GPT-2 size" in err(["from-hf", "gpt5", tmp_path / "o.pt"])
+    assert "getting it from the Hugging Face hub failed" in err(["from-hf", "gpt2", tmp_path / "o.pt"])
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "config.json").write_text((d / "config.json").read_text())

@@ -15,10 +15,22 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptkit.checkpoint.runinfo import LOCK_FILE, RUN_FILE, RUN_FORMAT, RUN_OUTPUTS, read_run_info, status, write_status
+from gptkit.checkpoint.runinfo import (
+    LOCK_FILE,
+    RUN_FILE,
+    RUN_FORMAT,
+    RUN_OUTPUTS,
+    RUN_RECORDS,
+    UNANNOUNCED,
+    read_run_info,
+    status,
+    with_status,
+    write_status,
+)
 from gptkit.checkpoint.store import SHARDED_DONE, checkpoint_header, load_checkpoint, save_checkpoint, save_sharded
 from gptkit.errors import CheckpointError, UserError
 from gptkit.files import FolderLock, make_folder, remove_stale_temps, write_json
+from gptkit.plugins import check_same_plugins
 
 
 class CheckpointIndex:
@@ -124,37 +136,70 @@ class RunFolder:
         self.lock = FolderLock(self.dir / LOCK_FILE, what="run")
         self.run_id: str | None = None
         self.resume_point: ResumePoint | None = None
+        self.dry = False  # preview(): decide as claim() would, but move, rename and write nothing
 
     # -- claiming -----------------------------------------------------------------------------
 
     def claim(self, script: str, settings: dict, resume: str | None = None, overwrite: bool = False,
-              checkpoint_bytes: int = 0) -> RunFolder:
+              checkpoint_bytes: int = 0, plugins=()) -> RunFolder:
         make_folder(self.dir, "run folder", "pick another folder with --run_dir")
         self.lock.acquire()
         try:
-            self._claim_locked(script, settings, resume, overwrite, checkpoint_bytes)
+            self._claim_locked(script, settings, resume, overwrite, checkpoint_bytes, list(plugins))
         except BaseException:
             self.lock.release()
             raise
         return self
 
-    def _claim_locked(self, script, settings, resume, overwrite, checkpoint_bytes) -> None:
+    def _claim_locked(self, script, settings, resume, overwrite, checkpoint_bytes, plugins) -> None:
         self.index.remove_stale_temps(self.log)
         info = self.read_info()
         if resume:
-            self.resume_point = self._resolve_resume(resume, info, overwrite)
+            self.resume_point = self._resolve_resume(resume, info, overwrite, plugins)
+        earlier = info if resume else None  # a requeued run goes on counting its crashes
         if self.resume_point is None:
             info = self._clear_for_new_run(info, overwrite)
         self.run_id = self._run_id(info)
         self._check_space(checkpoint_bytes)
+        step = self.resume_point.checkpoint["step"] if self.resume_point else 0
         record = {"format": RUN_FORMAT, "run_id": self.run_id, "script": script, "settings": settings,
                   "created": (info or {}).get("created", time.strftime("%Y-%m-%d %H:%M:%S")),
-                  "status": status("running", self.resume_point.checkpoint["step"] if self.resume_point else 0)}
+                  "plugins": [p.record() for p in plugins], "crashes": self._crashes_so_far(earlier, step),
+                  "status": status("running", step)}
         try:
             write_json(self.dir / RUN_FILE, record)  # also the probe that the folder is writable
         except (OSError, UserError) as e:
             raise UserError(f"cannot write to run folder {self.dir} ({getattr(e, 'strerror', None) or e}); pick "
                             "another --run_dir")
+
+    def preview(self, resume: str | None = None, overwrite: bool = False, plugins=()) -> ResumePoint | None:
+        """What claim() would decide, read-only (the scripts' --check): the checkpoint it would resume
+        from (loaded and verified), or the one error line it would refuse with. Nothing is moved,
+        renamed or written."""
+        if not self.dir.exists():
+            return None
+        if not self.dir.is_dir():
+            raise UserError(f"{self.dir} is a file; pick another folder with --run_dir")
+        self.dry = True
+        try:
+            info = self.read_info()
+            point = self._resolve_resume(resume, info, overwrite, list(plugins)) if resume else None
+            if point is None:
+                self._clear_for_new_run(info, overwrite)
+            return point
+        finally:
+            self.dry = False
+
+    def _crashes_so_far(self, info: dict | None, step: int) -> list:
+        """The crashes this run has had (resumed, or restarted from scratch by --resume auto before its
+        first checkpoint); a previous process that still says "running" (we hold the lock now, so it is
+        gone) was killed before it could say so: one more crash, from this checkpoint."""
+        if not info or (info.get("run_id") != self.run_id and self.resume_point is not None):
+            return []
+        s = info.get("status") or {}
+        if s.get("state") == "running":
+            info = with_status(info, "crashed", s.get("step", 0), UNANNOUNCED, step if self.resume_point else None)
+        return info.get("crashes") or []
 
     def _clear_for_new_run(self, info: dict | None, overwrite: bool) -> None:
         """A new run needs a folder without another run's checkpoints (refused unless --overwrite);
@@ -191,16 +236,19 @@ class RunFolder:
 
     # -- status: what a requeue script reads ----------------------------------------------------
 
-    def set_status(self, state: str, step: int, reason: str = "") -> None:
-        """How the run ended, in run.json (rank 0): finished, stopped (resume it), failed."""
-        write_status(self.dir, state, step, reason)
+    def set_status(self, state: str, step: int, reason: str = "", checkpoint_step: int | None = None) -> None:
+        """How the run ended, in run.json (rank 0): finished, stopped or crashed (resume it), failed."""
+        write_status(self.dir, state, step, reason, checkpoint_step)
 
     # -- resuming -----------------------------------------------------------------------------
 
-    def _resolve_resume(self, resume: str, info: dict | None, overwrite: bool) -> ResumePoint | None:
+    def _resolve_resume(self, resume: str, info: dict | None, overwrite: bool, plugins=()) -> ResumePoint | None:
         point = self._latest_valid(info) if resume == "auto" else ResumePoint(Path(resume), load_checkpoint(resume))
+        if point is not None:  # the plugins it was trained with, given again and unchanged
+            check_same_plugins((point.checkpoint.get("run") or {}).get("plugins"), plugins, f"checkpoint {point.path}")
         if point is None:
-            self.log(f"no checkpoint in {self.dir} yet: starting from scratch")
+            if not self.dry:
+                self.log(f"no checkpoint in {self.dir} yet: starting from scratch")
             return None
         own = info["run_id"] if info else point.checkpoint.get("run_id")
         if info and point.checkpoint.get("run_id") not in (info["run_id"], None) and self.index.steps(own):
@@ -218,7 +266,7 @@ class RunFolder:
             raise UserError(f"{self.dir} holds newer checkpoints of this run (step "
                             f"{', '.join(str(s) for s, _ in newer)}) that resuming from step {point.checkpoint['step']} "
                             "would overwrite; resume with --resume auto, or add --overwrite to move the newer ones aside")
-        self.move_aside(info, only=[p for _, p in newer])
+        self.move_aside(info, only=[p for _, p in newer], copy_records=True)
 
     def _resume_another_run(self, point: ResumePoint, info: dict, overwrite: bool) -> ResumePoint:
         """A checkpoint of another run resumed in a folder holding this one's: refused, or with
@@ -243,7 +291,7 @@ class RunFolder:
             except CheckpointError as e:
                 damaged.append((path, str(e)))
                 continue
-            for bad, why in damaged:
+            for bad, why in damaged if not self.dry else ():
                 os.replace(bad, bad.with_name(bad.name + ".damaged"))
                 self.log(f"warning: skipping {why}; kept it as {bad.name}.damaged")
             return point
@@ -281,9 +329,14 @@ class RunFolder:
 
     # -- moving aside ---------------------------------------------------------------------------
 
-    def move_aside(self, info: dict | None, only: list[Path] | None = None, label: str | None = None) -> Path:
+    def move_aside(self, info: dict | None, only: list[Path] | None = None, label: str | None = None,
+                   copy_records: bool = False) -> Path | None:
         """Move a previous run's files (or `only` these) into a new folder previous/<run>-<time>[-N]/;
-        nothing is deleted or written over."""
+        nothing is deleted or written over. With `copy_records` the run's records (run.json, train.log,
+        losses.json, the plot, TensorBoard and W&B files) are copied there too: the run goes on writing
+        them, and the steps it abandons stay on record beside their checkpoints."""
+        if self.dry:
+            return None
         label = label or (info or {}).get("run_id") or "earlier"
         base = self.dir / "previous" / f"{label}-{time.strftime('%Y%m%d-%H%M%S')}"
         dest, n = base, 1
@@ -293,8 +346,14 @@ class RunFolder:
         dest.mkdir(parents=True)
         for p in only if only is not None else self._run_outputs():
             os.replace(p, dest / p.name)
+        for name in RUN_RECORDS if copy_records else ():
+            src = self.dir / name
+            if src.is_dir() and not src.is_symlink():
+                shutil.copytree(src, dest / name, symlinks=True)
+            elif src.is_file() and not src.is_symlink():
+                shutil.copy2(src, dest / name)
         what = ", ".join(p.name for p in only) if only is not None else "the earlier run"
-        self.log(f"moved {what} aside to {dest}")
+        self.log(f"moved {what} aside to {dest}" + (" (with a copy of the run's records)" if copy_records else ""))
         return dest
 
     def release(self) -> None:

@@ -180,12 +180,16 @@ class OptimizerPart:
         set_optimizer_state_dict(unwrap_model(self.model), self.optimizer, state)
 
     def check_kind(self, saved: str) -> None:
-        if saved != self.kind:
+        self.check_kind_against(saved, self.kind)
+
+    @staticmethod
+    def check_kind_against(saved: str, kind: str) -> None:
+        if saved != kind:
             from gptkit.optim import spec_of_kind
 
             theirs = spec_of_kind(saved)
             flag = f"--optimizer {theirs.name}" if theirs else saved
-            raise CheckpointError(f"the checkpoint was trained with {saved} ({flag}), this run uses {self.kind}; resume "
+            raise CheckpointError(f"the checkpoint was trained with {saved} ({flag}), this run uses {kind}; resume "
                                   "with the same optimizer")
 
     def state_dict(self) -> dict:

@@ -1,26 +1,38 @@
 """Local files as a data source: a file, a folder (searched recursively) or a glob, several of them
-separated by commas (mixed by tokens with --data_mix). Each file is read by the FileFormat its suffix
-names, and every error names the file (and line). Hidden files and folders (.git, .token_cache) are
-not data. A file that is a symlink is read where it points, and the output says so when that is
-outside the folder given; symlinked folders are not entered (a loop could never end).
+separated by commas (mixed by tokens with --data_mix). Each file is read by the FileFormat its whole
+suffix names (`.jsonl.gz` is JSON lines, gzip-compressed), from an open binary stream, so compression
+wraps any format: `.gz`, `.bz2`, `.xz` from the standard library, `.zst` through zstandard. Every error
+names the file (and line). Hidden files and folders (.git, .token_cache) are not data. A file that is
+a symlink is read where it points, and the output says so when that is outside the folder given;
+symlinked folders are not entered (a loop could never end).
 
-How to add a local format: a `rows(path, column, batch_size)` generator of document lists and a
-`probe(path, column)`, registered with `register_format(FileFormat("name", (".suffix",), rows, probe))`.
+How to add a local format: `rows(stream, path, column, batch_size)`, a generator of lists of document
+texts read from an open binary stream (`path` is for messages), and `probe(stream, path, column)`,
+which fails fast reading little; then `register_format(FileFormat("name", (".suffix",), rows, probe))`
+in a file loaded with `--plugin FILE`. Its compressed forms come for free.
 """
-
 from __future__ import annotations
 
+import bz2
+import contextlib
 import glob
+import gzip
 import hashlib
+import io
+import itertools
 import json
+import lzma
 import os
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from gptkit.data.sources import DataOptions, DataSource, SourceKind, first_line, parse_mix, register_source
 from gptkit.errors import UserError
-from gptkit.files import sha256_file, walk_files
+from gptkit.files import no_such_path, sha256_file, walk_files
+from gptkit.registry import Registry
 
 # Local files up to this size are hashed whole for the cache's source identity; larger ones by their
 # size, first and last 4 MiB and 16 evenly spaced 64 KiB samples (an edit elsewhere that keeps the
@@ -31,22 +43,49 @@ FULL_HASH_BYTES = 64 << 20
 @dataclass(frozen=True)
 class FileFormat:
     name: str
-    suffixes: tuple[str, ...]
-    rows: Callable[[str, str, int], Iterator[list[str]]]  # (path, text column, batch size) -> lists of texts
-    probe: Callable[[str, str], None]  # fail fast on a wrong file or column, reading little
+    suffixes: tuple[str, ...]  # whole suffixes, ".jsonl" or ".jsonl.gz"; the longest that ends a file name wins
+    rows: Callable[[BinaryIO, str, str, int], Iterator[list[str]]]  # (stream, path, text column, batch size) -> texts
+    probe: Callable[[BinaryIO, str, str], None]  # fail fast on a wrong file or column, reading little
 
 
-FORMATS: dict[str, FileFormat] = {}
+FORMATS: Registry[FileFormat] = Registry("file format")
+register_format = FORMATS.add  # register_format(FileFormat(...)): one line in the format's own file
 
 
-def register_format(fmt: FileFormat) -> FileFormat:
-    for suffix in fmt.suffixes:
-        FORMATS[suffix] = fmt
-    return fmt
+def _zstd_open(path: str, mode: str = "rb"):
+    try:
+        import zstandard
+    except ImportError:
+        raise UserError(f"{path} is zstd-compressed: pip install zstandard (it is in requirements.txt)")
+    return zstandard.open(path, mode)
 
 
-def _format_of(path: str) -> FileFormat:
-    return FORMATS[Path(path).suffix]
+COMPRESSIONS: dict[str, Callable] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open, ".zst": _zstd_open}
+
+
+def format_of(path: str) -> tuple[FileFormat, str] | None:
+    """(the format, the compression suffix or "") of a file name: the longest registered suffix that
+    ends it, bare or followed by a compression's; None when no format claims it."""
+    name = Path(path).name.lower()
+    best = None
+    for fmt in FORMATS.values():
+        for suffix in fmt.suffixes:
+            for comp in ("", *COMPRESSIONS):
+                whole = suffix + comp
+                if name.endswith(whole) and len(name) > len(whole) and (best is None or len(whole) > best[2]):
+                    best = (fmt, comp, len(whole))
+    return best[:2] if best else None
+
+
+def known_suffixes() -> str:
+    return "/".join(sorted({s for f in FORMATS.values() for s in f.suffixes}))
+
+
+def open_data(path: str) -> BinaryIO:
+    """The file's bytes as a stream, decompressed if its name says it is compressed."""
+    fmt = format_of(path)
+    comp = fmt[1] if fmt else ""
+    return COMPRESSIONS[comp](path, "rb") if comp else open(path, "rb")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -63,19 +102,20 @@ def find_local_files(data: str, notes: list[str] | None = None) -> list[str]:
     else:
         files = sorted(f for f in glob.glob(data, recursive=True) if Path(f).is_file())
         if not files and not any(c in data for c in "*?["):
-            raise UserError(f"--data {data} is neither smollm:SUBSET nor an existing file, folder or glob")
-    suffixes = "/".join(sorted(FORMATS))
+            raise no_such_path("--data", data, "give files, folders or globs of text, or smollm:SUBSET")
+    suffixes = known_suffixes()
     if not files:
-        raise UserError(f"no {suffixes} files found for --data {data}")
-    unknown = sorted({Path(f).suffix for f in files} - set(FORMATS))
+        raise UserError(f"no {suffixes} files (or their .gz/.bz2/.xz/.zst forms) found for --data {data}")
+    unknown = sorted({"".join(Path(f).suffixes[-2:]) or Path(f).name for f in files if format_of(f) is None})
     if unknown:
-        raise UserError(f"--data {data} names files of an unknown kind ({', '.join(unknown)}); use {suffixes}")
+        raise UserError(f"--data {data} names files of an unknown kind ({', '.join(unknown)}); use {suffixes}, "
+                        "compressed or not (or a --plugin that registers the format)")
     return files
 
 
 def _walk(folder: Path, notes: list[str]) -> list[str]:
     """Data files under a folder (see gptkit.files.walk_files for hidden files and links)."""
-    files, more = walk_files(folder, lambda p: Path(p).suffix in FORMATS)
+    files, more = walk_files(folder, lambda p: format_of(p) is not None)
     notes += more
     return files
 
@@ -139,28 +179,36 @@ def _sampled_sha256(path: Path, size: int) -> str:
 def rows(source: DataSource, i: int, skip: int, batch_size: int) -> Iterator[list[str]]:
     """Rows of part i's files in order, from row `skip` on; every error names its file."""
     for path in source.parts[i]:
-        try:
-            for batch in _format_of(path).rows(path, source.text_column, batch_size):
+        with _reading(path), open_data(path) as stream:
+            for batch in format_of(path)[0].rows(stream, path, source.text_column, batch_size):
                 if skip >= len(batch):
                     skip -= len(batch)
                     continue
                 yield batch[skip:]
                 skip = 0
-        except UnicodeDecodeError as e:
-            raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8")
-        except OSError as e:
-            raise UserError(f"cannot read {path} ({e.strerror or first_line(e)})")
 
 
 def probe(source: DataSource) -> None:
     for part in source.parts:
         for path in part:
-            try:
-                _format_of(path).probe(path, source.text_column)
-            except UnicodeDecodeError as e:
-                raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8")
-            except OSError as e:
-                raise UserError(f"cannot read {path} ({e.strerror or first_line(e)})")
+            with _reading(path), open_data(path) as stream:
+                format_of(path)[0].probe(stream, path, source.text_column)
+
+
+@contextlib.contextmanager
+def _reading(path: str):
+    """Reading errors of any format as one line naming the file."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}); convert it to UTF-8")
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:
+        raise UserError(f"cannot read {path} ({getattr(e, 'strerror', None) or first_line(e)}; a damaged or "
+                        "truncated compressed file?)")
+    except Exception as e:
+        if type(e).__name__ == "ZstdError":
+            raise UserError(f"cannot read {path} ({first_line(e)}; a damaged zstd file?)")
+        raise
 
 
 register_source(SourceKind("local", claims, resolve, identity, rows, probe))
@@ -170,43 +218,54 @@ register_source(SourceKind("local", claims, resolve, identity, rows, probe))
 # Formats: .txt, .json/.jsonl, .parquet
 
 
-def _txt_rows(path: str, column: str, batch_size: int) -> Iterator[list[str]]:
+def _txt_rows(stream: BinaryIO, path: str, column: str, batch_size: int) -> Iterator[list[str]]:
     # A whole .txt file is one row (prep_dataset output separates books with <|endoftext|> inside).
-    yield [Path(path).read_text(encoding="utf-8")]
+    yield [stream.read().decode("utf-8")]
 
 
-def _txt_probe(path: str, column: str) -> None:
-    with open(path, "rb") as f:
-        f.read(1)
+def _txt_probe(stream: BinaryIO, path: str, column: str) -> None:
+    stream.read(1)
 
 
-def _json_rows(path: str, column: str, batch_size: int) -> Iterator[list[str]]:
+def _json_rows(stream: BinaryIO, path: str, column: str, batch_size: int) -> Iterator[list[str]]:
     """JSON lines, a JSON array of objects, or one object of columns ({"text": [...], ...})."""
-    with open(path, encoding="utf-8") as f:
-        head = f.read(1 << 16).lstrip()
-        f.seek(0)
-        if head.startswith(("[", "{")) and not _first_line_parses(head):
-            yield _whole_json(f, path, column)
-            return
-        batch = []
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {lineno} is not valid JSON ({e.msg}); fix or remove that line")
-            batch.append(_text_of(record, column, path, lineno))
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
-        if batch:
+    f = io.TextIOWrapper(stream, encoding="utf-8")
+    head = _head_lines(f)  # whole lines, without seeking back: compressed streams read forward only
+    start = "".join(head).lstrip()
+    if start.startswith(("[", "{")) and not _first_line_parses(start):
+        yield _whole_json("".join(head) + f.read(), path, column)
+        return
+    batch = []
+    for lineno, line in enumerate(itertools.chain(head, f), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {lineno} is not valid JSON ({e.msg}); fix or remove that line")
+        records = record if isinstance(record, list) else [record]  # a JSON array on one line: its items
+        batch += [_text_of(r, column, path, lineno) for r in records]
+        if len(batch) >= batch_size:
             yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
-def _whole_json(f, path: str, column: str) -> list[str]:
+def _head_lines(f, size: int = 1 << 16) -> list[str]:
+    lines, n = [], 0
+    while n < size:
+        line = f.readline()
+        if not line:
+            break
+        lines.append(line)
+        n += len(line)
+    return lines
+
+
+def _whole_json(text: str, path: str, column: str) -> list[str]:
     try:
-        data = json.load(f)
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})")
     records = data if isinstance(data, list) else _columns_to_records(data, column, path)
@@ -237,18 +296,20 @@ def _text_of(record, column: str, path: str, where: int) -> str:
     return value if isinstance(value, str) else ("" if value is None else str(value))
 
 
-def _json_probe(path: str, column: str) -> None:
-    with open(path, encoding="utf-8") as f:
-        first = next((ln for ln in f if ln.strip()), "")
+def _json_probe(stream: BinaryIO, path: str, column: str) -> None:
+    f = io.TextIOWrapper(stream, encoding="utf-8")
+    first = next((ln for ln in f if ln.strip()), "")
     if first.strip() and _first_line_parses(first):  # JSON lines (a whole document is checked when read)
-        _text_of(json.loads(first), column, path, 1)
+        record = json.loads(first)
+        for r in (record if isinstance(record, list) else [record])[:1]:
+            _text_of(r, column, path, 1)
 
 
-def _parquet_file(path: str, column: str):
+def _parquet_file(stream: BinaryIO, path: str, column: str):
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(stream)
     except Exception as e:
         raise UserError(f"{path} is not a readable parquet file ({first_line(e)})")
     if column not in pf.schema_arrow.names:
@@ -257,8 +318,8 @@ def _parquet_file(path: str, column: str):
     return pf
 
 
-def _parquet_rows(path: str, column: str, batch_size: int) -> Iterator[list[str]]:
-    pf = _parquet_file(path, column)
+def _parquet_rows(stream: BinaryIO, path: str, column: str, batch_size: int) -> Iterator[list[str]]:
+    pf = _parquet_file(stream, path, column)
     try:
         for batch in pf.iter_batches(batch_size=batch_size, columns=[column]):  # only the text column is read
             yield [t or "" for t in batch.column(0).to_pylist()]
@@ -266,10 +327,11 @@ def _parquet_rows(path: str, column: str, batch_size: int) -> Iterator[list[str]
         raise UserError(f"{path} could not be read ({type(e).__name__}: {first_line(e)})")
 
 
-def _parquet_probe(path: str, column: str) -> None:
-    next(_parquet_rows(path, column, 1), None)
+def _parquet_probe(stream: BinaryIO, path: str, column: str) -> None:
+    next(_parquet_rows(stream, path, column, 1), None)
 
 
+# The built-in formats; their .gz, .bz2, .xz and .zst forms are read too.
 register_format(FileFormat("text", (".txt",), _txt_rows, _txt_probe))
 register_format(FileFormat("json", (".json", ".jsonl"), _json_rows, _json_probe))
 register_format(FileFormat("parquet", (".parquet",), _parquet_rows, _parquet_probe))

@@ -14,25 +14,24 @@ numbers compare with published GPT-2 figures:
 The data is the official validation file, hellaswag_val.jsonl (10,042 items), from the HellaSwag
 project's repository (HELLASWAG_URL). The four endings of several items go through the model in one
 batch, and under several processes each rank scores its share (all ranks run the same number of
-batches, so sharded models stay in step).
+batches, so sharded models stay in step): the shared scorer, gptkit/evals/scorer.py, does all of that.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from gptkit.config import at_least, setting
 from gptkit.errors import UserError
-from gptkit.evals import EvalSpec, register_eval
+from gptkit.evals import EvalSpec, register_eval, scorer
+from gptkit.evals.scorer import Item as ScorerItem
+from gptkit.evals.scorer import Request, Scored
 from gptkit.tokenizer import get_tokenizer
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -44,9 +43,8 @@ class HellaSwagConfig:
     hellaswag: Path | None = setting(None, "HellaSwag's validation file (hellaswag_val.jsonl): score the model on it, "
                                            "as lm-evaluation-harness does, logged as eval/hellaswag and "
                                            "eval/hellaswag_norm")
-    hellaswag_every: int = setting(0, "HellaSwag every N steps (0: only at the end)", check=(at_least(0), ">= 0"))
-    hellaswag_limit: int | None = setting(None, "score only the first N items (default: all)",
-                                          check=(at_least(1), "at least 1"))
+    every: int = setting(0, "HellaSwag every N steps (0: only at the end)", check=(at_least(0), ">= 0"))
+    limit: int | None = setting(None, "score only the first N items (default: all)", check=(at_least(1), "at least 1"))
 
 
 @dataclass
@@ -74,12 +72,15 @@ def read_items(path, limit: int | None = None) -> list[Item]:
     if not path.is_file():
         raise UserError(f"--hellaswag {path} is not a file; get hellaswag_val.jsonl from {HELLASWAG_URL}")
     items = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if limit is not None and len(items) >= limit:
-                break
-            if line.strip():
-                items.append(_parse(line, path, lineno))
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            for lineno, line in enumerate(f, 1):
+                if limit is not None and len(items) >= limit:
+                    break
+                if line.strip():
+                    items.append(_parse(line, path, lineno))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path} is not UTF-8 text (byte {e.start} of a line after line {len(items)})")
     if not items:
         raise UserError(f"--hellaswag {path} holds no items")
     return items
@@ -94,10 +95,23 @@ def _parse(line: str, path: Path, lineno: int) -> Item:
     if missing:
         raise UserError(f"{path} line {lineno} has no {', '.join(missing)}; it is not a HellaSwag item (fields "
                         f"{', '.join(FIELDS)})")
+    for k in ("activity_label", "ctx_a", "ctx_b"):
+        if not isinstance(doc[k], str):
+            raise UserError(f"{path} line {lineno}: {k} is {_kind(doc[k])}, not text")
+    endings = doc["endings"]
+    if not isinstance(endings, list) or not all(isinstance(e, str) for e in endings):
+        raise UserError(f"{path} line {lineno}: endings is {_kind(endings)}, not a list of texts")
+    label = doc["label"]
+    if isinstance(label, bool) or not (isinstance(label, int) or (isinstance(label, str) and label.strip().isdigit())):
+        raise UserError(f"{path} line {lineno}: label {label!r} is not a whole number (the index of the right ending)")
     item = item_of(doc)
     if len(item.choices) < 2 or not 0 <= item.label < len(item.choices):
         raise UserError(f"{path} line {lineno}: label {doc['label']} does not pick one of its {len(item.choices)} endings")
     return item
+
+
+def _kind(v) -> str:
+    return "null" if v is None else f"a {type(v).__name__}" if not isinstance(v, list) else "a list with non-text entries"
 
 
 def encode_pair(context: str, continuation: str, tokenizer) -> tuple[list[int], list[int]]:
@@ -111,94 +125,55 @@ def encode_pair(context: str, continuation: str, tokenizer) -> tuple[list[int], 
     return ctx, whole[len(ctx):]
 
 
-def requests(item: Item, tokenizer, max_length: int) -> list[tuple[list[int], list[int]]]:
-    """Per choice: the model's input (the last at most max_length tokens of context + continuation,
-    less the final one) and the continuation's tokens, which its last positions predict."""
+def tail(text: str, max_tokens: int) -> str:
+    """The end of a text long enough to hold its last `max_tokens` tokens, cut where a word starts, so
+    those tokens come out as from the whole text (GPT-2's BPE never merges across that boundary), and
+    a huge field costs memory for what the model will see only."""
+    budget = 64 * (max_tokens + 1) + 1024  # characters: far more than max_tokens tokens ever take
+    if len(text) <= budget:
+        return text
+    cut = len(text) - budget
+    space = re.search(r"\s", text[cut:])
+    return text[cut + space.start():] if space else text[cut:]
+
+
+def requests(item: Item, tokenizer, max_length: int) -> list[Request]:
+    """Per choice: the context and the continuation " " + choice as lm-eval splits them."""
+    query = tail(item.query, max_length)
     out = []
     for choice in item.choices:
-        ctx, cont = encode_pair(item.query, " " + choice, tokenizer)
-        out.append(((ctx + cont)[-(max_length + 1):][:-1], cont))
+        ctx, cont = encode_pair(query, " " + tail(choice, max_length), tokenizer)
+        out.append(Request(ctx + cont, len(ctx)))
     return out
 
 
-@torch.no_grad()
-def loglikelihoods(model, reqs: list[tuple[list[int], list[int]]], device, autocast=None) -> list[float]:
-    """Summed log-probabilities of each request's continuation, the requests right-padded into one batch
-    (a causal model's logits at a position do not see the padding after it)."""
-    width = max(len(inp) for inp, _ in reqs)
-    x = torch.zeros(len(reqs), width, dtype=torch.long)
-    for i, (inp, _) in enumerate(reqs):
-        x[i, : len(inp)] = torch.tensor(inp)
-    with autocast or contextlib.nullcontext():
-        logits = model(x.to(device))  # (B, width, vocab)
-    out = []
-    for i, (inp, cont) in enumerate(reqs):
-        cont = cont[-len(inp):]  # a continuation longer than the window: the tokens the window predicts
-        logp = F.log_softmax(logits[i, len(inp) - len(cont) : len(inp)].float(), dim=-1)
-        out.append(float(logp.gather(1, torch.tensor(cont, device=logp.device)[:, None]).sum()))
-    return out
-
-
-def choose(lls: list[float], item: Item) -> tuple[bool, bool]:
-    """(acc, acc_norm) of one item: the argmax of the log-likelihoods, and of them per character."""
-    ll = np.array(lls)
+def judge(item: Item, scored: list[Scored]) -> dict[str, float]:
+    """acc: the argmax of the log-likelihoods; acc_norm: of them per character of the choice (ties to
+    the first, as numpy's argmax)."""
+    ll = np.array([s.logprob for s in scored])
     lengths = np.array([float(len(c)) for c in item.choices])
-    return int(np.argmax(ll)) == item.label, int(np.argmax(ll / lengths)) == item.label
+    return {"acc": float(int(np.argmax(ll)) == item.label), "acc_norm": float(int(np.argmax(ll / lengths)) == item.label)}
 
 
 def score(model, items: list[Item], device, autocast=None, rank: int = 0, world_size: int = 1,
           items_per_batch: int = 8, max_length: int | None = None) -> dict:
-    """acc, acc_norm and n over `items`; each rank scores items rank, rank + world_size, ... and the
-    counts are all-reduced. Every rank runs the same number of forward passes."""
+    """acc, acc_norm and n over `items`, on the shared scorer (lm-eval's truncation), split across ranks."""
     from gptkit.model import unwrap_model
 
     tokenizer = get_tokenizer()
     max_length = max_length or unwrap_model(model).cfg.context_length
-    mine = items[rank::world_size]
-    batches = math.ceil(math.ceil(len(items) / world_size) / items_per_batch)
-    was_training = model.training
-    model.eval()
-    counts = torch.zeros(3, dtype=torch.float64)  # acc, acc_norm, n
-    try:
-        for b in range(batches):
-            chunk = mine[b * items_per_batch : (b + 1) * items_per_batch]
-            if chunk:
-                counts += _score_chunk(model, chunk, tokenizer, max_length, device, autocast)
-            else:  # nothing left here: a forward pass all the same, so sharded ranks stay in step
-                _score_chunk(model, items[:1], tokenizer, max_length, device, autocast)
-    finally:
-        model.train(was_training)
-    if world_size > 1:
-        import torch.distributed as dist
-
-        t = counts.to(device)
-        dist.all_reduce(t)
-        counts = t.cpu()
-    acc, norm, n = counts.tolist()
-    return {"acc": acc / n, "acc_norm": norm / n, "n": int(n)}
-
-
-def _score_chunk(model, chunk: list[Item], tokenizer, max_length: int, device, autocast) -> torch.Tensor:
-    reqs = [r for item in chunk for r in requests(item, tokenizer, max_length)]
-    lls = loglikelihoods(model, reqs, device, autocast)
-    counts, k = torch.zeros(3, dtype=torch.float64), 0
-    for item in chunk:
-        acc, norm = choose(lls[k : k + len(item.choices)], item)
-        k += len(item.choices)
-        counts += torch.tensor([float(acc), float(norm), 1.0], dtype=torch.float64)
-    return counts
+    tasks = [ScorerItem(requests(it, tokenizer, max_length), functools.partial(judge, it)) for it in items]
+    r = scorer.score(model, tasks, device, autocast, rank, world_size, max_length, window="lm-eval",
+                     items_per_pass=items_per_batch)
+    return {"acc": r["acc"], "acc_norm": r["acc_norm"], "n": r["n"], "per_item": r["per_item"]}
 
 
 # ----------------------------------------------------------------------------------------------
 # In training
 
 
-def enabled(cfg: HellaSwagConfig) -> bool:
-    return cfg.hellaswag is not None
-
-
 def build(cfg: HellaSwagConfig, runtime):
-    items = read_items(cfg.hellaswag, cfg.hellaswag_limit)  # read once, before training starts
+    items = read_items(cfg.hellaswag, cfg.limit)  # read once, before training starts
 
     def run(model) -> dict:
         r = score(model, items, runtime.device, runtime.autocast(), runtime.rank, runtime.world_size)
@@ -207,7 +182,7 @@ def build(cfg: HellaSwagConfig, runtime):
 
 
 def check(cfg: HellaSwagConfig) -> None:
-    read_items(cfg.hellaswag, cfg.hellaswag_limit)  # a missing or malformed file: one line, before any work
+    read_items(cfg.hellaswag, cfg.limit)  # a missing or malformed file: one line, before any work
 
 
-register_eval(EvalSpec("hellaswag", HellaSwagConfig, enabled, lambda cfg: cfg.hellaswag_every, build, check))
+register_eval(EvalSpec("hellaswag", HellaSwagConfig, build, check, "HellaSwag, as lm-evaluation-harness scores it"))
