@@ -7,7 +7,7 @@ Importing it has no side effects: no argument parsing, no downloads, no prints.
 """
 
 # ruff: noqa: F401  (everything here is re-exported)
-from gptkit.args import RUN_MECHANICS, args_to_dict, default_run_dir, train_config
+from gptkit.args import RUN_MECHANICS, args_to_dict, default_run_dir, steps_for_tokens_per_param, train_config
 from gptkit.attention import ATTENTIONS, AttentionSpec, CausalSelfAttention, attention_spec, register_attention
 from gptkit.checkpoint.folder import CheckpointIndex, ResumePoint, RunFolder, read_run_info
 from gptkit.checkpoint.state import (
@@ -39,7 +39,14 @@ from gptkit.files import (
                                      sha256_file,
                                      write_json,
 )
-from gptkit.generation import generate, generate_and_print_sample, text_to_token_ids, token_ids_to_text
+from gptkit.generation import (
+                                     generate,
+                                     generate_and_print_sample,
+                                     generate_batch,
+                                     next_token,
+                                     text_to_token_ids,
+                                     token_ids_to_text,
+)
 from gptkit.loop import Reporter, StepResult, StopSignal, TrainConfig, TrainState, train_step
 from gptkit.loss import _MeanCrossEntropy, calc_loss_batch, compiled_cross_entropy, evaluate_model, loss_sums
 from gptkit.metrics import STEP_METRICS, StepMetric, format_log_line, register_metric
@@ -76,3 +83,4 @@ from gptkit.runtime import (
 from gptkit.schedules import SCHEDULES, ScheduleSpec, cosine_lr, register_schedule
 from gptkit.tokenizer import EOT_ID, EOT_TOKEN, encode_documents, get_tokenizer, gpt2_bpe_files, tokenizer_fingerprint
 from gptkit.trainer import Trainer
+from gptkit.weights import export_safetensors, init_weights, load_any, load_ours, new_model, save_from_model

@@ -71,7 +71,6 @@ import torch.nn.functional as F  # noqa: E402
 
 import gpt_train as gt  # noqa: E402
 import pretraining_simple  # noqa: E402
-import wt_load  # noqa: E402
 from gptkit.schedules import ScheduleConfig, lr_function, resolve  # noqa: E402
 
 tokenizer = gt.get_tokenizer()
@@ -98,7 +97,7 @@ if CHECKPOINT is None:
                                    "--eval_freq", "10", "--eval_iter", "3", "--print_sample_iter", "0",
                                    "--no-progress", "--log_every", "10", "--overwrite"])
     CHECKPOINT = run["checkpoint"]
-model, ckpt = wt_load.load_ours(CHECKPOINT)  # a .pt file, a sharded checkpoint's folder or a .safetensors export
+model, ckpt = gt.load_ours(CHECKPOINT)  # a .pt file, a sharded checkpoint's folder or a .safetensors export
 print(f"{CHECKPOINT}: step {ckpt.get('step', 0)}, {gt.count_parameters(model)['total']:,} parameters")
 
 # %% [markdown]
@@ -132,15 +131,16 @@ ax.set(xlabel="step", ylabel="learning rate", title="warmup + cosine (--lr 6e-4 
 save(fig, "lr_schedule")
 
 # %% [markdown]
-# ## 4. Sampling: temperature and top-k
-# Temperature 0 is greedy; higher temperatures flatten the distribution, top-k cuts its tail.
+# ## 4. Sampling: temperature, top-k and top-p
+# Temperature 0 is greedy; higher temperatures flatten the distribution, top-k and top-p cut its tail.
+# Generation keeps a key/value cache: the prompt runs once, then each token costs one position.
 
 # %%
 prompt = "Holmes looked at me and said"
-for temperature, top_k in ((0.0, None), (0.7, 40), (1.0, 40), (1.5, None)):
+for temperature, top_k, top_p in ((0.0, None, None), (0.7, 40, None), (1.0, None, 0.9), (1.5, None, None)):
     text = gt.generate_and_print_sample(model, tokenizer, "cpu", prompt, max_new_tokens=25, temperature=temperature,
-                                        top_k=top_k, seed=1, printer=lambda t: None)
-    print(f"T={temperature:<4} top_k={top_k!s:<5} {text!r}")
+                                        top_k=top_k, top_p=top_p, seed=1, printer=lambda t: None)
+    print(f"T={temperature:<4} top_k={top_k!s:<5} top_p={top_p!s:<5} {text!r}")
 
 # %% [markdown]
 # ## 5. Which tokens are hard?

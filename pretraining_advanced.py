@@ -38,6 +38,7 @@ from gptkit.args import SharedSettings, add_shared_flags, shared_settings
 from gptkit.config import HelpFormatter, above, add_flags, at_least, between, from_args, parse, refuse_together, setting
 from gptkit.data import cache as token_cache
 from gptkit.data.sources import resolve_source
+from gptkit.gutenberg.prepare import prepare_default_corpus
 from gptkit.optim import build_optimizer, measured_state_bytes, optimizer_spec
 from gptkit.planner import TrainSetup, memory_report
 from gptkit.plugins import preload
@@ -212,9 +213,7 @@ def prepare_cache(d: DataArgs, runtime: gt.Runtime, progress: bool = True):
     def build():
         data = d.data
         if data == "gutenberg":
-            import prep_dataset
-
-            data = str(prep_dataset.prepare_default_corpus()[0].parent)
+            data = str(prepare_default_corpus()[0].parent)
         source = resolve_source(data, d.text_column, d.data_mix, d.smollm_dir)
         token_cache.build_cache(source, cache_dir, max_tokens=int(d.cache_max_tokens) if d.cache_max_tokens else None,
                                 val_fraction=d.val_fraction, shard_tokens=d.shard_tokens, progress=progress, log=say)
@@ -245,8 +244,11 @@ def plan_batch(s: Settings, cfg: gt.GPTConfig, world: int) -> BatchPlan:
 
 
 def plan_steps(s: Settings, plan: BatchPlan, world: int, train_windows: int) -> BatchPlan:
-    """The number of optimizer steps: --max_steps, or from --train_tokens, or one epoch of the data."""
-    if s.shared.batch.max_steps:
+    """The number of optimizer steps: --max_steps, or from --tokens_per_param or --train_tokens, or one
+    epoch of the data."""
+    if s.shared.batch.tokens_per_param:
+        plan.max_steps = gt.steps_for_tokens_per_param(s.shared, plan.tokens_per_step)
+    elif s.shared.batch.max_steps:
         plan.max_steps = s.shared.batch.max_steps
     elif s.budget.train_tokens:
         plan.max_steps = math.ceil(s.budget.train_tokens / plan.tokens_per_step)

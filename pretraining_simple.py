@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gpt_train as gt
-import prep_dataset
 from gptkit import evals
 from gptkit.args import SharedSettings, add_shared_flags, shared_settings
 from gptkit.config import HelpFormatter, add_flags, at_least, between, from_args, parse, setting
 from gptkit.data import cache as token_cache
 from gptkit.data.sources import DataSource
+from gptkit.gutenberg.prepare import DEFAULT_CLEAN_DIR, prepare_default_corpus
 from gptkit.optim import build_optimizer, optimizer_spec
 from gptkit.plugins import preload
 from gptkit.schedules import lr_function, resolve
@@ -42,7 +42,7 @@ DEFAULTS = dict(model="small", batch_size=16, seed=123, eval_every=50, eval_iter
 @dataclass
 class BookData:
     data_dir: Path | None = setting(None, "folder of combined_*.txt files from prep_dataset.py (default: the embedded "
-                                          f"Gutenberg sample, prepared into {prep_dataset.DEFAULT_CLEAN_DIR})")
+                                          f"Gutenberg sample, prepared into {DEFAULT_CLEAN_DIR})")
     val_fraction: float = setting(0.1, "share of the token stream held out for validation (whole 4,096-token blocks)",
                                   check=(between(0, 1), "between 0 and 1"))
     cache_dir: Path | None = setting(None, "token cache of the text (default: .token_cache in --data_dir, made on the "
@@ -89,7 +89,7 @@ def load_corpus(data_dir: Path | None, val_fraction: float, context_length: int,
                 progress: bool = True):
     """Train/validation token windows of every combined_*.txt, through the token cache: tokenized
     on the first run, memory-mapped afterwards."""
-    files = corpus_files(data_dir) if data_dir is not None else prep_dataset.prepare_default_corpus()
+    files = corpus_files(data_dir) if data_dir is not None else prepare_default_corpus()
     source = DataSource("local", [[str(f) for f in files]], None, "text", [f"{files[0].parent} ({len(files)} file(s))"])
     cache_dir = cache_dir or files[0].parent / ".token_cache"
     token_cache.build_cache(source, cache_dir, val_fraction=val_fraction, progress=progress)
@@ -139,6 +139,8 @@ def train(s: Settings, cfg: gt.GPTConfig, runtime: gt.Runtime, run: gt.RunFolder
                                               s.data.cache_dir, sh.log.progress)
     steps_per_epoch = len(train_data) // (sh.batch.batch_size * sh.batch.grad_accum)
     max_steps = sh.batch.max_steps or max(1, s.data.n_epochs * steps_per_epoch)
+    if sh.batch.tokens_per_param:
+        max_steps = gt.steps_for_tokens_per_param(sh, sh.batch.batch_size * cfg.context_length * sh.batch.grad_accum)
     print(f"data: {len(files)} file(s), {train_data.num_tokens():,} train / {val_data.num_tokens():,} val tokens; "
           f"{steps_per_epoch} steps per epoch, {max_steps} steps")
     counts = gt.count_parameters(model)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 import gpt_train as gt
-from gptkit.evals import hellaswag
+from gptkit.evals import core, hellaswag
 from gptkit.hf import HF_SIZES, export_hf, hf_architecture, load_hf, model_card, ours_to_hf  # noqa: F401
 from gptkit.plugins import add_plugin_flag, preload
 from gptkit.weights import (  # noqa: F401  (the library of this command line, re-exported for older code)
@@ -115,18 +115,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out", help=".safetensors file to write")
     s = sub.add_parser("generate", help="generate text from any weights this tool reads", formatter_class=fmt)
     s.add_argument("source", help="checkpoint, .safetensors, HF folder or GPT-2 size name")
-    s.add_argument("--prompt", default="Every effort moves you", help="text to continue (empty: from <|endoftext|>)")
+    s.add_argument("--prompt", action="append", default=None,
+                   help="text to continue (empty: from <|endoftext|>); repeat it for several prompts, generated in "
+                        "one batch (default: 'Every effort moves you')")
     s.add_argument("--max_new_tokens", type=int, default=50, help="tokens to generate (at least 1)")
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; above 0 samples")
     s.add_argument("--top_k", type=int, default=None, help="sample from the k most likely tokens (at least 1)")
+    s.add_argument("--top_p", type=float, default=None,
+                   help="sample from the smallest set of tokens whose probability reaches P (in (0, 1])")
     s.add_argument("--seed", type=int, default=123, help="sampling seed")
-    s = sub.add_parser("eval", help="score any weights on HellaSwag exactly as lm-evaluation-harness does",
+    s.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps")
+    s = sub.add_parser("eval", help="score any weights on HellaSwag (as lm-evaluation-harness) or CORE (as nanochat)",
                        formatter_class=fmt)
     s.add_argument("source", help="checkpoint, sharded checkpoint folder, .safetensors, HF folder or GPT-2 size name")
-    s.add_argument("--hellaswag", type=Path, required=True,
+    s.add_argument("--hellaswag", type=Path, default=None,
                    help=f"HellaSwag's hellaswag_val.jsonl (from {hellaswag.HELLASWAG_URL})")
-    s.add_argument("--limit", type=int, default=None, help="score only the first N items (default: all)")
-    s.add_argument("--batch_items", type=int, default=8, help="items per forward pass (each with its 4 endings)")
+    s.add_argument("--limit", type=int, default=None, help="HellaSwag: score only the first N items (default: all)")
+    s.add_argument("--core", type=Path, default=None,
+                   help=f"the DCLM eval bundle folder (eval_bundle, from {core.BUNDLE_URL}): CORE and each task's score")
+    s.add_argument("--tasks", default=None, help="CORE: comma-separated task labels (default: all)")
+    s.add_argument("--max_per_task", type=int, default=None, help="CORE: items per task, after its seeded shuffle "
+                                                                  "(default: all)")
+    s.add_argument("--batch_items", type=int, default=8, help="HellaSwag items per forward pass (each with its 4 endings)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     s.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="precision of the forward pass")
     s.add_argument("--json", action="store_true", help="print the result as JSON only")
@@ -139,9 +149,11 @@ GENERATE_RULES = [
     ("max_new_tokens", lambda v: v >= 1, "at least 1"),
     ("temperature", lambda v: gt.finite(v) and v >= 0, "a finite number >= 0 (0: greedy)"),
     ("top_k", lambda v: v is None or v >= 1, "at least 1"),
+    ("top_p", lambda v: v is None or (gt.finite(v) and 0 < v <= 1), "in (0, 1]"),
     ("seed", lambda v: 0 <= v < 2**32, "a whole number from 0 to 4294967295"),
     ("limit", lambda v: v is None or v >= 1, "at least 1"),
     ("batch_items", lambda v: v >= 1, "at least 1"),
+    ("max_per_task", lambda v: v is None or v >= 1, "at least 1"),
 ]
 
 
@@ -178,11 +190,20 @@ def _convert_in(args) -> Path:
     return out
 
 
-def _generate(args) -> str:
-    model = load_any(args.source)
-    torch.manual_seed(args.seed)
-    return gt.generate_and_print_sample(model, gt.get_tokenizer(), "cpu", args.prompt, args.max_new_tokens,
-                                        args.temperature, args.top_k, args.seed)
+def _generate(args) -> str | list[str]:
+    """Continuations of the prompts, with a KV cache; several prompts run as one batch."""
+    device = gt.resolve_device(args.device)
+    model = load_any(args.source).to(device).eval()
+    prompts = args.prompt or ["Every effort moves you"]
+    tok = gt.get_tokenizer()
+    gen = torch.Generator(device=device).manual_seed(args.seed) if args.temperature > 0 else None
+    ids = [gt.text_to_token_ids(p, tok)[0].tolist() for p in prompts]
+    rows = gt.generate_batch(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                             eos_id=tok.eot_token, generator=gen, pad_id=tok.eot_token)
+    texts = [tok.decode(p + r) for p, r in zip(ids, rows)]
+    for text in texts:
+        print(text.replace("\n", " "))
+    return texts[0] if len(texts) == 1 else texts
 
 
 def _export(args) -> Path:
@@ -196,19 +217,48 @@ def _export(args) -> Path:
 
 
 def _eval(args) -> dict:
-    items = hellaswag.read_items(args.hellaswag, args.limit)  # before the model: a bad file fails fast
+    if args.hellaswag is None and args.core is None:
+        raise gt.UserError("eval needs --hellaswag FILE or --core BUNDLE (or both)")
+    if args.core is None and (args.tasks or args.max_per_task):
+        raise gt.UserError(f"--{'tasks' if args.tasks else 'max_per_task'} is a setting of --core; add --core BUNDLE")
+    # The inputs first: a bad file fails before the model is loaded.
+    items = hellaswag.read_items(args.hellaswag, args.limit) if args.hellaswag else None
+    tasks = core.read_bundle(args.core, args.tasks, args.max_per_task) if args.core else None
+    if tasks:
+        core.check_tokenizable(tasks, 1 << 20)
     device = gt.resolve_device(args.device)
     model = load_any(args.source).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16" else None
+    result = {}
+    if items is not None:
+        result["hellaswag"] = _timed(lambda: hellaswag.score(model, items, device, autocast,
+                                                               items_per_batch=args.batch_items), len(items))
+    if tasks is not None:
+        result["core"] = _timed(lambda: core.evaluate(model, tasks, device, autocast), sum(len(t.data) for t in tasks))
+    _print_eval(result, args.json)
+    return result["hellaswag"] if set(result) == {"hellaswag"} else result
+
+
+def _timed(fn, n: int) -> dict:
     t0 = time.perf_counter()
-    result = hellaswag.score(model, items, device, autocast, items_per_batch=args.batch_items)
-    result["items_per_sec"] = round(result["n"] / (time.perf_counter() - t0), 2)
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(f"hellaswag: acc {result['acc']:.4f} | acc_norm {result['acc_norm']:.4f} | n {result['n']} | "
-              f"{result['items_per_sec']} items/s")
-    return result
+    r = fn()
+    r["seconds"] = round(time.perf_counter() - t0, 2)
+    r["items_per_sec"] = round(n / max(r["seconds"], 1e-9), 2)
+    return r
+
+
+def _print_eval(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result["hellaswag"] if set(result) == {"hellaswag"} else result))
+        return
+    if "hellaswag" in result:
+        r = result["hellaswag"]
+        print(f"hellaswag: acc {r['acc']:.4f} | acc_norm {r['acc_norm']:.4f} | n {r['n']} | {r['items_per_sec']} items/s")
+    if "core" in result:
+        r = result["core"]
+        for label, t in r["tasks"].items():
+            print(f"{label:<32} accuracy {t['accuracy']:.4f} | centered {t['centered']:+.4f} | n {t['n']}")
+        print(f"CORE {r['core']:.4f} ({len(r['tasks'])} tasks, {r['items_per_sec']} items/s)")
 
 
 COMMANDS = {"inspect": _inspect, "from-hf": _convert_in, "from-openai": _convert_in, "generate": _generate,

@@ -18,7 +18,7 @@ from pathlib import Path
 from _common import print_table
 
 import gpt_train as gt
-import gutenberg_text as gtext
+from gptkit.gutenberg import text as gtext
 import prep_dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

@@ -9,12 +9,13 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from gptkit.attention import ATTENTIONS
 from gptkit.components import add_component_flags, refuse_unselected, set_choices, settings
-from gptkit.config import add_flags, at_least, between, flag_name, from_args, setting
+from gptkit.config import add_flags, at_least, between, finite, flag_name, from_args, refuse_together, setting
 from gptkit.errors import UserError
 from gptkit.loop import TrainConfig
 from gptkit.metrics import STEP_METRICS
@@ -133,6 +134,10 @@ class BatchArgs:
     batch_size: int = setting(8, "sequences per micro-batch per device", check=(at_least(1), "at least 1"))
     grad_accum: int = setting(1, "micro-batches per optimizer step", check=(at_least(1), "at least 1"))
     max_steps: int | None = setting(None, "optimizer steps (default: one epoch)", check=(at_least(1), "at least 1"))
+    tokens_per_param: float | None = setting(None, "set the number of steps to train on R tokens per parameter of the "
+                                                   "model (Chinchilla's compute-optimal R is 20; every parameter "
+                                                   "counts, the embeddings and an untied head too)",
+                                             check=(lambda v: finite(v) and v > 0, "a number > 0"))
 
 
 @dataclass
@@ -233,6 +238,8 @@ def shared_settings(args: argparse.Namespace, given: set[str], plugins: list | N
     refuse_unselected(OPTIMIZERS, optim.optimizer, given)  # another optimizer's settings: refused, not ignored
     schedule = from_args(ScheduleConfig, args)
     refuse_unselected(SCHEDULES, schedule.schedule, given)
+    refuse_together(given, *(("tokens_per_param", other, "--tokens_per_param sets the number of steps")
+                             for other in ("max_steps", "train_tokens", "n_epochs")))
     if "resume" in given and "init_from" in given:
         raise UserError("--resume and --init_from cannot be used together: --resume continues a run (weights, "
                         "optimizer, data position), --init_from starts a new one from weights only")
@@ -255,6 +262,14 @@ def apply_debug(args: argparse.Namespace, given: set[str]) -> None:
             setattr(args, k, v)
     if "batch_size" not in given:
         args.batch_size = min(args.batch_size, 4)
+
+
+def steps_for_tokens_per_param(s: SharedSettings, tokens_per_step: int) -> int:
+    """--tokens_per_param R: the steps that train on R tokens for each of the model's parameters."""
+    from gptkit.model import count_parameters_from_config
+
+    params = count_parameters_from_config(s.model_config)["total"]
+    return max(1, math.ceil(s.batch.tokens_per_param * params / tokens_per_step))
 
 
 def train_config(s: SharedSettings, max_steps: int, grad_accum: int | None = None,

@@ -52,6 +52,7 @@ class AttentionSpec:
     extra_activation_bytes: Callable[[object, str], float] = causal_extra_activation_bytes
     hf: bool = False  # this module's maths and names: exports to Hugging Face
     config: type | None = None  # a dataclass of its own settings (flags --NAME_FIELD)
+    kv_cache: bool = True  # its forward takes ctx.cache (CausalSelfAttention's subclasses do); else generation recomputes
 
 
 ATTENTIONS: Registry[AttentionSpec] = Registry("attention", selector="attention")

@@ -161,7 +161,7 @@ def measure(specs, hook: str, ctx: StepContext) -> list[tuple]:
     """(spec, its value as a 1-D float tensor) of each metric's `hook`, each called with its settings."""
     out = []
     for m in specs:
-        ctx.config = ctx.settings.get(m.name)
+        ctx.config = ctx.settings.get(m.name) or (m.config() if m.config is not None else None)
         out.append((m, getattr(m, hook)(ctx).detach().float().reshape(-1)))
     ctx.config = None
     return out

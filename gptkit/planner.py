@@ -42,17 +42,22 @@ def checkpoint_bytes(cfg: GPTConfig, optimizer: str = "adamw", config=None) -> i
 
 
 def activation_bytes_per_token(cfg: GPTConfig, dtype: str, checkpointing: bool) -> float:
-    """Bytes the backward pass keeps per token. Per block without checkpointing, in fp32: its input,
-    both LayerNorm outputs, q/k/v, the attention output and its projection input, the MLP's hidden
-    activations before and after GELU: about 17 x emb_dim floats (autocast keeps the matmul inputs
-    in 16 bits: about 38 x emb_dim bytes); the attention adds its own (its spec's extra_activation_bytes:
-    the (T x T) probabilities per head for the explicit softmax).
+    """Bytes the backward pass keeps per token. Per block without checkpointing: its input, both norms'
+    outputs, the attention output and its projection's input, the residual after attention (6 x emb_dim
+    floats), q/k/v (fewer with grouped key/value heads), and the MLP's own (its spec says: 8 x emb_dim
+    for a 4x MLP, before and after the activation). In fp32 4 bytes each (GPT-2: 68 x emb_dim bytes);
+    autocast keeps the matmul inputs in 16 bits, about 38/68 of that. The attention adds its own (its
+    spec's extra_activation_bytes: the (T x T) probabilities per head for the explicit softmax).
     With checkpointing only each block's input is kept, plus one block's worth while it is recomputed."""
-    h, per_block = cfg.emb_dim, (68 if dtype == "fp32" else 38) * cfg.emb_dim
-    per_block += attention_spec(cfg.attention).extra_activation_bytes(cfg, dtype)
+    from gptkit.parts import MLPS
+
+    h = cfg.emb_dim
+    floats = 6 * h + (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim + MLPS.spec(cfg.mlp).activation_floats(cfg)
+    per_block = floats * (4 if dtype == "fp32" else 38 / 17) + attention_spec(cfg.attention).extra_activation_bytes(
+        cfg, dtype)
     if checkpointing:
         return cfg.n_layers * 4 * h + per_block + 16 * h
-    return cfg.n_layers * per_block + 16 * h  # + embeddings and the final LayerNorm
+    return cfg.n_layers * per_block + 16 * h  # + embeddings and the final norm
 
 
 def logits_bytes_per_token(cfg: GPTConfig, dtype: str) -> int:

@@ -8,8 +8,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
-import gutenberg_text as gtext
 import prep_dataset
+from gptkit.gutenberg import text as gtext
 
 EVAL_DIR = Path(__file__).resolve().parent / "data" / "gutenberg_eval"
 LICENCE_LINE_RE = re.compile(r"project gutenberg|gutenberg\.(?:org|net)|small print|full licen[cs]e|literary archive|"

@@ -9,6 +9,7 @@ from conftest import run_script
 
 import gpt_train as gt
 import prep_dataset as pd
+from gptkit.gutenberg import prepare as prepare_module
 
 BODY = ("CHAPTER I.\n\nIt was the best of times, it was the worst of times, and the\nend of the first line.\n\n"
         "The last line of the book.")
@@ -256,7 +257,7 @@ def test_cleaning_quality_on_the_hand_marked_evaluation_set():
 
 
 def test_a_note_that_never_closes_its_bracket_does_not_swallow_the_book():
-    import gutenberg_text as gtext
+    from gptkit.gutenberg import text as gtext
 
     raw = (VARIANTS["the"][0] + "[Transcriber's note: the spelling of the original has been kept.\n\nCHAPTER I.\n\n"
            "It was a dark night; the rain fell.\n\n[Illustration: THE RAIN]\n\nAnd then the wind rose.\n"
@@ -392,10 +393,10 @@ def test_a_kill_while_publishing_resumes_to_identical_files(sample_books, tmp_pa
         if Path(dst).parent == out:
             moves.append(dst)
 
-    monkeypatch.setattr(pd.os, "replace", replace_then_die)
+    monkeypatch.setattr(prepare_module.os, "replace", replace_then_die)
     with pytest.raises(KeyboardInterrupt):
         pd.prepare(raw, out, max_size_mb=1.0, **quiet)
-    monkeypatch.setattr(pd.os, "replace", real)
+    monkeypatch.setattr(prepare_module.os, "replace", real)
     assert len(moves) == 2 and (out / pd.STAGING).is_dir()
     pd.prepare(raw, out, max_size_mb=1.0, **quiet)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "notes.txt"} == full

@@ -162,16 +162,6 @@ def test_bf16_autocast_and_explicit_attention(base, tmp_path):
     assert losses[0] == pytest.approx(flash["history"]["train_loss"][0], abs=0.05)
 
 
-def test_compile_matches_eager(base, tmp_path):
-    res = adv.main([*base, "--run_dir", str(tmp_path / "c"), "--max_steps", "3", "--compile", "--eval_every", "0"])
-    eager = adv.main([*base, "--run_dir", str(tmp_path / "e"), "--max_steps", "3", "--eval_every", "0"])
-    assert res["state"].step == 3
-    # Inductor fuses and reorders float ops: the same losses to float32 rounding, not bit for bit.
-    assert res["history"]["train_loss"] == pytest.approx(eager["history"]["train_loss"], rel=1e-5)
-    ckpt = gt.load_checkpoint(res["checkpoint"])
-    assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
-
-
 def test_galore_trains_and_resumes_bit_identically(base, tmp_path):
     g = ["--optimizer", "galore", "--galore_rank", "8", "--galore_update_proj_gap", "3"]
     full = adv.main([*base, *g, "--run_dir", str(tmp_path / "a"), "--max_steps", "8"])

@@ -148,7 +148,7 @@ def test_clear_errors_for_bad_sources(corpora, tmp_path):
         tc.resolve_source("smollm:cosmo")
     with pytest.raises(gt.UserError, match="python-edu.*blob ids"):
         tc.resolve_source("smollm:python-edu")
-    with pytest.raises(gt.UserError, match="neither smollm:SUBSET nor an existing"):
+    with pytest.raises(gt.UserError, match="missing.jsonl: no such file or folder"):
         tc.resolve_source(str(tmp_path / "missing.jsonl"))
     with pytest.raises(gt.UserError, match="one positive weight per subset"):
         tc.resolve_source("smollm:cosmopedia-v2,fineweb-edu-dedup", data_mix="1")

@@ -273,3 +273,102 @@ def test_generate_from_an_empty_prompt_starts_at_end_of_text(tmp_path, capsys):
     code, out, err = run_cli(wt_load.main, ["generate", path, "--prompt", "", "--max_new_tokens", "3"], capsys)
     assert code == 0 and err == "" and out.strip()  # as GPT-2 samples unconditionally: after <|endoftext|>
     assert gt.text_to_token_ids("", gt.get_tokenizer()).tolist() == [[gt.EOT_ID]]
+
+
+# ----------------------------------------------------------------------------------------------
+# The modern block's parts, exported as the Hugging Face architecture that computes the same function
+
+
+def parts_model(arch: str, **over) -> gt.GPTModel:
+    """A 2-block model of the arch's parts with random weights everywhere (norm gains included), GQA."""
+    base = {"llama": dict(position="rotary", norm="rmsnorm", mlp="swiglu", tie_embeddings=False, bias=False,
+                          qkv_bias=False, n_kv_heads=2, parts={"rotary": {"base": 500000.0},
+                                                               "rmsnorm": {"affine": True, "eps": 1e-5},
+                                                               "swiglu": {"hidden": 96}})}
+    base["qwen3"] = {**base["llama"], "qk_norm": True}
+    torch.manual_seed(3)
+    model = gt.GPTModel(gt.get_config("debug", emb_dim=64, n_heads=4, **{**base[arch], **over})).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("arch,cls", [("llama", "LlamaForCausalLM"), ("qwen3", "Qwen3ForCausalLM")])
+def test_llama_and_qwen3_parts_export_read_back_and_generate_as_transformers(arch, cls, tmp_path, capsys):
+    ours = parts_model(arch)
+    out = wt_load.export_hf(ours, tmp_path / "hf")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == [cls] and cfg["num_key_value_heads"] == 2 and cfg["intermediate_size"] == 96
+    ref = transformers.AutoModelForCausalLM.from_pretrained(out, torch_dtype=torch.float32).eval()
+    assert type(ref).__name__ == cls
+    with torch.no_grad():
+        assert (ours(IDS) - ref(IDS).logits).abs().max().item() <= 1e-5
+    prompt = IDS[:, :5]
+    mine = gt.generate(ours, prompt, max_new_tokens=12)
+    theirs = ref.generate(prompt, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(prompt),
+                          pad_token_id=50256, eos_token_id=None)
+    assert mine.tolist() == theirs.tolist()
+    back = wt_load.load_hf(str(out))  # from-hf: the same parts, the same logits
+    assert back.cfg.to_dict() == {**ours.cfg.to_dict(), "drop_rate": 0.0, "init": "gpt2"}
+    with torch.no_grad():
+        assert (back(IDS) - ours(IDS)).abs().max().item() <= 1e-6
+    code, _, _ = run_cli(wt_load.main, ["from-hf", out, tmp_path / "back.pt"], capsys)
+    assert code == 0 and gt.load_checkpoint(tmp_path / "back.pt")["config"]["position"] == "rotary"
+
+
+def test_an_rmsnorm_without_gains_exports_as_gains_of_one(tmp_path):
+    ours = parts_model("llama", parts={"rmsnorm": {"affine": False, "eps": 1e-6}})
+    ref = transformers.AutoModelForCausalLM.from_pretrained(wt_load.export_hf(ours, tmp_path / "hf")).eval()
+    with torch.no_grad():
+        assert (ours(IDS) - ref(IDS).logits).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("over,part", [
+    (dict(position="rotary", norm="rmsnorm", mlp="relu2", qk_norm=True, embed_norm=True), "--embed_norm"),  # modern
+    (dict(position="rotary", norm="rmsnorm", mlp="relu2"), "--mlp relu2"),
+    (dict(position="rotary"), "--norm layernorm with rotary positions"),
+    (dict(mlp="swiglu"), "--mlp swiglu with learned positions"),
+    (dict(n_kv_heads=1), "--n_kv_heads with learned positions"),
+])
+def test_parts_with_no_hugging_face_equivalent_are_named(over, part, tmp_path):
+    model = gt.GPTModel(gt.get_config("debug", **over))
+    with pytest.raises(gt.UserError, match=f"this model's {part}.* has no Hugging Face equivalent"):
+        wt_load.export_hf(model, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_init_from_a_llama_folder_continues_pretraining(tmp_path, small_corpus):
+    out = wt_load.export_hf(parts_model("llama", context_length=32), tmp_path / "hf")
+    flags = ["--data_dir", str(small_corpus), "--model", "debug", "--emb_dim", "64", "--n_heads", "4", "--arch", "llama",
+             "--n_kv_heads", "2", "--rotary_base", "500000", "--rmsnorm_eps", "1e-5", "--swiglu_hidden", "96",
+             "--max_steps", "2", "--no-progress", "--eval_every", "0", "--sample_every", "0"]
+    res = pretraining_simple.main([*flags, "--init_from", str(out), "--run_dir", str(tmp_path / "r")])
+    assert res["state"].step == 2
+    with pytest.raises(gt.CheckpointError, match=r"--init_from .* different model config: .*n_kv_heads=2 \(model: 1\)"):
+        one_kv = [("1" if flags[i - 1] == "--n_kv_heads" else f) for i, f in enumerate(flags)]
+        pretraining_simple.main([*one_kv, "--init_from", str(out), "--run_dir", str(tmp_path / "r2")])
+
+
+def test_generation_with_the_cache_equals_without_for_every_arch_and_batch():
+    from gptkit.generation import generate_batch
+
+    prompts = [IDS[0, :5].tolist(), IDS[0, :2].tolist(), IDS[0, :9].tolist()]
+    for arch in ({}, dict(position="rotary", norm="rmsnorm", mlp="swiglu", n_kv_heads=1, tie_embeddings=False),
+                 dict(position="rotary", norm="rmsnorm", embed_norm=True, qk_norm=True, mlp="relu2",
+                      parts={"rmsnorm": {"affine": False, "eps": 1e-6}})):
+        torch.manual_seed(0)
+        model = gt.GPTModel(gt.get_config("debug", **arch)).eval()  # context 32: the run goes past it
+        for p in prompts:
+            x = torch.tensor([p])
+            assert torch.equal(gt.generate(model, x, 40), gt.generate(model, x, 40, use_cache=False))
+        alone = [gt.generate(model, torch.tensor([p]), 20, use_cache=False)[0, len(p):].tolist() for p in prompts]
+        assert generate_batch(model, prompts, 20) == alone  # left-padded in one batch: each row as alone
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    seen = {int(gt.next_token(logits, 1.0, top_p=0.8, generator=torch.Generator().manual_seed(s))) for s in range(200)}
+    assert seen == {0, 1}
+    assert {int(gt.next_token(logits, 1.0, top_p=0.81, generator=torch.Generator().manual_seed(s)))
+            for s in range(200)} == {0, 1, 2}

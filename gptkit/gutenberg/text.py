@@ -1,5 +1,5 @@
 """The text of a Project Gutenberg book without what Project Gutenberg added to it: pure functions of
-a book's bytes or text, no files (prep_dataset.py does the reading and writing).
+a book's bytes or text, no files (gptkit/gutenberg/prepare.py does the reading and writing).
 
 What comes off, in order:
 1. The header, footer and licence: everything before the START marker (or, in files from before
