@@ -93,9 +93,15 @@ def main(argv=None) -> dict:
         seconds = time.perf_counter() - t0
     n = sum(len(t.data) for t in tasks)
     full = sum(t[4] for t in TASKS)
-    rows = [{"model": a.model, "dtype": a.dtype, "items": n, "seconds": round(seconds, 1),
-             "items/s": round(n / seconds, 1), "full pass (est. min)": round(full / (n / seconds) / 60, 1),
-             "core": round(r["core"], 4)}]
+    L = model.cfg.context_length
+    tokens = sum(len(r.tokens[-L:]) for t in tasks for item in t.tokenized[L] for r in item.requests)
+    # An H100 estimate: the forward FLOPs of a full pass (2 x parameters per token, plus attention) at
+    # 30% of its 989 TFLOP/s dense bf16 peak (short, padded, small batches: far below training's MFU).
+    flops_per_token = 2 * gt.count_parameters(model)["total"] + 2 * 2 * model.cfg.n_layers * model.cfg.emb_dim * L / 2
+    h100_s = tokens * (full / n) * flops_per_token / (0.3 * 989e12)
+    rows = [{"model": a.model, "dtype": a.dtype, "items": n, "tokens": tokens, "seconds": round(seconds, 1),
+             "items/s": round(n / seconds, 1), "full pass here (min)": round(full / (n / seconds) / 60, 1),
+             "full pass on an H100 (est. s)": round(h100_s), "core": round(r["core"], 4)}]
     print_table(rows)
     print(f"(tokenizing and a warm-up: {tokenize_s:.1f} s; the full bundle holds {full:,} items)")
     return rows[0]

@@ -75,3 +75,19 @@ def run_cli(main, argv, capsys):
         code = e.code
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def fsdp_against_one_process(flags, tmp_path):
+    """The advanced script on 2 FSDP ranks (gloo) and in one process with the same global batch (2
+    micro-batches): (the one process's result, the FSDP run's losses.json)."""
+    import json
+
+    import faults
+
+    import pretraining_advanced as adv
+
+    one = adv.main([*map(str, flags), "--run_dir", str(tmp_path / "one"), "--grad_accum", "2"])
+    r = faults.run("pretraining_advanced.py", [*flags, "--run_dir", tmp_path / "two", "--fsdp"],
+                   launcher=faults.torchrun(2))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return one, json.loads((tmp_path / "two" / "losses.json").read_text())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import faults
 import pytest
-from conftest import ROOT, run_cli
+from conftest import ROOT, fsdp_against_one_process, run_cli
 
 import gpt_train as gt
 import pretraining_advanced as adv
@@ -146,11 +146,7 @@ def test_every_plugin_runs_under_fsdp_as_on_one_process(small_corpus, tmp_path, 
     flags = [*plugin("lion", "wsd", "layer_grad_max", "window_attention", "lambada", "csv_format"), "--data", str(d),
              "--cache_dir", str(tmp_path / "cache"), "--val_fraction", "0.2", *COMMON, *USER_PARTS,
              "--lambada", str(lambada_file), "--max_steps", "4", "--lambada_every", "0"]
-    one = adv.main([*flags, "--run_dir", str(tmp_path / "one"), "--grad_accum", "2"])
-    r = faults.run("pretraining_advanced.py", [*flags, "--run_dir", tmp_path / "two", "--fsdp"],
-                   launcher=faults.torchrun(2))
-    assert r.returncode == 0, r.stderr[-3000:]
-    two = json.loads((tmp_path / "two" / "losses.json").read_text())
+    one, two = fsdp_against_one_process(flags, tmp_path)
     assert two["train_loss"] == pytest.approx(one["history"]["train_loss"], abs=1e-5)
     assert two["layer_grad_max"] == pytest.approx(one["history"]["layer_grad_max"], rel=1e-4)
     assert two["lambada"] == one["history"]["lambada"]
