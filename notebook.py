@@ -172,7 +172,7 @@ LAYER, HEAD = model.cfg.n_layers - 1, 0
 ids = gt.text_to_token_ids("It was the best of times, it was the worst of times, it was the age of wisdom",
                            tokenizer)[:, : model.cfg.context_length]
 with torch.no_grad():
-    x = model.wte(ids) + model.wpe(torch.arange(ids.shape[1]))
+    x = model.embed(ids)  # tokens (and learned positions, and the embedding's norm, as the arch has them)
     for block in model.h[:LAYER]:
         x = block(x)
     _, att = model.h[LAYER].attn(model.h[LAYER].ln_1(x), return_attn=True)

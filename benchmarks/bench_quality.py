@@ -43,6 +43,8 @@ ARMS = {
     "modern-muon0.02": ["--arch", "modern", *MUON, "--muon_lr", "0.02"],
     "modern-muon0.04-emb0.01-head0.004": ["--arch", "modern", *MUON, "--muon_lr", "0.04", "--muon_embed_lr", "0.01",
                                           "--muon_head_lr", "0.004"],
+    "modern-muon0.02-emb0.01-head0.004-beta0.8": ["--arch", "modern", *MUON, "--muon_lr", "0.02", "--muon_embed_lr",
+                                                  "0.01", "--muon_head_lr", "0.004", "--beta1", "0.8"],
     "llama-muon0.02-emb0.01-head0.004": ["--arch", "llama", *MUON, "--muon_lr", "0.02", "--muon_embed_lr", "0.01",
                                          "--muon_head_lr", "0.004"],
     "llama-muon0.01-emb0.01-head0.004": ["--arch", "llama", *MUON, "--muon_lr", "0.01", "--muon_embed_lr", "0.01",

@@ -209,6 +209,14 @@ class GPTModel(nn.Module):
         if prefix + "lm_head.weight" not in state_dict and prefix + "wte.weight" in state_dict:
             state_dict[prefix + "lm_head.weight"] = state_dict[prefix + "wte.weight"]
 
+    def embed(self, idx: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T) ids -> (B, T, C): the token embedding, plus learned positions, then the embedding's
+        norm, as the model has them (what the first block sees)."""
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(positions if positions is not None else torch.arange(idx.size(1), device=idx.device))
+        return self.ln_emb(x) if self.ln_emb is not None else x
+
     def forward(self, idx: torch.Tensor, cache=None, positions: torch.Tensor | None = None,
                 key_padding: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T) token ids -> (B, T, vocab_size) logits. Generation passes a KVCache (the tokens
@@ -220,12 +228,7 @@ class GPTModel(nn.Module):
             raise ValueError(f"sequence length {start + T} exceeds the model's context_length {self.cfg.context_length}")
         if positions is None:
             positions = torch.arange(start, start + T, device=idx.device)
-        x = self.wte(idx)  # (B, T, C)
-        if self.wpe is not None:
-            x = x + self.wpe(positions)
-        if self.ln_emb is not None:
-            x = self.ln_emb(x)
-        x = self.drop(x)
+        x = self.drop(self.embed(idx, positions))  # (B, T, C)
         recompute = self.cfg.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.h):
             ctx = AttentionInput(positions, cache.layers[i] if cache is not None else None, key_padding)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from gptkit.attention import ATTENTIONS, AttentionSpec, CausalSelfAttention, register_attention
 from gptkit.config import at_least, setting
-from gptkit.registry import settings_of
+from gptkit.parts import part_settings
 
 
 @dataclass
@@ -17,14 +17,14 @@ class WindowConfig:
 class WindowAttention(CausalSelfAttention):
     def __init__(self, cfg):
         super().__init__(cfg)
-        self.size = settings_of(ATTENTIONS["window"], cfg.parts.get("window")).size
+        self.size = part_settings(cfg, ATTENTIONS, "window").size  # as the checkpoint's model config records it
 
     def mask(self, q_pos, k_pos):
         return (k_pos[None, :] > q_pos[:, None]) | (k_pos[None, :] <= q_pos[:, None] - self.size)
 
 
 def score_flops(cfg, seq_len):
-    return 12 * cfg.emb_dim * min(settings_of(ATTENTIONS["window"], cfg.parts.get("window")).size, seq_len)
+    return 12 * cfg.emb_dim * min(part_settings(cfg, ATTENTIONS, "window").size, seq_len)
 
 
 register_attention(AttentionSpec("window", WindowAttention, "causal, each position sees the last --window_size",
