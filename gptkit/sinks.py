@@ -56,7 +56,7 @@ class FileLog:
     A resumed run first drops the lines of steps after its checkpoint (a killed process logged them,
     the resumed one logs them again), so each step is in the file once."""
 
-    STEP_RE = re.compile(r"^(?:eval )?step\s+(\d+)")
+    STEP_RE = re.compile(r"^(?:eval |val )?step\s+(\d+)")
 
     def __init__(self, path: Path, header: dict, resumed_at: int | None = None):
         if resumed_at is not None and path.is_file():
@@ -74,7 +74,7 @@ class FileLog:
     def __call__(self, kind: str, metrics: dict) -> None:
         if kind == "train":
             self.f.write(format_log_line(metrics) + "\n")
-        elif kind == "eval":
+        elif kind in ("eval", "val"):
             self.f.write(f"{kind} step {metrics['step']} | " + " | ".join(
                 f"{k} {v:.4f}" for k, v in metrics.items() if k != "step") + "\n")
 

@@ -226,7 +226,11 @@ def test_wandb_offline_and_tensorboard_files(base, tmp_path, monkeypatch):
 
     acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"histograms": 0})  # 0: keep every event
     acc.Reload()
-    assert {"train/loss", "train/lr", "train/grad_norm", "eval/val_loss"} <= set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/grad_norm", "eval/val_loss", "val/bpb"} <= set(acc.Tags()["scalars"])
+    bpb = res["history"]["val_bpb"]
+    assert [e.value for e in acc.Scalars("val/bpb")] == pytest.approx(bpb) and len(bpb) == 3  # steps 0, 2, 4
+    assert f"val step 4 | bpb {bpb[-1]:.4f}" in (run / "train.log").read_text()
+    assert [r["val/bpb"] for r in wandb_history(offline[0]) if "val/bpb" in r] == pytest.approx(bpb)
     tb_losses = [e.value for e in acc.Scalars("train/loss")]
     assert tb_losses == pytest.approx(res["history"]["train_loss"], rel=1e-6)
     assert "train/max_steps" not in acc.Tags()["scalars"]
