@@ -35,9 +35,10 @@ import gpt_train as gt
 from gptkit import evals
 from gptkit import runtime as rt
 from gptkit.args import SharedSettings, add_shared_flags, shared_settings
+from gptkit.components import add_component_flags, settings
 from gptkit.config import HelpFormatter, above, add_flags, at_least, between, from_args, parse, refuse_together, setting
 from gptkit.data import cache as token_cache
-from gptkit.data.sources import resolve_source
+from gptkit.data.sources import SOURCES, resolve_source
 from gptkit.gutenberg.prepare import prepare_default_corpus
 from gptkit.optim import build_optimizer, measured_state_bytes, optimizer_spec
 from gptkit.planner import TrainSetup, memory_report
@@ -106,6 +107,7 @@ class Settings:
     scale: ScaleArgs
     sinks: SinkConfig
     evals: list  # enabled evaluations' configs (gptkit.evals)
+    sources: dict  # {data source kind: its own settings} of the kinds that have some
     shared: SharedSettings
     args: argparse.Namespace  # as parsed: recorded in run.json and checkpoints
 
@@ -113,6 +115,7 @@ class Settings:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add_flags(p.add_argument_group("data"), DataArgs)
+    add_component_flags(p, SOURCES)
     add_shared_flags(p, **DEFAULTS)
     add_flags(p.add_argument_group("training budget"), BudgetArgs)
     add_flags(p.add_argument_group("log sinks"), SinkConfig)
@@ -126,7 +129,8 @@ def parse_args(argv=None) -> Settings:
     args, given = parse(build_parser(), argv)
     shared = shared_settings(args, given, plugins)
     s = Settings(from_args(DataArgs, args), from_args(BudgetArgs, args), from_args(ScaleArgs, args),
-                 from_args(SinkConfig, args), evals.enabled(args, given), shared, args)
+                 from_args(SinkConfig, args), evals.enabled(args, given),
+                 {name: settings(spec, args) for name, spec in SOURCES.configured()}, shared, args)
     check_combinations(s, given)
     return s
 
@@ -205,7 +209,8 @@ def default_cache_dir(d: DataArgs) -> Path:
     return Path("data/token_cache") / hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
-def prepare_cache(d: DataArgs, runtime: gt.Runtime, progress: bool = True):
+def prepare_cache(d: DataArgs, runtime: gt.Runtime, progress: bool = True, sources: dict | None = None,
+                  given: set[str] = frozenset()):
     """Rank 0 resolves the source and builds (or checks) the cache; every rank then maps it."""
     cache_dir = d.cache_dir or default_cache_dir(d)
     say = print if runtime.is_main else (lambda *a, **k: None)
@@ -214,7 +219,7 @@ def prepare_cache(d: DataArgs, runtime: gt.Runtime, progress: bool = True):
         data = d.data
         if data == "gutenberg":
             data = str(prepare_default_corpus()[0].parent)
-        source = resolve_source(data, d.text_column, d.data_mix, d.smollm_dir)
+        source = resolve_source(data, d.text_column, d.data_mix, d.smollm_dir, sources, given)
         token_cache.build_cache(source, cache_dir, max_tokens=int(d.cache_max_tokens) if d.cache_max_tokens else None,
                                 val_fraction=d.val_fraction, shard_tokens=d.shard_tokens, progress=progress, log=say)
         return source
@@ -289,7 +294,7 @@ def check(s: Settings) -> dict:
     sh, d = s.shared, s.data
     gt.resolve_device(sh.runtime.device)
     if d.data != "gutenberg":
-        resolve_source(d.data, d.text_column, d.data_mix, d.smollm_dir).probe()
+        resolve_source(d.data, d.text_column, d.data_mix, d.smollm_dir, s.sources, sh.given).probe()
     cfg = sh.model_config
     model = new_model(cfg, sh.run.init_from, log=lambda *_: None)
     run_dir = sh.run.run_dir or gt.default_run_dir(SCRIPT, s.args, build_parser())
@@ -304,7 +309,7 @@ def train(s: Settings, rank: int, world: int, local_rank: int) -> dict:
                                s.scale.fsdp, s.scale.cpu_offload)
     cfg = sh.model_config
     if s.data.prepare_only:
-        cache_dir, cache = prepare_cache(s.data, runtime, sh.log.progress)
+        cache_dir, cache = prepare_cache(s.data, runtime, sh.log.progress, s.sources, sh.given)
         return {"cache_dir": cache_dir, "manifest": cache.manifest}
     plan = plan_batch(s, cfg, world)
     run_dir = sh.run.run_dir or gt.default_run_dir(SCRIPT, s.args, build_parser())
@@ -326,7 +331,7 @@ def train_in(run: gt.RunFolder, s: Settings, cfg: gt.GPTConfig, runtime: gt.Runt
     sh = s.shared
     say = print if runtime.is_main else (lambda *a, **k: None)
     model, optimizer = build_model(s, cfg, runtime, say)  # before the cache: a bad --init_from fails fast
-    cache_dir, cache = prepare_cache(s.data, runtime, sh.log.progress)
+    cache_dir, cache = prepare_cache(s.data, runtime, sh.log.progress, s.sources, sh.given)
     train_data = gt.TokenWindowDataset(cache.train, cfg.context_length)
     val_data = gt.TokenWindowDataset(cache.val, cfg.context_length) if cache.val else None
     if val_data is not None and len(val_data) == 0:

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 from gptkit.cli import run_cli
+from gptkit.components import add_component_flags, settings
 from gptkit.config import HelpFormatter, at_least, between
 from gptkit.data.cache import (  # noqa: F401
     CACHE_VERSION,
@@ -30,7 +31,7 @@ from gptkit.data.cache import (  # noqa: F401
     read_manifest,
     verify_shard,
 )
-from gptkit.data.sources import DataSource, resolve_source  # noqa: F401
+from gptkit.data.sources import SOURCES, DataSource, resolve_source  # noqa: F401
 from gptkit.errors import UserError
 from gptkit.plugins import add_plugin_flag, preload
 
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--val_fraction", type=float, default=0.01, help="share of the stream held out for validation")
     b.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard")
     b.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress")
+    add_component_flags(b, SOURCES)  # a data source kind's own settings (--NAME_FIELD)
     for name, what in (("inspect", "print what a cache holds"), ("verify", "check every shard's sha256 and ids")):
         s = sub.add_parser(name, help=what, formatter_class=HelpFormatter)
         s.add_argument("cache_dir", type=Path, help="a token cache folder")
@@ -73,7 +75,8 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if args.command == "build":
         _check_build(args)
-        source = resolve_source(args.data, args.text_column, args.data_mix, args.smollm_dir)
+        source = resolve_source(args.data, args.text_column, args.data_mix, args.smollm_dir,
+                                {name: settings(spec, args) for name, spec in SOURCES.configured()})
         return build_cache(source, args.cache_dir, max_tokens=int(args.cache_max_tokens) if args.cache_max_tokens else None,
                            val_fraction=args.val_fraction, shard_tokens=args.shard_tokens, progress=args.progress)
     cache = load_cache(args.cache_dir, verify=args.command == "verify")

@@ -272,3 +272,16 @@ def test_no_toolkit_file_names_a_test_plugin():
     for path in [*ROOT.glob("*.py"), *(ROOT / "gptkit").rglob("*.py")]:
         text = path.read_text()
         assert not any(f'"{n}"' in text or f"'{n}'" in text for n in names), path
+
+
+def test_a_data_source_plugin_with_settings_of_its_own(small_corpus, tmp_path, capsys):
+    flags = [*plugin("toy_source"), "--data", "toy", "--toy_docs", "120", "--cache_dir", str(tmp_path / "c"),
+             "--val_fraction", "0.2", *COMMON, "--max_steps", "2"]
+    res = adv.main([*flags, "--run_dir", str(tmp_path / "r")])
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert res["state"].step == 2 and manifest["documents"] == 120 and manifest["source"]["parts"] == [[120, 0]]
+    with pytest.raises(gt.UserError, match="was built from"):  # its identity holds its settings
+        adv.main([*flags, "--toy_seed", "3", "--run_dir", str(tmp_path / "r2")])
+    code, _, err = run_cli(adv.main, [*plugin("toy_source"), "--data", str(small_corpus), "--toy_docs", "5",
+                                      "--run_dir", tmp_path / "r3", "--model", "debug"], capsys)
+    assert code == 2 and "--toy_docs is a setting of data source toy, which this run does not use" in err

@@ -24,6 +24,7 @@ import numpy as np
 
 from gptkit.config import finite
 from gptkit.errors import UserError
+from gptkit.registry import Registry
 from gptkit.tokenizer import encode_rows, get_tokenizer
 
 
@@ -33,6 +34,7 @@ class DataOptions:
     text_column: str = "text"
     data_mix: str | None = None  # token weights of the parts
     smollm_dir: str | None = None  # a local snapshot of smollm-corpus
+    settings: dict = field(default_factory=dict)  # {kind name: its settings} of the kinds that have a config
 
 
 @dataclass
@@ -48,7 +50,10 @@ class DataSource:
 
     def identity(self, known: dict | None = None) -> dict:
         """What a cache records to know its source again (content, not paths, where it can)."""
-        return source_kind(self.kind).identity(self, known)
+        import json
+
+        # As the manifest will hold it (tuples become lists), so a cache compares equal to its source.
+        return json.loads(json.dumps(source_kind(self.kind).identity(self, known)))
 
     def describe(self) -> str:
         return source_kind(self.kind).describe(self)
@@ -76,13 +81,16 @@ class SourceKind:
     rows: Callable[[DataSource, int, int, int], Iterator[list[str]]]  # (source, part, skip, batch size)
     probe: Callable[[DataSource], None]
     describe: Callable[[DataSource], str] = describe_parts
+    config: type | None = None  # a dataclass of its own settings (flags --NAME_FIELD); resolve finds them in
+    #                             options.settings[name] (its identity should record what changes the data)
 
 
-SOURCES: dict[str, SourceKind] = {}
+SOURCES: Registry[SourceKind] = Registry("data source")
 
 
 def register_source(kind: SourceKind, first: bool = True) -> SourceKind:
     """Register a kind; `first` puts it before the others, so it is asked before the catch-all local files."""
+    SOURCES.add(kind)  # a name that is taken is refused
     items = [(kind.name, kind)] + [(k, v) for k, v in SOURCES.items() if k != kind.name]
     if not first:
         items = items[1:] + items[:1]
@@ -99,11 +107,15 @@ def source_kind(name: str) -> SourceKind:
 
 
 def resolve_source(data: str, text_column: str = "text", data_mix: str | None = None,
-                   smollm_dir: str | None = None) -> DataSource:
-    """The DataSource of a --data value: the first kind that claims it reads it."""
-    options = DataOptions(text_column, data_mix, smollm_dir)
+                   smollm_dir: str | None = None, settings: dict | None = None, given: set[str] = frozenset()) -> DataSource:
+    """The DataSource of a --data value: the first kind that claims it reads it. `settings` are the
+    kinds' own (by name); one typed for a kind that does not claim --data is refused."""
+    options = DataOptions(text_column, data_mix, smollm_dir, dict(settings or {}))
     for kind in SOURCES.values():
         if kind.claims(data, options):
+            from gptkit.components import refuse_unselected
+
+            refuse_unselected(SOURCES, kind.name, given)
             return kind.resolve(data, options)
     raise UserError(f"--data {data} is not a data source this toolkit reads")
 
