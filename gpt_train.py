@@ -24,7 +24,15 @@ from gptkit.checkpoint.state import (
 )
 from gptkit.checkpoint.store import SHARDED_DONE, checkpoint_header, dcp_load, load_checkpoint, peek_checkpoint, save_checkpoint
 from gptkit.cli import run_cli
-from gptkit.config import HelpFormatter, finite, read_config_file, refuse_together, write_config_file
+from gptkit.config import (
+                                     HelpFormatter,
+                                     add_flags,
+                                     finite,
+                                     from_args,
+                                     read_config_file,
+                                     refuse_together,
+                                     write_config_file,
+)
 from gptkit.data.batches import BatchSampler, TokenWindowDataset, create_dataloader
 from gptkit.errors import CheckpointError, RunFailure, UserError
 from gptkit.files import (

@@ -139,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch_items", type=int, default=8, help="HellaSwag items per forward pass (each with its 4 endings)")
     s.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     s.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"), help="precision of the forward pass")
+    for spec in plugin_evals():  # evaluations of plugins: their own flags, as in the training scripts
+        gt.add_flags(s.add_argument_group(f"evaluation: {spec.name}"), spec.config, prefix=spec.name)
     s.add_argument("--json", action="store_true", help="print the result as JSON only")
     for sub_parser in (p, *sub.choices.values()):  # before or after the command
         add_plugin_flag(sub_parser)
@@ -216,9 +218,28 @@ def _export(args) -> Path:
     return out
 
 
+def plugin_evals() -> list:
+    """Registered evaluations besides HellaSwag and CORE (whose flags here are their own): plugins'."""
+    from gptkit.evals import EVALS
+
+    return [spec for name, spec in EVALS.items() if name not in ("hellaswag", "core")]
+
+
+def _other_evals(args) -> list:
+    """(spec, its settings) of the plugin evaluations this command line turns on, checked."""
+    out = []
+    for spec in plugin_evals():
+        cfg = gt.from_args(spec.config, args, prefix=spec.name)
+        if spec.enabled(cfg):
+            spec.check(cfg)
+            out.append((spec, cfg))
+    return out
+
+
 def _eval(args) -> dict:
-    if args.hellaswag is None and args.core is None:
-        raise gt.UserError("eval needs --hellaswag FILE or --core BUNDLE (or both)")
+    others = _other_evals(args)
+    if args.hellaswag is None and args.core is None and not others:
+        raise gt.UserError("eval needs --hellaswag FILE or --core BUNDLE (or both, or a plugin's evaluation)")
     if args.core is None and (args.tasks or args.max_per_task):
         raise gt.UserError(f"--{'tasks' if args.tasks else 'max_per_task'} is a setting of --core; add --core BUNDLE")
     # The inputs first: a bad file fails before the model is loaded.
@@ -235,6 +256,9 @@ def _eval(args) -> dict:
                                                                items_per_batch=args.batch_items), len(items))
     if tasks is not None:
         result["core"] = _timed(lambda: core.evaluate(model, tasks, device, autocast), sum(len(t.data) for t in tasks))
+    runtime = gt.Runtime(device, args.dtype)
+    for spec, cfg in others:
+        result[spec.name] = spec.build(cfg, runtime)(model)
     _print_eval(result, args.json)
     return result["hellaswag"] if set(result) == {"hellaswag"} else result
 
@@ -254,6 +278,9 @@ def _print_eval(result: dict, as_json: bool) -> None:
     if "hellaswag" in result:
         r = result["hellaswag"]
         print(f"hellaswag: acc {r['acc']:.4f} | acc_norm {r['acc_norm']:.4f} | n {r['n']} | {r['items_per_sec']} items/s")
+    for name, values in result.items():
+        if name not in ("hellaswag", "core"):
+            print(f"{name}: " + " | ".join(f"{k} {v:.4f}" for k, v in values.items()))
     if "core" in result:
         r = result["core"]
         for label, t in r["tasks"].items():

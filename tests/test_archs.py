@@ -94,6 +94,9 @@ def test_compile_gives_the_eager_losses_for_the_modern_block(small_corpus, tmp_p
     assert compiled["history"]["train_loss"] == pytest.approx(eager["history"]["train_loss"], rel=1e-5)
     ckpt = gt.load_checkpoint(compiled["checkpoint"])
     assert not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+    flags[flags.index("fp32")] = "bf16"  # and under bf16 autocast: RMSNorm, rotary, QK-norm in mixed precision
+    bf16 = simple.main([*flags, "--run_dir", str(tmp_path / "b")])
+    assert bf16["history"]["train_loss"][0] == pytest.approx(eager["history"]["train_loss"][0], abs=0.05)
 
 
 def test_depth_is_one_dial_and_tokens_per_param_sets_the_steps(small_corpus, tmp_path):

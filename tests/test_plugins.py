@@ -93,6 +93,10 @@ def test_five_kinds_from_plugin_files_train_and_resume_exactly_in_the_advanced_s
     direct = scorer.score(model, lambada.items(lambada.read(lambada.LambadaConfig(
         Path(advanced[advanced.index("--lambada") + 1])))), "cpu", window="nanochat")
     assert h["lambada_step"] == [0, 3, 6] and h["lambada"][-1] == direct["lambada"]
+    lambada_flags = ["--lambada", advanced[advanced.index("--lambada") + 1]]
+    code, out, _ = run_cli(wt_load.main, [*plugin("lambada"), "eval", full["checkpoint"], *lambada_flags, "--json"],
+                           capsys)  # and in wt_load.py eval, with its own flags
+    assert code == 0 and json.loads(out)["lambada"] == {"lambada": h["lambada"][-1]}
     assert "| layer_grad_max " in (tmp_path / "full" / "train.log").read_text()
     code, _, err = run_cli(wt_load.main, ["to-hf", full["checkpoint"], tmp_path / "hf"], capsys)
     assert code == 2 and "--attention window has no Hugging Face equivalent" in err
