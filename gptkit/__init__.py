@@ -1,16 +1,22 @@
 """The toolkit's library: one module per reason to change. The training scripts at the repository
-root are thin over it, and `gpt_train` gathers its names for `import gpt_train as gt`.
+root are thin over it, and `gpt_train` gathers its names for `import gpt_train as gt` (DESIGN.md has
+the map).
 
-    errors, files, progress, config, cli     no torch: the data tools load fast
-    tokenizer                                GPT-2 BPE, offline (no torch)
-    data/  sources (registry), local, smollm, hf_disk, cache (the token cache), batches
-    model, attention (registry)              GPTConfig, presets, GPTModel; attention kinds
-    optim/ (registry) adamw, galore, muon    optimizers, each one file
-    schedules (registry), metrics (registry) LR schedules; what a step reports
-    evals/ (registry) hellaswag              evaluations beside the validation loss
-    loss, generation, runtime, planner       cross-entropy and evaluation; text; device and
-                                             wrapping; the memory plan
-    loop, run, sinks, args                   train_step/train_model; around the loop; logs; the
-                                             settings both scripts share
-    checkpoint/ state, store, folder         what a checkpoint holds; its files; the run folder
+    errors, files, progress, cli                   no torch: the data tools load fast
+    registry, components, plugins, config          one registry per kind of component; their settings as
+                                                   flags; --plugin; --config files
+    tokenizer, gutenberg/                          GPT-2 BPE, offline; Project Gutenberg's books
+    data/  sources (registry), local (formats), smollm, hf_disk, cache (the token cache), batches
+    model, attention (registry), parts/            GPTConfig, presets, GPTModel; attention kinds and the
+                                                   KV cache; position, norm, MLP, init, archs
+    optim/ (registry) adamw, galore, muon          optimizers, each one file
+    schedules (registry), metrics (registry)       LR schedules; what a step reports
+    evals/ (registry) scorer, hellaswag, core      evaluations on one scorer
+    loss, generation, runtime, planner             cross-entropy and bits per byte; text (KV cache);
+                                                   device and wrapping; the memory plan
+    loop, trainer, run, sinks, args                train_step; the Trainer (the loop); the run folder
+                                                   and --check; logs; the settings both scripts share
+    checkpoint/ state, store, folder, runinfo      what a checkpoint holds; its files; the run folder;
+                                                   run.json and the run's status
+    weights, hf                                    weights in and out; Hugging Face both ways
 """
