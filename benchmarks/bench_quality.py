@@ -43,8 +43,11 @@ ARMS = {
     "modern-muon0.02": ["--arch", "modern", *MUON, "--muon_lr", "0.02"],
     "modern-muon0.04-emb0.01-head0.004": ["--arch", "modern", *MUON, "--muon_lr", "0.04", "--muon_embed_lr", "0.01",
                                           "--muon_head_lr", "0.004"],
-    "modern-muon0.02-emb0.01-head0.004-beta0.8": ["--arch", "modern", *MUON, "--muon_lr", "0.02", "--muon_embed_lr",
+    "modern-muon0.01-emb0.01-head0.004-beta0.8": ["--arch", "modern", *MUON, "--muon_lr", "0.01", "--muon_embed_lr",
                                                   "0.01", "--muon_head_lr", "0.004", "--beta1", "0.8"],
+    "modern-muon0.01": ["--arch", "modern", *MUON, "--muon_lr", "0.01"],  # embedding and head at --lr
+    "modern-muon0.01-emb0.03-head0.004": ["--arch", "modern", *MUON, "--muon_lr", "0.01", "--muon_embed_lr", "0.03",
+                                          "--muon_head_lr", "0.004"],
     "llama-muon0.02-emb0.01-head0.004": ["--arch", "llama", *MUON, "--muon_lr", "0.02", "--muon_embed_lr", "0.01",
                                          "--muon_head_lr", "0.004"],
     "llama-muon0.01-emb0.01-head0.004": ["--arch", "llama", *MUON, "--muon_lr", "0.01", "--muon_embed_lr", "0.01",
@@ -93,6 +96,34 @@ def counts(arm_flags: list[str]) -> dict:
     return {"params": c["total"], "non_embedding": c["non_embedding"], "flops_per_token": gt.flops_per_token(cfg, 128)}
 
 
+def step_cost(names: list[str], steps: int = 12, dtype: str = "auto") -> list[dict]:
+    """ms per training step of each arm's model and optimizer (the main job's batch, 16 x 128), timed
+    alone over `steps` steps after 3 untimed ones: what each part costs on this machine."""
+    import torch
+    from _common import gt, make_train_step
+
+    import pretraining_simple
+
+    rows = []
+    runtime = gt.setup_runtime("cpu", dtype)
+    for name in names:
+        s = pretraining_simple.parse_args(["--model", "small", *ARMS[name]]).shared
+        spec = s.optim.optimizer
+
+        def optimizer(model, s=s):
+            from gptkit.optim import build_optimizer
+
+            return build_optimizer(model, s.optim, s.optimizer_config, torch.device("cpu"))
+        step, _, _ = make_train_step(s.model_config, 16, runtime, steps + 3, optimizer=optimizer)
+        for _ in range(3):
+            step()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        rows.append({"run": name, "optimizer": spec, "ms_per_step": round(1000 * (time.perf_counter() - t0) / steps, 1)})
+    return rows
+
+
 def steps_to(curve: dict, target: float) -> int | None:
     """The first evaluated step whose validation loss is at or below `target`."""
     return next((s for s, v in zip(curve["val_step"], curve["val_loss"]) if v <= target), None)
@@ -133,8 +164,13 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=123, help="seed of the init and the batch order")
     p.add_argument("--out", type=Path, default=Path("bench_quality.jsonl"), help="results, one run per line")
     p.add_argument("--plot", type=Path, default=ROOT / "docs" / "bench_quality.png", help="the curves, as PNG")
+    p.add_argument("--cost", action="store_true", help="only time a training step of each arm (no training runs)")
     a = p.parse_args(argv)
     names = list(ARMS) if a.arms == "all" else a.arms.split(",")
+    if a.cost:
+        rows = step_cost(names, dtype=a.dtype)
+        print_table(rows)
+        return {"cost": rows}
     done = {r["run"]: r for r in map(json.loads, a.out.read_text().splitlines())} if a.out.exists() else {}
     with tempfile.TemporaryDirectory() as tmp:
         results = [_cached(done, name, a, Path(tmp)) for name in names]
