@@ -14,6 +14,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The suite runs as two pytest-xdist workers (pytest.ini); each computes on one thread, and so do the
+# processes it starts. The models here are tiny: two workers on one thread each finish the suite in about
+# 60% of the time one process on two threads takes. Set before torch is imported; results do not depend on it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture
