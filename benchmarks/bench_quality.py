@@ -11,7 +11,8 @@ token, its cost per step, and how many steps the best modern run needs to reach 
 GPT-2 + Muon's final losses; writes the curves to a PNG for the README.
 
     python benchmarks/bench_quality.py                       # every arm: hours on 2 CPU cores
-    python benchmarks/bench_quality.py --arms gpt2-muon,modern-muon --steps 300
+    python benchmarks/bench_quality.py --arms gpt2-muon0.01,modern-muon0.01-emb0.01-head0.004
+    python benchmarks/bench_quality.py --cost --arms all      # only ms per step of each arm, timed alone
 
 Every run is `pretraining_simple.py` itself, in a process of its own; each result is appended to
 --out as soon as it is measured, and a rerun skips the runs already there.
@@ -129,22 +130,42 @@ def steps_to(curve: dict, target: float) -> int | None:
     return next((s for s, v in zip(curve["val_step"], curve["val_loss"]) if v <= target), None)
 
 
-def plot(curves: dict, path: Path) -> None:
+def plot(curves: dict, ablations: list[dict], path: Path) -> None:
+    """Left: the best run of each family. Right: each part added alone to GPT-2 + Muon."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(figsize=(12, 4.8))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for label, c in curves.items():
-        ax.plot(c["val_step"][1:], c["val_loss"][1:], marker="o", ms=2.5, label=f"{label}: {c['run']}")
-    for label in ("GPT-2 + AdamW", "GPT-2 + Muon"):
-        if label in curves:
-            ax.axhline(curves[label]["final"], color="grey", lw=0.7, ls="--")
-    ax.set(xlabel="step", ylabel="validation loss", title="small preset, Gutenberg sample, 16 x 128 tokens/step, cosine LR")
-    ax.legend(fontsize=7)
+    left, right = fig.subplots(1, 2, sharey=True)
+    panels = ((left, list(curves.items()), "the best run of each family"),
+              (right, [("GPT-2 + Muon", curves.get("GPT-2 + Muon"))] + [(r["run"].split("+", 1)[1], r) for r in ablations],
+               "one part added to GPT-2 + Muon"))
+    for ax, lines, title in panels:
+        for label, c in lines:
+            if c:
+                ax.plot(c["val_step"][1:], c["val_loss"][1:], marker="o", ms=2, lw=1, label=f"{label}: {c['final']:.3f}")
+        for label in ("GPT-2 + AdamW", "GPT-2 + Muon"):
+            if label in curves:
+                ax.axhline(curves[label]["final"], color="grey", lw=0.7, ls="--")
+        ax.set(xlabel="step", title=title)
+        ax.legend(fontsize=7)
+    left.set_ylabel("validation loss")
+    fig.suptitle("small preset, embedded Gutenberg books, 16 x 128 tokens a step, 600 cosine steps", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def ablation_rows(results: list[dict], baseline: dict | None, adamw: dict | None) -> list[dict]:
+    """Each "+part" arm beside GPT-2 + Muon: its final loss, the difference, and its counts."""
+    rows = []
+    for r in results:
+        if "+" in r["run"] and "final" in r:
+            row = {"part": r["run"].split("+", 1)[1], "final": round(r["final"], 3),
+                   "vs GPT-2 + Muon": round(r["final"] - baseline["final"], 3) if baseline else None,
+                   "steps to AdamW's final": steps_to(r, adamw["final"]) if adamw else None}
+            rows.append({**row, **{k: r[k] for k in ("params", "non_embedding", "flops_per_token")}})
+    return rows
 
 
 def best(results: list[dict], prefix: str) -> dict | None:
@@ -188,10 +209,14 @@ def main(argv=None) -> dict:
                 s = steps_to(c, curves[target]["final"])
                 summary[label][f"steps to {target}'s final"] = s
                 summary[label][f"fraction of {target}'s steps"] = round(s / a.steps, 3) if s else None
+    ablations = [r for r in results if "+" in r["run"] and "final" in r]
+    rows = ablation_rows(ablations, curves.get("GPT-2 + Muon"), curves.get("GPT-2 + AdamW"))
+    if rows:
+        print_table(rows)
     print(json.dumps(summary, indent=2))
     a.plot.parent.mkdir(parents=True, exist_ok=True)
-    plot(curves, a.plot)
-    return summary
+    plot(curves, ablations, a.plot)
+    return {**summary, "ablations": rows}
 
 
 def _cached(done: dict, name: str, a, work: Path) -> dict:
