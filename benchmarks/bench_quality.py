@@ -63,9 +63,11 @@ ARMS = {
     "gpt2-muon0.01+no_bias": [*MUON, "--muon_lr", "0.01", "--no-bias", "--no-qkv_bias"],
     "gpt2-muon0.01+embed_norm": [*MUON, "--muon_lr", "0.01", "--embed_norm"],
     "gpt2-muon0.01+zero_proj": [*MUON, "--muon_lr", "0.01", "--init", "zero_proj"],
+    # not a part: the embedding's LR that the modern and llama arms use (10 x --lr), alone
+    "gpt2-muon0.01+embed_lr0.01": [*MUON, "--muon_lr", "0.01", "--muon_embed_lr", "0.01"],
 }
-DEFAULT_ARMS = ("gpt2-adamw-lr0.001", "gpt2-muon0.01", "modern-muon0.02-emb0.01-head0.004",
-                "llama-muon0.02-emb0.01-head0.004")
+DEFAULT_ARMS = ("gpt2-adamw-lr0.001", "gpt2-muon0.01", "modern-muon0.01-emb0.01-head0.004",
+                "llama-muon0.01-emb0.01-head0.004")
 
 
 def run(name: str, a: argparse.Namespace, work: Path) -> dict:
