@@ -135,9 +135,10 @@ class BatchArgs:
     grad_accum: int = setting(1, "micro-batches per optimizer step", check=(at_least(1), "at least 1"))
     max_steps: int | None = setting(None, "optimizer steps (default: one epoch)", check=(at_least(1), "at least 1"))
     tokens_per_param: float | None = setting(None, "set the number of steps to train on R tokens per parameter of the "
-                                                   "model (Chinchilla's compute-optimal R is 20; every parameter "
-                                                   "counts, the embeddings and an untied head too)",
-                                             check=(lambda v: finite(v) and v > 0, "a number > 0"))
+                                                   "model (given alone: 20, Chinchilla's compute-optimal R; every "
+                                                   "parameter counts, the embeddings and an untied head too)",
+                                             check=(lambda v: finite(v) and v > 0, "a number > 0"), metavar="R",
+                                             const=20.0)
 
 
 @dataclass

@@ -25,11 +25,13 @@ from pathlib import Path
 from gptkit.errors import UserError
 
 
-def setting(default, help: str, *, aliases: tuple[str, ...] = (), choices=None, check=None, metavar=None):
+def setting(default, help: str, *, aliases: tuple[str, ...] = (), choices=None, check=None, metavar=None,
+            const=None):
     """A dataclass field that is also a command-line flag: --NAME (plus `aliases`), its help text,
-    allowed `choices`, and `check` = (predicate, "what the value must be") for values given."""
+    allowed `choices`, `check` = (predicate, "what the value must be") for values given, and `const`:
+    the value of the flag given without one (None: a value is required)."""
     return dataclasses.field(default=default, metadata={"help": help, "aliases": aliases, "choices": choices,
-                                                        "check": check, "metavar": metavar})
+                                                        "check": check, "metavar": metavar, "const": const})
 
 
 def finite(x) -> bool:
@@ -81,6 +83,8 @@ def add_flags(group, cls, prefix: str = "", **defaults) -> None:
             kw["action"] = argparse.BooleanOptionalAction
         else:
             kw.update(type=kind if kind in (int, float, Path) else str, choices=meta["choices"], metavar=meta["metavar"])
+            if meta.get("const") is not None:
+                kw.update(nargs="?", const=meta["const"])
         try:
             group.add_argument(f"--{name}", *meta["aliases"], **kw)
         except argparse.ArgumentError:

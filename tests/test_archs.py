@@ -107,6 +107,9 @@ def test_depth_is_one_dial_and_tokens_per_param_sets_the_steps(small_corpus, tmp
     assert (cfg.n_layers, cfg.emb_dim, cfg.n_heads, cfg.context_length) == (2, 128, 1, 32)
     with pytest.raises(gt.UserError, match="--depth and --n_layers cannot be used together"):
         simple.parse_args(["--depth", "2", "--n_layers", "3"])
+    assert simple.parse_args(["--tokens_per_param"]).shared.batch.tokens_per_param == 20  # Chinchilla's, given alone
+    with pytest.raises(gt.UserError, match="--tokens_per_param"):
+        simple.parse_args(["--tokens_per_param", "--max_steps", "5"])
     res = simple.main(["--data_dir", str(small_corpus), *DEBUG, "--tokens_per_param", "0.0005", "--run_dir",
                        str(tmp_path / "r")])
     params = gt.count_parameters_from_config(gt.get_config("debug"))["total"]
