@@ -16,13 +16,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import sys
 import types
 import typing
 from collections.abc import Callable
 from pathlib import Path
 
-from gptkit.errors import UserError
+from gptkit.errors import UserError, excerpt
+
+MAX_SETTINGS_FILE = 1 << 20  # a settings file (--config, a CORE bundle's core.yaml) is read only up to 1 MiB
 
 
 def setting(default, help: str, *, aliases: tuple[str, ...] = (), choices=None, check=None, metavar=None,
@@ -143,22 +146,11 @@ def read_config_file(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--config {path}: no such file")
-    text = path.read_bytes()
-    try:
-        if path.suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text.decode("utf-8"))
-        elif path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            raise UserError(f"--config {path}: use a .toml or .yaml file")
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"--config {path} is not valid {path.suffix[1:].upper()} ({str(e).strip().splitlines()[0][:120]})")
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        raise UserError(f"--config {path}: use a .toml or .yaml file")
+    data = read_settings_file(path, f"--config {path}")
+    if data is None and path.suffix != ".toml":
+        data = {}
     if not isinstance(data, dict):
         raise UserError(f"--config {path} holds {type(data).__name__}, not a table of settings")
     flat = {}
@@ -171,6 +163,46 @@ def read_config_file(path) -> dict:
     return flat
 
 
+def read_settings_file(path: Path, what: str):
+    """A small TOML or YAML file's data, read safely: at most MAX_SETTINGS_FILE bytes; YAML without
+    aliases (a 1 KB file of nested aliases expands to gigabytes) and with numbers as people write them
+    (`1e-3` is a number, as in YAML 1.2 and TOML). Every problem is one line naming `what`."""
+    with open(path, "rb") as f:
+        text = f.read(MAX_SETTINGS_FILE + 1)
+    if len(text) > MAX_SETTINGS_FILE:
+        raise UserError(f"{what} is larger than {MAX_SETTINGS_FILE >> 20} MiB; a settings file is a few lines")
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            return tomllib.loads(text.decode("utf-8"))
+        import yaml
+
+        return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader, without aliases)
+    except Exception as e:
+        kind = "TOML" if path.suffix == ".toml" else "YAML"
+        raise UserError(f"{what} is not valid {kind} ({str(e).strip().splitlines()[0][:120]})")
+
+
+# YAML 1.2's floats: PyYAML (YAML 1.1) reads 1e-3 as a string, since it wants a dot.
+YAML_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+
+
+def _yaml_loader():
+    import yaml
+
+    class SettingsLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise yaml.YAMLError(f"line {mark.line + 1}: aliases (*name) are not accepted in a settings file; "
+                                     "write the value out")
+            return super().compose_node(parent, index)
+
+    SettingsLoader.add_implicit_resolver("tag:yaml.org,2002:float", YAML_FLOAT, list("-+0123456789."))
+    return SettingsLoader
+
+
 def config_values(parser: argparse.ArgumentParser, path) -> dict:
     """A --config file's settings as parsed values, each checked as its flag would be; an unknown key
     is one error line naming the key and the file."""
@@ -179,7 +211,7 @@ def config_values(parser: argparse.ArgumentParser, path) -> dict:
     for key, value in read_config_file(path).items():
         dest = key.replace("-", "_")
         if dest not in actions or dest == "config":
-            raise UserError(f"--config {path}: unknown setting {key!r} (there is no flag --{dest})")
+            raise UserError(f"--config {path}: unknown setting {excerpt(key)} (there is no flag --{excerpt(dest)[1:-1]})")
         out[dest] = _typed(actions[dest], value, f"--config {path}: {key}")
     return out
 
@@ -191,7 +223,7 @@ def _typed(action: argparse.Action, value, where: str):
         return [_typed_one(action, v, where) for v in values]
     if isinstance(action, (argparse.BooleanOptionalAction, argparse._StoreTrueAction, argparse._StoreFalseAction)):
         if value is not None and not isinstance(value, bool):
-            raise UserError(f"{where} must be true or false, got {value!r}")
+            raise UserError(f"{where} must be true or false, got {excerpt(value)}")
         return value
     return _typed_one(action, value, where)
 
@@ -204,10 +236,10 @@ def _typed_one(action: argparse.Action, value, where: str):
           float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)}.get(kind, lambda v: isinstance(v, str))
     if not ok(value):
         what = {int: "a whole number", float: "a number"}.get(kind, "a string")
-        raise UserError(f"{where} must be {what}, got {value!r}")
+        raise UserError(f"{where} must be {what}, got {excerpt(value)}")
     value = kind(value) if kind in (int, float, Path) else value
     if action.choices is not None and value not in action.choices:
-        raise UserError(f"{where} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+        raise UserError(f"{where} must be one of {', '.join(map(str, action.choices))}, got {excerpt(value)}")
     return value
 
 

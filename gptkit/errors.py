@@ -17,3 +17,9 @@ class RunFailure(UserError):
     """Not bad input but the environment failing mid-run (a full disk...): one line, exit code 1."""
 
     exit_code = 1
+
+
+def excerpt(value, limit: int = 60) -> str:
+    """A value as an error line shows it: its repr, cut to `limit` characters (a bad value may be huge)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"

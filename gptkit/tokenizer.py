@@ -64,14 +64,21 @@ def get_tokenizer():
                              special_tokens={EOT_TOKEN: EOT_ID}, explicit_n_vocab=50257)
 
 
+class Continued(str):
+    """A row that is a piece of a document the next row continues (a long text read in bounded pieces,
+    cut where the tokenizer's pre-tokenizer splits anyway): no <|endoftext|> after its last document."""
+
+
 def encode_rows(rows: list[str], tokenizer=None, num_threads: int | None = None) -> list[np.ndarray]:
     """Each row's token ids as uint16 (GPT-2's 50257 ids fit in 16 bits), every document in it followed
-    by <|endoftext|>. <|endoftext|> inside a row separates documents; no other special token is recognised."""
+    by <|endoftext|> (the last one not, in a `Continued` row). <|endoftext|> inside a row separates
+    documents; no other special token is recognised."""
     tokenizer = tokenizer or get_tokenizer()
     pieces = [[d for d in r.split(EOT_TOKEN) if d] for r in rows]
+    open_ended = [isinstance(r, Continued) and bool(p) and not r.endswith(EOT_TOKEN) for r, p in zip(rows, pieces)]
     flat = tokenizer.encode_ordinary_batch([d for p in pieces for d in p], num_threads=num_threads or os.cpu_count() or 1)
     eot, out, k = tokenizer.eot_token, [], 0
-    for p in pieces:
+    for p, cut in zip(pieces, open_ended):
         docs = flat[k : k + len(p)]
         k += len(p)
         ids = np.empty(sum(len(d) + 1 for d in docs), dtype=np.uint16)
@@ -80,7 +87,7 @@ def encode_rows(rows: list[str], tokenizer=None, num_threads: int | None = None)
             ids[j : j + len(d)] = d
             ids[j + len(d)] = eot
             j += len(d) + 1
-        out.append(ids)
+        out.append(ids[:-1] if cut else ids)
     return out
 
 

@@ -285,6 +285,30 @@ def _bad(bundle, tmp_path, edit):
      "no random baseline for task 'schema_task'"),
     (lambda b: (b / "eval_data" / "reading" / "lm.jsonl").write_text('{"context": null, "continuation": "x"}\n'),
      "lm.jsonl line 1: context must be text for a language_modeling task, got null"),
+    # Right answers or one line on malformed bundles: a label used twice (CORE would average the wrong entries)
+    (lambda b: (b / "core.yaml").write_text((b / "core.yaml").read_text().replace("label: schema_task",
+                                                                                  "label: mc_task")),
+     "the label 'mc_task' is taken by an earlier task"),
+    # dataset_uri is confined to the bundle: a relative escape, an absolute path, a link that points out
+    (lambda b: (b / "core.yaml").write_text((b / "core.yaml").read_text().replace("dataset_uri: mc.jsonl",
+                                                                                  "dataset_uri: ../../mc.jsonl")),
+     "dataset_uri '../../mc.jsonl' points outside the bundle's eval_data folder"),
+    (lambda b: (b / "core.yaml").write_text((b / "core.yaml").read_text().replace(
+        "dataset_uri: mc.jsonl", f"dataset_uri: {b / 'eval_data' / 'mc.jsonl'}")), "points outside the bundle"),
+    (lambda b: ((b / "eval_data" / "mc.jsonl").unlink(), (b / "eval_data" / "mc.jsonl").symlink_to(b.parent / "x")),
+     "points outside the bundle"),
+    # A language-modelling item with a gold index (and no choices) is read as what it is
+    (lambda b: (b / "eval_data" / "reading" / "lm.jsonl").write_text('{"context": "a", "continuation": "b", "gold": 0}\n'),
+     "2 few-shot examples need 3 items, it has 1"),
+    # Memory bounded by what the model sees: a line far longer than any item, a file larger than any task
+    (lambda b: (b / "eval_data" / "mc.jsonl").write_text('{"query": "' + "x" * (5 << 20) + '"}\n'),
+     "mc.jsonl line 1 is longer than 4 Mi characters"),
+    (lambda b: (b / "eval_data" / "mc.jsonl").open("wb").truncate(3 << 30), "mc.jsonl is larger than 256 MiB"),
+    # core.yaml is a settings file: no YAML aliases (a few lines that expand to gigabytes), a size cap
+    (lambda b: (b / "core.yaml").write_text("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a]\n"
+                                            "icl_tasks: [*b, *b, *b, *b, *b, *b, *b, *b]\n"),
+     "aliases (*name) are not accepted"),
+    (lambda b: (b / "core.yaml").write_text("# " + "x" * (2 << 20) + "\n"), "core.yaml is larger than 1 MiB"),
 ])
 def test_a_malformed_bundle_is_one_line_before_any_model_work(bundle, tmp_path, capsys, edit, fragment):
     bad = _bad(bundle, tmp_path, edit)

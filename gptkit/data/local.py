@@ -14,6 +14,7 @@ in a file loaded with `--plugin FILE`. Its compressed forms come for free.
 from __future__ import annotations
 
 import bz2
+import codecs
 import contextlib
 import glob
 import gzip
@@ -23,6 +24,7 @@ import itertools
 import json
 import lzma
 import os
+import re
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -33,11 +35,24 @@ from gptkit.data.sources import DataOptions, DataSource, SourceKind, first_line,
 from gptkit.errors import UserError
 from gptkit.files import no_such_path, sha256_file, walk_files
 from gptkit.registry import Registry
+from gptkit.tokenizer import Continued
 
 # Local files up to this size are hashed whole for the cache's source identity; larger ones by their
 # size, first and last 4 MiB and 16 evenly spaced 64 KiB samples (an edit elsewhere that keeps the
 # size goes unnoticed there). A file whose size and mtime match the manifest is not hashed again.
 FULL_HASH_BYTES = 64 << 20
+# Memory goes to what the model sees, whatever the file: a .txt file larger than TEXT_PIECE characters
+# is read in pieces of about that size, cut only where the tokenizer splits anyway (a space or a line
+# break between two other characters), so the tokens equal those of the whole text. A stretch of more
+# than MAX_UNCUT characters with no such place (a file of zeros, one giant "word") is refused, and so is
+# a JSON line longer than MAX_JSON_LINE characters or a whole-JSON file larger than MAX_JSON_DOCUMENT.
+TEXT_PIECE = 8 << 20
+MAX_UNCUT = 64 << 20
+MAX_JSON_LINE = 128 << 20
+MAX_JSON_DOCUMENT = 512 << 20
+# Where a text may be cut: before a space, or after a line break, with no other whitespace beside it
+# (the pattern starts with its character so that the regex engine skips ahead to candidates fast).
+SAFE_CUT = re.compile(r"[ \n](?<=\S[ \n])(?=\S)")
 
 
 @dataclass(frozen=True)
@@ -219,8 +234,40 @@ register_source(SourceKind("local", claims, resolve, identity, rows, probe))
 
 
 def _txt_rows(stream: BinaryIO, path: str, column: str, batch_size: int) -> Iterator[list[str]]:
-    # A whole .txt file is one row (prep_dataset output separates books with <|endoftext|> inside).
-    yield [stream.read().decode("utf-8")]
+    """A .txt file is one row (prep_dataset output separates books with <|endoftext|> inside); one
+    larger than TEXT_PIECE characters is several `Continued` rows (each under 2 x TEXT_PIECE), cut
+    where tokens split anyway."""
+    decoder, text, searched = codecs.getincrementaldecoder("utf-8")(), "", 1
+    while raw := stream.read(TEXT_PIECE):
+        text += decoder.decode(raw)
+        if len(text) <= TEXT_PIECE:
+            continue
+        cut = last_safe_cut(text, searched)
+        if cut is None:  # none yet: look only at what comes next
+            if len(text) > MAX_UNCUT:
+                raise UserError(f"{path} has a stretch of over {MAX_UNCUT >> 20} Mi characters with no space or line "
+                                "break to cut it at (binary data, or one giant word?); it is not text the model can "
+                                "learn from: remove it, or break it into lines")
+            searched = max(1, len(text) - 2)
+            continue
+        yield [Continued(text[:cut])]
+        text, searched = text[cut:], 1
+    yield [text + decoder.decode(b"", final=True)]
+
+
+def last_safe_cut(text: str, lo: int = 1) -> int | None:
+    """The last place in text[lo:] (never its start) where it may be cut without changing its tokens."""
+    window = 4096
+    while True:
+        start = max(lo, len(text) - window)
+        last = None
+        for last in SAFE_CUT.finditer(text, start):  # noqa: B007 (the last match is what we want)
+            pass
+        if last is not None:
+            return last.start() if last.group() == " " else last.end()
+        if start == lo:
+            return None
+        window *= 16
 
 
 def _txt_probe(stream: BinaryIO, path: str, column: str) -> None:
@@ -230,13 +277,17 @@ def _txt_probe(stream: BinaryIO, path: str, column: str) -> None:
 def _json_rows(stream: BinaryIO, path: str, column: str, batch_size: int) -> Iterator[list[str]]:
     """JSON lines, a JSON array of objects, or one object of columns ({"text": [...], ...})."""
     f = io.TextIOWrapper(stream, encoding="utf-8")
-    head = _head_lines(f)  # whole lines, without seeking back: compressed streams read forward only
+    head = _head_lines(f, path)  # whole lines, without seeking back: compressed streams read forward only
     start = "".join(head).lstrip()
     if start.startswith(("[", "{")) and not _first_line_parses(start):
-        yield _whole_json("".join(head) + f.read(), path, column)
+        rest = f.read(MAX_JSON_DOCUMENT + 1)
+        if len(rest) > MAX_JSON_DOCUMENT:
+            raise UserError(f"{path} is one JSON document of over {MAX_JSON_DOCUMENT >> 20} Mi characters, which is "
+                            "read whole; write it as JSON lines (one record per line), which is read line by line")
+        yield _whole_json("".join(head) + rest, path, column)
         return
     batch = []
-    for lineno, line in enumerate(itertools.chain(head, f), 1):
+    for lineno, line in enumerate(itertools.chain(head, _bounded_lines(f, path)), 1):
         if not line.strip():
             continue
         try:
@@ -252,10 +303,19 @@ def _json_rows(stream: BinaryIO, path: str, column: str, batch_size: int) -> Ite
         yield batch
 
 
-def _head_lines(f, size: int = 1 << 16) -> list[str]:
-    lines, n = [], 0
+def _bounded_lines(f, path: str) -> Iterator[str]:
+    """The lines of a text stream, each refused in one line when longer than MAX_JSON_LINE characters."""
+    while line := f.readline(MAX_JSON_LINE + 1):
+        if len(line) > MAX_JSON_LINE:
+            raise UserError(f"{path} has a line of over {MAX_JSON_LINE >> 20} Mi characters; a record that large is not "
+                            "a document to train on (split it, or remove it)")
+        yield line
+
+
+def _head_lines(f, path: str, size: int = 1 << 16) -> list[str]:
+    lines, n, more = [], 0, _bounded_lines(f, path)
     while n < size:
-        line = f.readline()
+        line = next(more, "")
         if not line:
             break
         lines.append(line)
@@ -298,7 +358,7 @@ def _text_of(record, column: str, path: str, where: int) -> str:
 
 def _json_probe(stream: BinaryIO, path: str, column: str) -> None:
     f = io.TextIOWrapper(stream, encoding="utf-8")
-    first = next((ln for ln in f if ln.strip()), "")
+    first = next((ln for ln in _bounded_lines(f, path) if ln.strip()), "")
     if first.strip() and _first_line_parses(first):  # JSON lines (a whole document is checked when read)
         record = json.loads(first)
         for r in (record if isinstance(record, list) else [record])[:1]:
@@ -306,8 +366,19 @@ def _json_probe(stream: BinaryIO, path: str, column: str) -> None:
 
 
 def _parquet_file(stream: BinaryIO, path: str, column: str):
+    """A parquet file reads its footer first, then row groups anywhere: a compressed one is decompressed
+    (in bounded pieces) into a temp file first, which is seekable and fast to seek (gzip's own seek
+    re-reads from the start; zstd's cannot go back at all)."""
     import pyarrow.parquet as pq
 
+    if format_of(path)[1]:
+        import shutil
+        import tempfile
+
+        plain = tempfile.TemporaryFile(prefix="gptkit-parquet-")  # gone when closed, even after a kill
+        shutil.copyfileobj(stream, plain, 8 << 20)
+        plain.seek(0)
+        stream = plain
     try:
         pf = pq.ParquetFile(stream)
     except Exception as e:

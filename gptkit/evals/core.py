@@ -31,8 +31,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gptkit.config import at_least, setting
-from gptkit.errors import UserError
+from gptkit.config import at_least, read_settings_file, setting
+from gptkit.errors import UserError, excerpt
 from gptkit.evals import EvalSpec, register_eval, scorer
 from gptkit.tokenizer import EOT_ID, get_tokenizer
 
@@ -41,6 +41,10 @@ TYPES = ("multiple_choice", "schema", "language_modeling")
 FIELDS = {"multiple_choice": (("query", str), ("choices", list), ("gold", int)),
           "schema": (("context_options", list), ("continuation", str), ("gold", int)),
           "language_modeling": (("context", str), ("continuation", str))}
+# Memory goes to what the model sees: a task file is at most MAX_TASK_FILE bytes and an item (a line) at
+# most MAX_ITEM_LINE characters (the real bundle's largest task is a few MB, its longest item a few KB).
+MAX_TASK_FILE = 256 << 20
+MAX_ITEM_LINE = 4 << 20
 
 
 @dataclass
@@ -98,30 +102,29 @@ def read_bundle(bundle, labels: str | None = None, max_per_task: int | None = No
 
 
 def _task_list(path: Path) -> list[dict]:
-    import yaml
-
-    try:
-        config = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not valid YAML ({str(e).splitlines()[0][:100]})")
+    config = read_settings_file(path, str(path))  # size-capped, no YAML aliases
     tasks = config.get("icl_tasks") if isinstance(config, dict) else None
     if not isinstance(tasks, list):
         raise UserError(f"{path} has no icl_tasks list; is it the eval bundle's core.yaml?")
-    out = []
+    out, seen = [], set()
     for i, t in enumerate(tasks, 1):
         where = f"{path} task {i}"
         if not isinstance(t, dict) or not all(isinstance(t.get(k), str) for k in ("label", "dataset_uri")):
             raise UserError(f"{where}: needs a label and a dataset_uri")
         if t.get("icl_task_type") not in TYPES:
-            raise UserError(f"{where} ({t['label']}): icl_task_type {t.get('icl_task_type')!r} is not one of "
+            raise UserError(f"{where} ({excerpt(t['label'])}): icl_task_type {t.get('icl_task_type')!r} is not one of "
                             f"{', '.join(TYPES)}")
         shots = t.get("num_fewshot", [0])
         shots = shots[0] if isinstance(shots, list) and shots else shots
         if isinstance(shots, bool) or not isinstance(shots, int) or shots < 0:
-            raise UserError(f"{where} ({t['label']}): num_fewshot {t.get('num_fewshot')!r} is not a whole number >= 0")
+            raise UserError(f"{where} ({excerpt(t['label'])}): num_fewshot {t.get('num_fewshot')!r} is not a whole number >= 0")
         delimiter = t.get("continuation_delimiter", " ")
         if not isinstance(delimiter, str):
-            raise UserError(f"{where} ({t['label']}): continuation_delimiter must be text")
+            raise UserError(f"{where} ({excerpt(t['label'])}): continuation_delimiter must be text")
+        if t["label"] in seen:
+            raise UserError(f"{where}: the label {excerpt(t['label'])} is taken by an earlier task; each task needs its "
+                            "own (CORE averages the tasks by label)")
+        seen.add(t["label"])
         out.append({"label": t["label"], "kind": t["icl_task_type"], "uri": t["dataset_uri"], "fewshot": shots,
                     "delimiter": delimiter})
     return out
@@ -146,10 +149,25 @@ def _baselines(path: Path) -> dict[str, float]:
     return out
 
 
-def _task(root: Path, e: dict, baseline: float, max_per_task: int | None) -> Task:
-    path = root / "eval_data" / e["uri"]
+def _task_file(root: Path, e: dict) -> Path:
+    """A task's data file: inside the bundle's eval_data folder (where it points too, if a link), a file
+    of at most MAX_TASK_FILE bytes."""
+    uri, data_dir = e["uri"], root / "eval_data"
+    path = data_dir / uri
+    inside = not Path(uri).is_absolute() and ".." not in Path(uri).parts
+    if not inside or not path.resolve().is_relative_to(data_dir.resolve()):
+        raise UserError(f"{root / 'core.yaml'}: task {e['label']}'s dataset_uri {excerpt(uri)} points outside the "
+                        f"bundle's eval_data folder; a bundle reads only its own files")
     if not path.is_file():
         raise UserError(f"{path} is missing: task {e['label']}'s data (dataset_uri {e['uri']} in core.yaml)")
+    if path.stat().st_size > MAX_TASK_FILE:
+        raise UserError(f"{path} is larger than {MAX_TASK_FILE >> 20} MiB, far larger than any task of the DCLM bundle; "
+                        "is it the right file?")
+    return path
+
+
+def _task(root: Path, e: dict, baseline: float, max_per_task: int | None) -> Task:
+    path = _task_file(root, e)
     data = _items(path, e["kind"])
     random.Random(1337).shuffle(data)
     if max_per_task:
@@ -165,7 +183,12 @@ def _items(path: Path, kind: str) -> list[dict]:
     out = []
     with open(path, encoding="utf-8") as f:
         try:
-            for lineno, line in enumerate(f, 1):
+            lineno = 0
+            while line := f.readline(MAX_ITEM_LINE + 1):
+                lineno += 1
+                if len(line) > MAX_ITEM_LINE:
+                    raise UserError(f"{path} line {lineno} is longer than {MAX_ITEM_LINE >> 20} Mi characters; an item "
+                                    "of the DCLM bundle is a few KB: is it the right file?")
                 if line.strip():
                     out.append(_item(line, path, lineno, kind))
         except UnicodeDecodeError as e:
@@ -188,8 +211,8 @@ def _item(line: str, path: Path, lineno: int, kind: str) -> dict:
         if not ok or (kind_of is list and not (value and all(isinstance(v, str) for v in value))):
             what = {str: "text", list: "a non-empty list of texts", int: "a whole number"}[kind_of]
             raise UserError(f"{path} line {lineno}: {name} must be {what} for a {kind} task, got {_show(value)}")
-    options = item.get("choices", item.get("context_options"))
-    if "gold" in item and not 0 <= item["gold"] < len(options):
+    options = item.get("choices", item.get("context_options")) if kind != "language_modeling" else None
+    if options is not None and not 0 <= item["gold"] < len(options):
         raise UserError(f"{path} line {lineno}: gold {item['gold']} is out of range for its {len(options)} options")
     return item
 
