@@ -77,7 +77,7 @@ from gptkit.optim import OPTIMIZERS, OptimizerSpec, optimizer_spec, register_opt
 from gptkit.optim.adamw import make_adamw
 from gptkit.planner import TrainSetup, checkpoint_bytes, largest_micro_batch, memory_plan, memory_report, optimizer_state_bytes_of
 from gptkit.progress import PlainProgress, progress_bar, progress_write
-from gptkit.run import Evaluation, check_run, open_run, plot_losses, run_training, vocab_multiple_for
+from gptkit.run import Evaluation, check_resume, check_run, holding, open_run, plot_losses, run_training, vocab_multiple_for
 from gptkit.runtime import (
                                      DTYPES,
                                      Runtime,

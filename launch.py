@@ -24,6 +24,7 @@ if __name__ == "__main__":
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +57,7 @@ def quiet_torchrun() -> None:
 
 
 def main(argv=None) -> dict:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -64,13 +66,16 @@ def main(argv=None) -> dict:
         raise UserError(f"{targs.training_script}: no such script")
     checked = check(targs.training_script, list(targs.training_script_args))
     quiet_torchrun()
-    failure = None
+    failure = signalled = None
     try:
         run(targs)
     except ChildFailedError as e:
         failure = e
+    except SignalException as e:  # a scheduler's SIGTERM: torchrun passed it on and its workers saved and stopped
+        signalled = 128 + int(e.sigval)
+        print(f"launch.py: {signal.Signals(e.sigval).name} received and passed on to the workers", file=sys.stderr)
     info = read_run_info(checked["run_dir"]) if Path(checked["run_dir"]).is_dir() else None
-    code = _exit_code(info, failure, checked["run_dir"])
+    code = _exit_code(info, failure, checked["run_dir"]) if info is not None or signalled is None else signalled
     return {"exit_code": code, "run_dir": checked["run_dir"], "status": (info or {}).get("status")}
 
 

@@ -41,11 +41,11 @@ from gptkit.data import cache as token_cache
 from gptkit.data.sources import SOURCES, resolve_source
 from gptkit.gutenberg.prepare import prepare_default_corpus
 from gptkit.optim import build_optimizer, measured_state_bytes, optimizer_spec
-from gptkit.planner import TrainSetup, memory_report
+from gptkit.planner import TrainSetup, machine_memory, memory_report, refuse_unfittable
 from gptkit.plugins import preload
 from gptkit.schedules import lr_function, resolve
 from gptkit.sinks import SinkConfig, git_hash, library_versions, start_sinks
-from gptkit.weights import new_model
+from gptkit.weights import check_init_from, new_model
 
 SCRIPT = "pretraining_advanced"
 DEFAULTS = dict(model="124M", batch_size=32, seed=1337, eval_every=500, eval_iters=20, sample_every=1000,
@@ -140,8 +140,6 @@ def check_combinations(s: Settings, given: set[str]) -> None:
     refuse_together(given, ("grad_accum", "total_batch_tokens", "--total_batch_tokens sets the accumulation for the "
                                                                 "device count"),
                     ("max_steps", "train_tokens", "--train_tokens sets the number of steps"))
-    # a setting the schedule ignores, --min_lr above --lr
-    resolve(s.shared.schedule, s.shared.optim.lr, 1, given, s.shared.schedule_config)
     spec = optimizer_spec(s.shared.optim.optimizer)
     if s.scale.fsdp and spec.fsdp:
         raise gt.UserError(spec.fsdp)
@@ -279,6 +277,8 @@ def main(argv=None) -> dict:
         return estimate_memory(s)
     if s.shared.run.check:
         return check(s)
+    if int(os.environ.get("RANK", "0")) == 0:  # the others wait for rank 0 to claim the run folder
+        inputs_ok(s)
     rank, world, local_rank = rt.setup_distributed(s.shared.runtime.device, s.scale.fsdp, s.scale.cpu_offload,
                                                    s.scale.dist_timeout_min)
     try:
@@ -288,17 +288,38 @@ def main(argv=None) -> dict:
     return result
 
 
+def inputs_ok(s: Settings) -> None:
+    """The device, the data source (resolved with its settings and probed), the model's size against the
+    machine, --init_from's config and the batch plan, all read and planned, nothing allocated: what a
+    run checks before it touches its run folder, and --check too. One error line for the first wrong."""
+    sh, d = s.shared, s.data
+    device = gt.resolve_device(sh.runtime.device)
+    if d.data != "gutenberg":
+        resolve_source(d.data, d.text_column, d.data_mix, d.smollm_dir, s.sources, sh.given).probe()
+    cfg = sh.model_config
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    setup = train_setup(s, world if s.scale.fsdp else 1, cuda=device.type == "cuda")
+    memory, where = machine_memory(device.type), f"this machine's {device.type} memory"
+    if s.scale.gpu_memory_gb and device.type == "cuda":
+        memory = s.scale.gpu_memory_gb * 2**30
+    if s.scale.cpu_offload:  # the whole state lives in the host's memory
+        setup = dataclasses.replace(setup, cpu_offload=False, fsdp=False, world_size=1)
+        memory, where = machine_memory("cpu"), "the host's memory"
+    refuse_unfittable(cfg, setup, memory, where)
+    if sh.run.init_from:
+        check_init_from(cfg, sh.run.init_from)
+    plan_batch(s, cfg, world)
+
+
 def check(s: Settings) -> dict:
     """--check: the data source, --init_from and the run folder, as the run would see them (in this one
     process, before any worker starts); no cache is built, nothing is trained or written."""
     sh, d = s.shared, s.data
-    gt.resolve_device(sh.runtime.device)
-    if d.data != "gutenberg":
-        resolve_source(d.data, d.text_column, d.data_mix, d.smollm_dir, s.sources, sh.given).probe()
+    inputs_ok(s)
     cfg = sh.model_config
-    model = new_model(cfg, sh.run.init_from, log=lambda *_: None)
     run_dir = sh.run.run_dir or gt.default_run_dir(SCRIPT, s.args, build_parser())
-    what = f"model {sh.model.model} ({gt.count_parameters(model)['total'] / 1e6:.1f}M parameters) | data {d.data}"
+    what = (f"model {sh.model.model} ({gt.count_parameters_from_config(cfg)['total'] / 1e6:.1f}M parameters) | "
+            f"data {d.data}")
     return gt.check_run(run_dir, cfg, sh.run.resume, sh.run.overwrite, optimizer_spec(sh.optim.optimizer).kind,
                         sh.model.pad_vocab, what, sh.plugins)
 
@@ -314,17 +335,19 @@ def train(s: Settings, rank: int, world: int, local_rank: int) -> dict:
     plan = plan_batch(s, cfg, world)
     run_dir = sh.run.run_dir or gt.default_run_dir(SCRIPT, s.args, build_parser())
     ckpt_bytes = gt.checkpoint_bytes(cfg, sh.optim.optimizer, sh.optimizer_config) // (world if s.scale.fsdp else 1)
+    kind = optimizer_spec(sh.optim.optimizer).kind
     run = gt.open_run(runtime, run_dir, SCRIPT, gt.args_to_dict(s.args), sh.run.resume, sh.run.overwrite,
-                      sh.run.keep_last, ckpt_bytes, sh.plugins)
+                      sh.run.keep_last, ckpt_bytes, sh.plugins,
+                      accept=lambda ckpt: gt.check_resume(ckpt, cfg, kind, sh.model.pad_vocab))
     closers = []
-    try:
-        cfg = dataclasses.replace(cfg, vocab_multiple=gt.vocab_multiple_for(sh.model.pad_vocab, runtime, run))
-        return train_in(run, s, cfg, runtime, plan, closers)
-    finally:
-        for close in closers:
-            with contextlib.suppress(Exception):
-                close()
-        run.release()
+    with gt.holding(run):
+        try:
+            cfg = dataclasses.replace(cfg, vocab_multiple=gt.vocab_multiple_for(sh.model.pad_vocab, runtime, run))
+            return train_in(run, s, cfg, runtime, plan, closers)
+        finally:
+            for close in closers:
+                with contextlib.suppress(Exception):
+                    close()
 
 
 def train_in(run: gt.RunFolder, s: Settings, cfg: gt.GPTConfig, runtime: gt.Runtime, plan: BatchPlan, closers: list) -> dict:
@@ -352,7 +375,7 @@ def train_in(run: gt.RunFolder, s: Settings, cfg: gt.GPTConfig, runtime: gt.Runt
         peak_flops=rt.peak_flops_for(runtime.device, s.scale.peak_tflops, warn=say),
         evaluations=tuple(evals.build(s.evals, runtime)),
         run_info={"script": SCRIPT, "args": gt.args_to_dict(s.args), "world_size": runtime.world_size,
-                  "optimizer": spec.name, "plugins": [p.record() for p in sh.plugins],
+                  "optimizer": spec.name, "dtype": runtime.dtype, "plugins": [p.record() for p in sh.plugins],
                   "schedule": {"name": sched_spec.name, **dataclasses.asdict(schedule)}})
     if runtime.world_size > 1 and not runtime.fsdp:  # (FSDP ranks hold different shards by design)
         result["weights_in_sync"] = rt.weights_in_sync(gt.unwrap_model(model), runtime.world_size)

@@ -30,9 +30,10 @@ from gptkit.data import cache as token_cache
 from gptkit.data.sources import DataSource
 from gptkit.gutenberg.prepare import DEFAULT_CLEAN_DIR, prepare_default_corpus
 from gptkit.optim import build_optimizer, optimizer_spec
+from gptkit.planner import TrainSetup, machine_memory, refuse_unfittable
 from gptkit.plugins import preload
 from gptkit.schedules import lr_function, resolve
-from gptkit.weights import new_model
+from gptkit.weights import check_init_from, new_model
 
 SCRIPT = "pretraining_simple"
 DEFAULTS = dict(model="small", batch_size=16, seed=123, eval_every=50, eval_iters=10, sample_every=200, save_every=500,
@@ -109,23 +110,36 @@ def main(argv=None) -> dict:
     run_dir = sh.run.run_dir or gt.default_run_dir(SCRIPT, s.args, build_parser())
     if sh.run.check:
         return check(s, cfg, run_dir)
+    inputs_ok(s, cfg)  # what --check checks, before the run folder is touched (the folder: as it is claimed)
     runtime = gt.setup_runtime(sh.runtime.device, sh.runtime.dtype, sh.runtime.compile)
+    kind = optimizer_spec(sh.optim.optimizer).kind
     run = gt.open_run(runtime, run_dir, SCRIPT, gt.args_to_dict(s.args), sh.run.resume, sh.run.overwrite,
-                      sh.run.keep_last, gt.checkpoint_bytes(cfg, sh.optim.optimizer, sh.optimizer_config), sh.plugins)
-    try:
+                      sh.run.keep_last, gt.checkpoint_bytes(cfg, sh.optim.optimizer, sh.optimizer_config), sh.plugins,
+                      accept=lambda ckpt: gt.check_resume(ckpt, cfg, kind, sh.model.pad_vocab))
+    with gt.holding(run):
         cfg = dataclasses.replace(cfg, vocab_multiple=gt.vocab_multiple_for(sh.model.pad_vocab, runtime, run))
         return train(s, cfg, runtime, run)
-    finally:
-        run.release()
+
+
+def inputs_ok(s: Settings, cfg: gt.GPTConfig) -> list[Path] | None:
+    """The device, the data folder, the model's size against the machine and --init_from's config, read
+    and planned, nothing allocated: one error line for the first that is wrong."""
+    sh = s.shared
+    device = gt.resolve_device(sh.runtime.device)
+    files = corpus_files(s.data.data_dir) if s.data.data_dir is not None else None
+    setup = TrainSetup(batch_size=sh.batch.batch_size, dtype="fp32", optimizer=sh.optim.optimizer,
+                       optimizer_config=sh.optimizer_config, cuda=device.type == "cuda")
+    refuse_unfittable(cfg, setup, machine_memory(device.type), f"this machine's {device.type} memory")
+    if sh.run.init_from:
+        check_init_from(cfg, sh.run.init_from)
+    return files
 
 
 def check(s: Settings, cfg: gt.GPTConfig, run_dir: Path) -> dict:
     """--check: the data folder, --init_from and the run folder, as the run would see them; no training."""
     sh = s.shared
-    gt.resolve_device(sh.runtime.device)
-    files = corpus_files(s.data.data_dir) if s.data.data_dir is not None else None
-    model = new_model(cfg, sh.run.init_from, log=lambda *_: None)
-    what = (f"model {sh.model.model} ({gt.count_parameters(model)['total'] / 1e6:.1f}M parameters) | data "
+    files = inputs_ok(s, cfg)
+    what = (f"model {sh.model.model} ({gt.count_parameters_from_config(cfg)['total'] / 1e6:.1f}M parameters) | data "
             f"{f'{len(files)} file(s) in {s.data.data_dir}' if files else 'the embedded Gutenberg sample'}")
     return gt.check_run(run_dir, cfg, sh.run.resume, sh.run.overwrite, optimizer_spec(sh.optim.optimizer).kind,
                         sh.model.pad_vocab, what, sh.plugins)
@@ -155,6 +169,7 @@ def train(s: Settings, cfg: gt.GPTConfig, runtime: gt.Runtime, run: gt.RunFolder
                              lr_fn=lr_function(sched_spec, schedule), optimizer_spec=spec,
                              evaluations=tuple(evals.build(s.evals, runtime)),
                              run_info={"script": SCRIPT, "args": gt.args_to_dict(s.args), "optimizer": spec.name,
+                                       "dtype": runtime.dtype,
                                        "plugins": [p.record() for p in sh.plugins],
                                        "schedule": {"name": sched_spec.name, **dataclasses.asdict(schedule)}})
     if not result["stop_reason"]:

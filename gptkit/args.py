@@ -23,7 +23,7 @@ from gptkit.model import PRESETS, GPTConfig, get_config
 from gptkit.optim import OPTIMIZERS, OptimArgs, optimizer_spec
 from gptkit.parts import ARCHS
 from gptkit.plugins import add_plugin_flag
-from gptkit.schedules import SCHEDULES, ScheduleConfig, schedule_spec
+from gptkit.schedules import SCHEDULES, ScheduleConfig, resolve, schedule_spec
 
 
 @dataclass
@@ -34,8 +34,10 @@ class RunArgs:
     resume: str | None = setting(None, "'auto' (newest valid checkpoint in --run_dir) or a checkpoint path")
     overwrite: bool = setting(False, "start over in a --run_dir that holds another run: its files are moved to "
                                      "previous/, not deleted")
-    init_from: str | None = setting(None, "start from weights only: gpt2, gpt2-medium, gpt2-large, gpt2-xl, a HF GPT-2 "
-                                          "folder or a checkpoint (the --model preset must match them)")
+    init_from: str | None = setting(None, "start from weights only: gpt2, gpt2-medium, gpt2-large, gpt2-xl, a Hugging "
+                                          "Face GPT-2, Llama, Qwen3 or Mistral folder, or a checkpoint (the model "
+                                          "flags must describe the same model; a rotary model may train at another "
+                                          "context)")
     save_every: int = setting(500, "checkpoint every N steps, besides the end and a signal (0: only those)",
                               aliases=("--save_ckpt_freq",), check=(at_least(0), ">= 0"))
     keep_last: int = setting(3, "this run's checkpoints kept in --run_dir (0: all)", check=(at_least(0), ">= 0 (0: keep all)"))
@@ -118,6 +120,47 @@ def model_config(m: ModelArgs, args: argparse.Namespace, given: set[str]) -> GPT
     overrides = {**dict(n_layers=m.n_layers, n_heads=m.n_heads, emb_dim=m.emb_dim), **sizes}
     return get_config(m.model, **overrides, context_length=m.context_length, drop_rate=m.drop_rate, flash=m.flash,
                       activation_checkpointing=m.activation_checkpointing, **fields, parts=parts)
+
+
+# The flags that set each architecture field, besides the field's own flag (--arch sets every part).
+SETTERS = {"n_layers": ("model", "depth"), "emb_dim": ("model", "depth"), "n_heads": ("model", "depth"),
+           "context_length": ("model",), **{k: ("arch",) for k in PART_FLAGS}}
+NOT_WEIGHTS = ("init", "vocab_multiple")  # what --init_from's weights replace, or the run chooses itself
+
+
+def start_config(cfg: GPTConfig, source: str, given: set[str]) -> GPTConfig:
+    """The model --init_from describes, as litgpt takes it: every architecture field and part setting
+    from the source (a checkpoint, an export, a Hugging Face folder), so no flag needs typing. A flag
+    typed that disagrees with it is refused in one line naming the flag; the context may differ where
+    the positions allow it (rotary: any length; a learned table: its own length only)."""
+    from gptkit.model import ARCH_FIELDS
+    from gptkit.weights import source_config
+
+    src = source_config(source)
+    out = {}
+    for k in ARCH_FIELDS:
+        theirs, ours = src.get(k, getattr(GPTConfig, k, None)), getattr(cfg, k)
+        typed = [f for f in (k, *SETTERS.get(k, ())) if f in given]
+        if k in NOT_WEIGHTS or theirs == ours or k == "parts":
+            continue
+        if k == "context_length" and src.get("position") == "rotary":
+            continue  # rotary positions train at any context: the one the flags (or the preset) give
+        if typed:
+            raise UserError(f"--{typed[0]} disagrees with --init_from {source}, whose model has {k}={theirs} (this "
+                            f"flag makes it {ours}); drop --{typed[0]}: the model comes from --init_from")
+        out[k] = theirs
+    return dataclasses.replace(cfg, **out, parts=_start_parts(cfg.parts, src.get("parts") or {}, source, given))
+
+
+def _start_parts(ours: dict, theirs: dict, source: str, given: set[str]) -> dict:
+    """The source's part settings; one typed on the command line must agree."""
+    for part, values in theirs.items():
+        for field, value in values.items():
+            flag = flag_name(part, field)
+            if flag in given and ours.get(part, {}).get(field) != value:
+                raise UserError(f"--{flag} disagrees with --init_from {source}, whose model has {value}; drop --{flag}: "
+                                "the model comes from --init_from")
+    return {k: dict(v) for k, v in theirs.items()}
 
 
 def _part_settings(spec, arch_values: dict, args: argparse.Namespace, given: set[str]) -> dict:
@@ -244,10 +287,15 @@ def shared_settings(args: argparse.Namespace, given: set[str], plugins: list | N
     if "resume" in given and "init_from" in given:
         raise UserError("--resume and --init_from cannot be used together: --resume continues a run (weights, "
                         "optimizer, data position), --init_from starts a new one from weights only")
-    model = from_args(ModelArgs, args)
-    return SharedSettings(from_args(RunArgs, args), model, from_args(BatchArgs, args), optim, settings(spec, args),
-                          schedule, settings(schedule_spec(schedule.schedule), args), from_args(RuntimeArgs, args),
-                          from_args(LogArgs, args), given, model_config(model, args, given), list(plugins or []),
+    schedule_config = settings(schedule_spec(schedule.schedule), args)
+    resolve(schedule, optim.lr, 1, given, schedule_config)  # a setting the schedule ignores, --min_lr above --lr
+    model, run = from_args(ModelArgs, args), from_args(RunArgs, args)
+    cfg = model_config(model, args, given)
+    if run.init_from:
+        cfg = start_config(cfg, run.init_from, given)
+    return SharedSettings(run, model, from_args(BatchArgs, args), optim, settings(spec, args),
+                          schedule, schedule_config, from_args(RuntimeArgs, args),
+                          from_args(LogArgs, args), given, cfg, list(plugins or []),
                           {name: settings(spec, args) for name, spec in STEP_METRICS.configured()})
 
 

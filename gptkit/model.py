@@ -256,8 +256,13 @@ def count_parameters(model: GPTModel) -> dict[str, int]:
 
 
 def count_parameters_from_config(cfg: GPTConfig) -> dict[str, int]:
-    with torch.device("meta"):
-        return count_parameters(GPTModel(cfg))
+    """count_parameters without allocating: a model of one and of two blocks on the meta device (every
+    block is built alike), so a config of 10,000 layers is counted in milliseconds."""
+    if cfg.n_layers <= 2:
+        with torch.device("meta"):
+            return count_parameters(GPTModel(cfg))
+    one, two = (count_parameters_from_config(dataclasses.replace(cfg, n_layers=n)) for n in (1, 2))
+    return {k: one[k] + (cfg.n_layers - 1) * (two[k] - one[k]) for k in one}
 
 
 def flops_per_token(cfg: GPTConfig, seq_len: int | None = None) -> float:
@@ -289,9 +294,16 @@ def block_matrices(named_parameters) -> list[tuple[str, torch.nn.Parameter]]:
 
 @functools.lru_cache(maxsize=16)
 def _parameter_shapes(arch: str) -> tuple:
+    """A model of one block on the meta device, its block's shapes repeated for every block (every block
+    is built alike): fast for any depth."""
+    cfg = GPTConfig(**json.loads(arch))
     with torch.device("meta"):
-        model = GPTModel(GPTConfig(**json.loads(arch)))
-    return tuple((n, tuple(p.shape)) for n, p in model.named_parameters())
+        model = GPTModel(dataclasses.replace(cfg, n_layers=1))
+    shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    first = next(i for i, (n, _) in enumerate(shapes) if n.startswith("h.0."))
+    block = [(n[len("h.0."):], s) for n, s in shapes if n.startswith("h.0.")]
+    blocks = [(f"h.{i}.{n}", s) for i in range(cfg.n_layers) for n, s in block]
+    return tuple(shapes[:first] + blocks + [(n, s) for n, s in shapes[first:] if not n.startswith("h.0.")])
 
 
 def parameter_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:

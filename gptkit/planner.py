@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from gptkit.attention import DTYPE_BYTES, attention_spec
+from gptkit.errors import UserError
 from gptkit.model import GPTConfig, count_parameters_from_config, parameter_shapes
 from gptkit.optim import OPTIMIZERS, optimizer_spec
 
@@ -163,3 +164,26 @@ def memory_report(cfg: GPTConfig, setup: TrainSetup, memory: float) -> list[str]
         lines.append(f"  cheapest change that fits: {fix[0]} (micro-batch up to {fix[1]}; raise --grad_accum to keep the "
                      f"tokens per step)" if fix else "  nothing here makes it fit: use more GPUs or a smaller --model")
     return lines
+
+
+def machine_memory(device_type: str = "cpu") -> float:
+    """Bytes a run on this device can have: the GPU's memory, or the host's total RAM."""
+    if device_type == "cuda":
+        import torch
+
+        return float(torch.cuda.get_device_properties(0).total_memory)
+    import os
+
+    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def refuse_unfittable(cfg: GPTConfig, setup: TrainSetup, memory: float, where: str) -> None:
+    """One error line, before anything is allocated, for a model whose weights, gradients and optimizer
+    state alone (no batch at all) exceed `memory`: no micro-batch, precision or recomputation helps."""
+    plan = memory_plan(cfg, setup)
+    state = plan["parameters"] + plan["gradients"] + plan["optimizer"]
+    if state > memory:
+        params = count_parameters_from_config(cfg)["total"]
+        raise UserError(f"this model ({params / 1e6:,.0f}M parameters) needs {state / 2**30:,.1f} GiB for its weights, "
+                        f"gradients and {setup.optimizer} state alone, more than the {memory / 2**30:,.1f} GiB of "
+                        f"{where}; pick a smaller --model or --depth (--estimate_memory shows what fits)")

@@ -4,6 +4,7 @@ gptkit/trainer.py Trainer, fitted); the loss plot."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
@@ -36,10 +37,12 @@ class Evaluation:
 
 
 def open_run(runtime: Runtime, run_dir, script: str, settings: dict, resume: str | None = None,
-             overwrite: bool = False, keep_last: int = 3, checkpoint_bytes: int = 0, plugins=()) -> RunFolder:
-    """Claim the run folder on rank 0 (lock, ownership, --resume resolved once, run.json) and tell every
-    rank the run id and the checkpoint to resume from. Release it with `run.release()`. A process
-    group that torchrun restarted (--max_restarts) continues from the newest checkpoint by itself."""
+             overwrite: bool = False, keep_last: int = 3, checkpoint_bytes: int = 0, plugins=(),
+             accept: Callable[[dict], None] | None = None) -> RunFolder:
+    """Claim the run folder on rank 0 (lock, ownership, --resume resolved once, `accept(checkpoint)`
+    refusing a checkpoint of another model before anything is written, run.json) and tell every rank
+    the run id and the checkpoint to resume from. Release it with `run.release()` (or `holding(run)`).
+    A process group that torchrun restarted (--max_restarts) continues from its newest checkpoint."""
     say = progress_write if runtime.is_main else (lambda *_: None)
     run = RunFolder(run_dir, keep_last, log=say)
     if resume is None and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
@@ -47,7 +50,7 @@ def open_run(runtime: Runtime, run_dir, script: str, settings: dict, resume: str
         resume = "auto"
 
     def claim():
-        run.claim(script, settings, resume, overwrite, checkpoint_bytes, plugins)
+        run.claim(script, settings, resume, overwrite, checkpoint_bytes, plugins, accept)
         point = run.resume_point
         return run.run_id, str(point.path) if point else None
 
@@ -57,6 +60,20 @@ def open_run(runtime: Runtime, run_dir, script: str, settings: dict, resume: str
         if resume_path is not None:  # rank 0 verified the checksum; the others map the same file
             run.resume_point = ResumePoint(Path(resume_path), peek_checkpoint(resume_path))
     return run
+
+
+@contextlib.contextmanager
+def holding(run: RunFolder):
+    """The claimed run folder while the run uses it: released at the end; and a run that fails or is
+    refused before its first step (its checkpoint of another model, settings only the data can
+    contradict) leaves run.json as it found it (RunFolder.undo_claim)."""
+    try:
+        yield run
+    except BaseException:
+        run.undo_claim()
+        raise
+    finally:
+        run.release()
 
 
 def check_run(run_dir, cfg, resume: str | None, overwrite: bool, optimizer_kind: str, pad_vocab: bool | None,
@@ -71,11 +88,7 @@ def check_run(run_dir, cfg, resume: str | None, overwrite: bool, optimizer_kind:
     resumes = None
     if point is not None:
         ckpt = point.checkpoint
-        vm = cfg.vocab_multiple if pad_vocab is not None else int(ckpt["config"].get("vocab_multiple", 1))
-        check_config_matches(ckpt["config"], dataclasses.replace(cfg, vocab_multiple=vm))
-        saved = (ckpt.get("optimizer") or {}).get("kind") or ckpt.get("optimizer_kind")
-        if saved and saved != optimizer_kind:
-            OptimizerPart.check_kind_against(saved, optimizer_kind)
+        check_resume(ckpt, cfg, optimizer_kind, pad_vocab)
         if ckpt.get("sharded"):
             from gptkit.weights import load_sharded_weights
 
@@ -86,6 +99,16 @@ def check_run(run_dir, cfg, resume: str | None, overwrite: bool, optimizer_kind:
     result = {"check": "ok", "run_dir": str(run_dir), "resume": resumes}
     say(json.dumps(result))
     return result
+
+
+def check_resume(ckpt: dict, cfg, optimizer_kind: str, pad_vocab: bool | None) -> None:
+    """A checkpoint to resume is of this model (every part, the vocabulary padding --pad_vocab asks
+    for, else its own) and of this optimizer's kind: one error line otherwise."""
+    vm = (64 if pad_vocab else 1) if pad_vocab is not None else int(ckpt["config"].get("vocab_multiple", 1))
+    check_config_matches(ckpt["config"], dataclasses.replace(cfg, vocab_multiple=vm))
+    saved = (ckpt.get("optimizer") or {}).get("kind") or ckpt.get("optimizer_kind")
+    if saved and saved != optimizer_kind:
+        OptimizerPart.check_kind_against(saved, optimizer_kind)
 
 
 def vocab_multiple_for(pad_vocab: bool | None, runtime: Runtime, run: RunFolder) -> int:

@@ -224,17 +224,45 @@ def drop_events_after(path: Path, step: int) -> int:
     return dropped
 
 
+class Deferred:
+    """A sink made on its first record: a run refused before its first step (a bad resume, bad
+    settings) leaves train.log, TensorBoard's and W&B's files as they were."""
+
+    def __init__(self, start):
+        self.start, self.sink, self.closer = start, None, None
+
+    def __call__(self, kind: str, metrics: dict) -> None:
+        if self.sink is None:
+            self.closer, self.sink = self.start()
+        self.sink(kind, metrics)
+
+    def close(self) -> None:
+        if self.closer is not None:
+            self.closer()
+
+
 def start_sinks(cfg: SinkConfig, run: RunFolder, header: dict) -> tuple[list, list]:
-    """The log sinks this run asked for, and how to close each (rank 0 only)."""
+    """The log sinks this run asked for, and how to close each (rank 0 only). Each starts writing at
+    the run's first record (see Deferred)."""
     start_step = run.resume_point.checkpoint["step"] if run.resume_point else None
-    file_log = FileLog(run.dir / "train.log", header, start_step)
-    sinks, closers = [file_log], [file_log.close]
-    if cfg.wandb:
-        wb, sink = start_wandb(cfg, run, header)
-        sinks.append(sink)
-        closers.append(wb.finish)
-    if cfg.tensorboard:
+
+    def file_log():
+        log = FileLog(run.dir / "train.log", header, start_step)
+        return log.close, log
+
+    def tensorboard():
         writer, sink = start_tensorboard(run, start_step)
-        sinks.append(sink)
-        closers.append(writer.close)
-    return sinks, closers
+        return writer.close, sink
+
+    def wandb_run():
+        wb, sink = start_wandb(cfg, run, header)
+        return wb.finish, sink
+
+    if cfg.wandb:
+        try:
+            import wandb  # noqa: F401 (asked now: a missing package is said before the run starts)
+        except ImportError:
+            raise UserError("--wandb needs the wandb package: pip install -r requirements.txt")
+    sinks = [Deferred(start) for start, on in ((file_log, True), (wandb_run, cfg.wandb), (tensorboard, cfg.tensorboard))
+             if on]
+    return sinks, [s.close for s in sinks]

@@ -184,6 +184,7 @@ class Trainer:
         """The run: resume from the run folder's checkpoint, train, then losses.json, the plot and the
         run's status in run.json (a failure's too). result["exit_code"]: 0, or 143/130 after a signal."""
         self.resume()
+        self.run.started = True  # from here on the run's status tells what became of it
         try:
             self.train()
         except BaseException as e:

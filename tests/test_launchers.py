@@ -50,11 +50,17 @@ def uninterrupted(flags, tmp_path_factory):
     return _losses(run)
 
 
+LAUNCH = [sys.executable, str(ROOT / "launch.py"), "--standalone", "--nproc_per_node", "2"]
+
+
 def test_preempted_under_torchrun_the_requeue_recipe_resumes_exactly(flags, uninterrupted, tmp_path):
+    """A scheduler's SIGTERM to launch.py: the workers save and stop, launch.py exits 143 with one line
+    and no traceback of torch elastic's (plain torchrun exits 1 whatever its workers did)."""
     run = tmp_path / "run"
     r = faults.run("pretraining_advanced.py", [*flags, "--run_dir", run], {"at_step": 3, "action": "sigterm_launcher",
-                                                                            "rank": 0}, launcher=faults.torchrun(2))
-    assert r.returncode != 0 and "SIGTERM received" in r.stderr  # torchrun's own code: 1, whatever its workers did
+                                                                            "rank": 0}, launcher=LAUNCH)
+    assert r.returncode == 143 and "SIGTERM received" in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "SignalException" not in r.stderr, r.stderr[-3000:]
     assert newest_checkpoint(run)[0] == 3
     status = faults.run("run_status.py", [run])  # what the README's recipe asks before requeueing
     assert status.returncode == 143 and "stopped at step 3 (SIGTERM)" in status.stdout
@@ -124,9 +130,6 @@ def test_two_nodes_give_one_processs_losses_and_requeue_as_a_pair(flags, tmp_pat
 # What a requeue script tells apart: stopped (above), crashed, failed; and launch.py's own exit code
 
 
-LAUNCH = [sys.executable, str(ROOT / "launch.py"), "--standalone", "--nproc_per_node", "2"]
-
-
 def test_a_crashed_rank_says_crashed_and_the_requeue_resumes_exactly(flags, uninterrupted, tmp_path):
     """Rank 1 killed with SIGKILL in step 5 (the out-of-memory killer, a lost node): rank 0 loses its
     peer mid-step. launch.py exits 75 with rank 0's one line last, run.json says crashed, and the
@@ -163,6 +166,9 @@ def test_settings_every_rank_would_refuse_are_one_line_before_any_worker(flags, 
         "error: --optimizer muon orthogonalises whole matrices and cannot run on FSDP shards; use DDP (torchrun "
         "without --fsdp), or --optimizer adamw with --fsdp"]
     assert not (tmp_path / "run").exists()  # nothing started, nothing written
+    r = faults.run("pretraining_advanced.py", [*flags, "--run_dir", tmp_path / "run", "--resume", tmp_path / "none.pt"],
+                   launcher=LAUNCH)  # --check finds a missing --resume file too: one line, 2, every time
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "none.pt does not exist" in r.stderr
 
 
 def test_a_process_killed_without_a_word_is_a_crash_counted_until_the_bound(small_corpus, tmp_path):

@@ -82,7 +82,34 @@ def world(tmp_path_factory, small_corpus):
     no_config = {k: v for k, v in torch.load(w / "run_a" / "ckpt_00000002.pt", weights_only=True).items()
                  if k != "config"}
     torch.save(no_config, w / "no_config.pt")
+    _bounded_world(w)
     return w
+
+
+def _bounded_world(w):
+    """Inputs of the bounded-inputs audit: a YAML alias bomb, oversized settings, Hugging Face configs
+    that do not fit their weights or this toolkit, a file of zeros."""
+    (w / "bomb.yaml").write_text("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+                                 "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nlr: [*c, *c, *c, *c, *c, *c, *c, *c]\n")
+    (w / "big.yaml").write_text("seed: 1\n# " + "x" * (2 << 20) + "\n")
+    (w / "long_value.yaml").write_text("lr: " + "y" * 500_000 + "\n")
+    from safetensors.torch import save_file
+    tiny = {"transformer.wte.weight": torch.zeros(50257, 8)}
+    for name, hf in (("hf_huge", {"model_type": "gpt2", "vocab_size": 50257, "n_embd": 8192, "n_head": 64, "n_layer": 400}),
+                     ("hf_vocab", {"model_type": "llama", "vocab_size": 32000, "hidden_size": 64, "intermediate_size": 128,
+                                   "num_hidden_layers": 2, "num_attention_heads": 4}),
+                     ("hf_mistral", {"model_type": "mistral", "vocab_size": 50257, "hidden_size": 64,
+                                     "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                     "max_position_embeddings": 4096, "sliding_window": 1024})):
+        (w / name).mkdir()
+        (w / name / "config.json").write_text(json.dumps(hf))
+        save_file(tiny, str(w / name / "model.safetensors"))
+    import zstandard
+
+    (w / "zeros").mkdir()
+    with zstandard.open(w / "zeros" / "zeros.txt.zst", "wb") as f:
+        for _ in range(80):
+            f.write(bytes(1 << 20))
 
 
 def _digest(root):
@@ -190,6 +217,30 @@ BAD_INPUTS = [
     (A, ["--run_dir", "W/new16", "--init_from", "no/such/folder"], "--init_from no/such/folder: no such file"),
     (A, ["--run_dir", "W/new17", "--data", "./no/such/folder"], "--data ./no/such/folder: no such file or folder"),
     (S, ["--run_dir", "W/new18", "--data_dir", "./no/such/folder"], "--data_dir no/such/folder is not a folder"),
+    # Refused before the run folder is touched: a finished run resumed with other parts or bad settings stays
+    # finished (run.json, the log and the checkpoints byte for byte), and --check finds what the run would refuse
+    (S, ["--data_dir", "W/corpus", "--run_dir", "W/run_a", *DEBUG, "--max_steps", "4", "--resume", "auto", "--mlp",
+         "swiglu"], "different model config"),
+    (S, ["--data_dir", "W/corpus", "--run_dir", "W/run_a", *DEBUG, "--max_steps", "4", "--resume", "auto", "--depth",
+         "2"], "different model config"),
+    (S, ["--data_dir", "W/corpus", "--run_dir", "W/run_a", *DEBUG, "--max_steps", "4", "--resume", "auto", "--optimizer",
+         "muon"], "optimizer"),
+    (S, ["--run_dir", "W/run_a", "--resume", "auto", "--schedule", "constant", "--min_lr", "1e-5"],
+     "--min_lr has no effect with --schedule constant"),
+    (S, ["--run_dir", "W/new19", "--resume", "W/missing.pt", "--check"], "missing.pt does not exist"),
+    (S, ["--run_dir", "W/new20", "--depth", "10000"], "more than the"),
+    (A, ["--run_dir", "W/new21", "--depth", "10000", "--check"], "more than the"),
+    # Settings files: no aliases, a size cap, numbers as people write them, short excerpts of bad values
+    (S, ["--config", "W/bomb.yaml"], "aliases (*name) are not accepted"),
+    (S, ["--config", "W/big.yaml"], "is larger than 1 MiB"),
+    (S, ["--config", "W/long_value.yaml"], "lr must be a number, got 'yyyy"),
+    # Hugging Face folders: a config that does not fit its weights is refused before anything is allocated
+    (wt_load.main, ["from-hf", "W/hf_huge", "W/o13.pt"], "its config.json and its weights disagree"),
+    (wt_load.main, ["from-hf", "W/hf_vocab", "W/o14.pt"], "32,000-token vocabulary"),
+    (wt_load.main, ["from-hf", "W/hf_mistral", "W/o15.pt"], "sliding window of 1024 tokens"),
+    (S, ["--run_dir", "W/new22", "--init_from", "W/hf_huge"], "its config.json and its weights disagree"),
+    # Text with no place to cut it is refused, after a bounded read
+    (A, ["--run_dir", "W/new23", "--data", "W/zeros", "--cache_dir", "W/c4"], "no space or line break"),
 ]
 
 
@@ -223,7 +274,7 @@ def test_bad_input_is_one_error_line_and_touches_nothing(world, capsys, monkeypa
     errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert exit_.value.code == 2, err
     assert len(errors) == 1 and fragment in errors[0], err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and len(errors[0]) < 1000
     after = _digest(world)
     assert {k: v for k, v in after.items() if k in before} == before  # every pre-existing file as it was
     assert not [k for k in after if k.endswith((".tmp", ".lock"))]

@@ -137,25 +137,27 @@ class RunFolder:
         self.run_id: str | None = None
         self.resume_point: ResumePoint | None = None
         self.dry = False  # preview(): decide as claim() would, but move, rename and write nothing
+        self.started = False  # set once training begins; before that a refusal undoes the claim
+        self._run_json_before: bytes | None = None
 
     # -- claiming -----------------------------------------------------------------------------
 
     def claim(self, script: str, settings: dict, resume: str | None = None, overwrite: bool = False,
-              checkpoint_bytes: int = 0, plugins=()) -> RunFolder:
+              checkpoint_bytes: int = 0, plugins=(), accept: Callable[[dict], None] | None = None) -> RunFolder:
         make_folder(self.dir, "run folder", "pick another folder with --run_dir")
         self.lock.acquire()
         try:
-            self._claim_locked(script, settings, resume, overwrite, checkpoint_bytes, list(plugins))
+            self._claim_locked(script, settings, resume, overwrite, checkpoint_bytes, list(plugins), accept)
         except BaseException:
             self.lock.release()
             raise
         return self
 
-    def _claim_locked(self, script, settings, resume, overwrite, checkpoint_bytes, plugins) -> None:
+    def _claim_locked(self, script, settings, resume, overwrite, checkpoint_bytes, plugins, accept) -> None:
         self.index.remove_stale_temps(self.log)
         info = self.read_info()
         if resume:
-            self.resume_point = self._resolve_resume(resume, info, overwrite, plugins)
+            self.resume_point = self._resolve_resume(resume, info, overwrite, plugins, accept)
         earlier = info if resume else None  # a requeued run goes on counting its crashes
         if self.resume_point is None:
             info = self._clear_for_new_run(info, overwrite)
@@ -166,8 +168,10 @@ class RunFolder:
                   "created": (info or {}).get("created", time.strftime("%Y-%m-%d %H:%M:%S")),
                   "plugins": [p.record() for p in plugins], "crashes": self._crashes_so_far(earlier, step),
                   "status": status("running", step)}
+        path = self.dir / RUN_FILE
+        self._run_json_before = path.read_bytes() if path.is_file() else None
         try:
-            write_json(self.dir / RUN_FILE, record)  # also the probe that the folder is writable
+            write_json(path, record)  # also the probe that the folder is writable
         except (OSError, UserError) as e:
             raise UserError(f"cannot write to run folder {self.dir} ({getattr(e, 'strerror', None) or e}); pick "
                             "another --run_dir")
@@ -176,15 +180,13 @@ class RunFolder:
         """What claim() would decide, read-only (the scripts' --check): the checkpoint it would resume
         from (loaded and verified), or the one error line it would refuse with. Nothing is moved,
         renamed or written."""
-        if not self.dir.exists():
-            return None
-        if not self.dir.is_dir():
+        if self.dir.exists() and not self.dir.is_dir():
             raise UserError(f"{self.dir} is a file; pick another folder with --run_dir")
         self.dry = True
         try:
-            info = self.read_info()
+            info = self.read_info() if self.dir.is_dir() else None
             point = self._resolve_resume(resume, info, overwrite, list(plugins)) if resume else None
-            if point is None:
+            if point is None and self.dir.is_dir():
                 self._clear_for_new_run(info, overwrite)
             return point
         finally:
@@ -242,10 +244,12 @@ class RunFolder:
 
     # -- resuming -----------------------------------------------------------------------------
 
-    def _resolve_resume(self, resume: str, info: dict | None, overwrite: bool, plugins=()) -> ResumePoint | None:
+    def _resolve_resume(self, resume: str, info: dict | None, overwrite: bool, plugins=(), accept=None) -> ResumePoint | None:
         point = self._latest_valid(info) if resume == "auto" else ResumePoint(Path(resume), load_checkpoint(resume))
-        if point is not None:  # the plugins it was trained with, given again and unchanged
+        if point is not None:  # the plugins it was trained with, given again and unchanged; the model's parts
             check_same_plugins((point.checkpoint.get("run") or {}).get("plugins"), plugins, f"checkpoint {point.path}")
+            if accept is not None:
+                accept(point.checkpoint)
         if point is None:
             if not self.dry:
                 self.log(f"no checkpoint in {self.dir} yet: starting from scratch")
@@ -355,6 +359,21 @@ class RunFolder:
         what = ", ".join(p.name for p in only) if only is not None else "the earlier run"
         self.log(f"moved {what} aside to {dest}" + (" (with a copy of the run's records)" if copy_records else ""))
         return dest
+
+    def undo_claim(self) -> None:
+        """A run refused before its first step (rank 0): run.json back as it was before claim(), so a
+        finished run stays finished and a requeue script is not told to resume a bad-input run. The
+        sinks (gptkit/sinks.py Deferred) wrote nothing yet; the lock is released by release()."""
+        if self.started or self.run_id is None or self.lock.fd is None:
+            return
+        path = self.dir / RUN_FILE
+        if self._run_json_before is None:
+            path.unlink(missing_ok=True)
+        else:
+            from gptkit.files import atomic_write
+
+            before = self._run_json_before
+            atomic_write(path, lambda f: f.write(before))
 
     def release(self) -> None:
         self.lock.release()
