@@ -1,14 +1,15 @@
-"""Pretrained GPT-2 weights in, our checkpoints out.
+"""Weights in and out: Hugging Face GPT-2, Llama, Qwen3 and Mistral (without a sliding window) folders
+and OpenAI's GPT-2 in, our checkpoints out, and back to Hugging Face; inspect, generate, evaluate.
 
     python wt_load.py inspect runs/simple/ckpt_00000200.pt
     python wt_load.py from-hf openai-community/gpt2 gpt2.pt        # or a local HF dir, or gpt2-medium ...
     python wt_load.py from-openai models/124M gpt2.pt              # OpenAI's TF checkpoint (needs tensorflow)
-    python wt_load.py to-hf runs/simple/ckpt_00000200.pt hf_out/   # loads in transformers.GPT2LMHeadModel
+    python wt_load.py to-hf runs/simple/ckpt_00000200.pt hf_out/   # GPT2LMHeadModel, LlamaForCausalLM or Qwen3
     python wt_load.py to-safetensors runs/simple/ckpt_00000200.pt model.safetensors
     python wt_load.py generate gpt2.pt --prompt "Every effort moves you"
 
 Our GPTModel uses Hugging Face's GPT-2 parameter names (minus `transformer.`), with nn.Linear where
-GPT-2 has Conv1D, so converting is a rename plus a transpose of four matrices per block.
+GPT-2 has Conv1D; gptkit/hf.py maps them to and from each architecture's names (DESIGN.md).
 """
 
 from __future__ import annotations
@@ -84,10 +85,18 @@ def write_run_config(path, out: Path) -> Path:
     args = run.get("args")
     if not args:
         raise gt.UserError(f"{path} records no training settings (a converted or exported weights file?)")
-    settings = {k: v for k, v in args.items() if k not in NOT_A_SETTING}
+    settings = {k: v for k, v in args.items() if k not in NOT_A_SETTING and k != "plugin"}
+    if settings.get("dtype") == "auto" and run.get("dtype"):
+        settings["dtype"] = run["dtype"]  # what --dtype auto chose on the machine that ran it
     script = run.get("script", "pretraining_advanced")
-    return gt.write_config_file(out, settings, header=f"Settings of run {ckpt.get('run_id')} at step {ckpt.get('step')}\n"
-                                                     f"python {script}.py --config {out.name} --run_dir NEW_FOLDER")
+    header = (f"Settings of run {ckpt.get('run_id')} at step {ckpt.get('step')}\n"
+              f"python {script}.py --config {out.name} --run_dir NEW_FOLDER")
+    # A checkpoint may come from anyone: the code it names is never imported because a file says so.
+    # Its plugins are listed here for a person to read, check, and give with --plugin themselves.
+    for p in run.get("plugins") or args.get("plugin") or []:
+        name = (p.get("name") or p.get("path")) if isinstance(p, dict) else p
+        header += f"\nthe run loaded a plugin: {str(name)[:200]!r}; read it, then add --plugin PATH yourself"
+    return gt.write_config_file(out, settings, header=header)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,14 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config_out", "--config-out", type=Path, default=None, metavar="FILE",
                    help="also write the settings the checkpoint's run recorded to a .toml or .yaml file that "
                         "--config reads back (the training script named in its first line starts the same run)")
-    s = sub.add_parser("from-hf", help="Hugging Face GPT-2 (folder, hub id or size name) -> our checkpoint",
+    s = sub.add_parser("from-hf", help="a Hugging Face GPT-2, Llama, Qwen3 or Mistral model (folder, hub id or GPT-2 "
+                       "size name) -> our checkpoint",
                        formatter_class=fmt)
     s.add_argument("source", help=f"HF folder, hub id, or one of {', '.join(HF_SIZES)}")
     s.add_argument("out", help="checkpoint file to write (.pt)")
     s = sub.add_parser("from-openai", help="OpenAI's TF checkpoint folder -> our checkpoint", formatter_class=fmt)
     s.add_argument("source", help="folder with hparams.json and model.ckpt.*")
     s.add_argument("out", help="checkpoint file to write (.pt)")
-    s = sub.add_parser("to-hf", help="our checkpoint -> Hugging Face GPT-2 folder", formatter_class=fmt)
+    s = sub.add_parser("to-hf", help="our checkpoint -> a Hugging Face folder of the architecture that computes the "
+                       "same (GPT-2, Llama or Qwen3), with its tokenizer", formatter_class=fmt)
     s.add_argument("checkpoint", help="a training checkpoint (.pt or a sharded checkpoint's folder) of either script")
     s.add_argument("out_dir", help="new folder for config.json + model.safetensors")
     s = sub.add_parser("to-safetensors", help="our checkpoint -> weights-only .safetensors", formatter_class=fmt)

@@ -7,8 +7,9 @@ The contract of an attention module: its constructor takes a GPTConfig; `forward
 (B, T, C) to (B, T, C) causally, where `ctx` (an AttentionInput, or None for a plain forward) carries
 each token's position, the key/value cache of generation and the padding of batched prompts.
 `CausalSelfAttention` below does all of it; a variant usually subclasses it and overrides `mask`
-(which keys a query may not see), and gets grouped-query heads, QK-norm, rotary positions, the KV
-cache and SDPA for free.
+(which keys a query may not see) or `bias` (a number added to the scores, by where the query and the
+key are: ALiBi), and gets grouped-query heads, QK-norm, rotary positions, the KV cache and SDPA for
+free. A position part may bring the bias itself (PositionSpec.score_bias, gptkit/parts).
 
 How to add an attention: that module and `register_attention(AttentionSpec("name", Module, ...))` in
 one file, loaded with `--plugin FILE`. Give `score_flops` if it costs other than standard causal
@@ -117,8 +118,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(q, cfg.emb_dim, bias=cfg.bias)
         self.q_norm = build_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
         self.k_norm = build_norm(cfg, cfg.head_dim) if cfg.qk_norm else None
-        rotary = POSITIONS.spec(cfg.position).rotary
-        self.rotary = rotary(cfg) if rotary is not None else None
+        position = POSITIONS.spec(cfg.position)
+        self.rotary = position.rotary(cfg) if position.rotary is not None else None
+        self.score_bias = position.score_bias(cfg) if position.score_bias is not None else None
         self.attn_dropout = nn.Dropout(cfg.drop_rate)
         self.resid_dropout = nn.Dropout(cfg.drop_rate)
 
@@ -141,32 +143,44 @@ class CausalSelfAttention(nn.Module):
         return (y, att) if return_attn else y
 
     def attend(self, q, k, v, ctx: AttentionInput | None, return_attn: bool = False):
-        """softmax(q k^T / sqrt(d) + mask) v; (output, the weights when asked for)."""
+        """softmax(q k^T / sqrt(d) + bias + mask) v; (output, the weights when asked for)."""
         T, S = q.size(2), k.size(2)
         gqa = self.n_kv_heads != self.n_heads
         dropout = self.drop_rate if self.training else 0.0
         plain = (ctx is None or (ctx.cache is None and ctx.key_padding is None)) and self._plain_mask()
-        if self.flash and not return_attn and plain:
+        if self.flash and not return_attn and plain and self.score_bias is None and self._plain_bias():
             return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, enable_gqa=gqa), None
         q_idx, k_idx = torch.arange(S - T, S, device=q.device), torch.arange(S, device=q.device)
         blocked = self.mask(q_idx, k_idx)  # (T, S)
         if ctx is not None and ctx.key_padding is not None:  # padding is never seen (but by itself: no empty row)
             own = k_idx[None, :] == q_idx[:, None]
             blocked = blocked | (ctx.key_padding[:, None, None, :] & ~own)  # (B, 1, T, S)
+        bias = self.bias(q_idx, k_idx)  # None, or (heads, T, S) added to the scores
+        if bias is not None:  # one additive mask: the bias where a key is seen, -inf where it is not
+            blocked = torch.where(blocked, float("-inf"), bias.to(q.dtype))  # (B or 1, heads, T, S)
         if self.flash and not return_attn:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=~blocked, dropout_p=dropout, enable_gqa=gqa), None
+            mask = ~blocked if bias is None else blocked
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa), None
         if gqa:
             k, v = (t.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) for t in (k, v))
         att = (q @ k.transpose(-2, -1)) / math.sqrt(k.size(-1))  # (B, heads, T, S)
-        att = att.masked_fill(blocked, float("-inf")).softmax(dim=-1)
+        att = (att.masked_fill(blocked, float("-inf")) if bias is None else att + blocked).softmax(dim=-1)
         return self.attn_dropout(att) @ v, att
 
     def mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         """(T, S) True where the query at position q_pos[i] may not see the key at k_pos[j]: the future."""
         return k_pos[None, :] > q_pos[:, None]
 
+    def bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
+        """(heads, T, S) added to the scores q.k / sqrt(head_dim) before the mask and the softmax, or None:
+        the position part's score bias (ALiBi), if it has one. Override it for a bias of your own."""
+        return self.score_bias(q_pos, k_pos) if self.score_bias is not None else None
+
     def _plain_mask(self) -> bool:
         return type(self).mask is CausalSelfAttention.mask
+
+    def _plain_bias(self) -> bool:
+        return type(self).bias is CausalSelfAttention.bias
 
 
 register_attention(AttentionSpec("causal", CausalSelfAttention, "causal multi-head attention (GQA with --n_kv_heads)",

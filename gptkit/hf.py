@@ -37,6 +37,9 @@ HF_SIZES = {"gpt2": "openai-community/gpt2", "gpt2-medium": "openai-community/gp
 CONV1D_SUFFIXES = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+# Rotary positions run at any length: an export says this many (or the training context, if longer), so
+# transformers does not warn on a prompt past the short context it was trained at; the card says that one.
+ROTARY_EXPORT_POSITIONS = 8192
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,7 +84,8 @@ def hf_config(cfg: GPTConfig) -> dict:
     arch = hf_architecture(cfg)
     common = {"architectures": [ARCHITECTURES[arch]], "model_type": arch, "vocab_size": cfg.vocab_size,
               "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": EOT_ID, "eos_token_id": EOT_ID,
-              "initializer_range": 0.02, "torch_dtype": "float32"}
+              "pad_token_id": EOT_ID, "initializer_range": 0.02, "dtype": "float32",
+              "transformers_version": _transformers_version()}
     if arch == "gpt2":
         return {**common, "activation_function": "gelu_new", "n_positions": cfg.context_length,
                 "n_ctx": cfg.context_length, "n_embd": cfg.emb_dim, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
@@ -91,9 +95,19 @@ def hf_config(cfg: GPTConfig) -> dict:
     return {**common, "hidden_size": cfg.emb_dim, "intermediate_size": _swiglu_hidden(cfg),
             "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
             "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.head_dim, "hidden_act": "silu",
-            "max_position_embeddings": cfg.context_length, "rms_norm_eps": part_settings(cfg, NORMS, "rmsnorm").eps,
+            "max_position_embeddings": max(cfg.context_length, ROTARY_EXPORT_POSITIONS),
+            "rms_norm_eps": part_settings(cfg, NORMS, "rmsnorm").eps,
             "rope_theta": base, "rope_parameters": {"rope_theta": base, "rope_type": "default"}, "rope_scaling": None,
             "attention_bias": cfg.bias, "mlp_bias": cfg.bias, "attention_dropout": 0.0, "use_cache": True}
+
+
+def _transformers_version() -> str:
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _swiglu_hidden(cfg: GPTConfig) -> int:
@@ -102,14 +116,32 @@ def _swiglu_hidden(cfg: GPTConfig) -> int:
     return hidden_width(cfg)
 
 
+GPT2_VOCAB = 50257  # the ids of the one tokenizer the toolkit speaks (gptkit/tokenizer.py)
+
+
 def config_from_hf(hf: dict) -> GPTConfig:
-    """Our config of a Hugging Face config.json (GPT-2, Llama or Qwen3)."""
+    """Our config of a Hugging Face config.json (GPT-2, Llama, Qwen3, or Mistral without a sliding
+    window, which computes what Llama does)."""
     kind = hf.get("model_type", "gpt2")
+    if kind == "mistral":
+        window, longest = hf.get("sliding_window"), hf.get("max_position_embeddings", 0)
+        if window is not None and window < longest:
+            raise UserError(f"config.json is a Mistral model with a sliding window of {window} tokens (shorter than its "
+                            f"{longest} positions); only a Mistral without one computes what Llama does, which this "
+                            "toolkit reads")
+        kind = "llama"
     if kind == "gpt2":
-        return _gpt2_config(hf)
-    if kind in ("llama", "qwen3"):
-        return _llama_config(hf, qk_norm=kind == "qwen3")
-    raise UserError(f"config.json is a {kind!r} model; this toolkit reads GPT-2, Llama and Qwen3 folders")
+        cfg = _gpt2_config(hf)
+    elif kind in ("llama", "qwen3"):
+        cfg = _llama_config({**hf, "model_type": kind}, qk_norm=kind == "qwen3")
+    else:
+        raise UserError(f"config.json is a {str(kind)[:40]!r} model; this toolkit reads GPT-2, Llama, Qwen3 and Mistral "
+                        "(without a sliding window) folders")
+    if cfg.vocab_size != GPT2_VOCAB:
+        raise UserError(f"config.json has a {cfg.vocab_size:,}-token vocabulary; this toolkit tokenizes with GPT-2's "
+                        f"{GPT2_VOCAB:,} tokens, so the model's token ids would stand for other text (a folder's own "
+                        "tokenizer is not supported yet)")
+    return cfg
 
 
 def _gpt2_config(hf: dict) -> GPTConfig:
@@ -142,12 +174,18 @@ def _llama_config(hf: dict, qk_norm: bool) -> GPTConfig:
     kv = hf.get("num_key_value_heads") or heads
     base = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
     bias = bool(hf.get("attention_bias", False))
-    return GPTConfig(vocab_size=hf["vocab_size"], context_length=hf.get("max_position_embeddings", 2048),
-                     emb_dim=width, n_heads=heads, n_layers=hf["num_hidden_layers"], n_kv_heads=None if kv == heads else kv,
-                     position="rotary", norm="rmsnorm", mlp="swiglu", qk_norm=qk_norm, bias=bias, qkv_bias=bias,
-                     tie_embeddings=hf.get("tie_word_embeddings", False), drop_rate=0.0,
-                     parts={"rotary": {"base": base}, "rmsnorm": {"affine": True, "eps": hf.get("rms_norm_eps", 1e-6)},
-                            "swiglu": {"hidden": hf["intermediate_size"]}})
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
+        if isinstance(hf[key], bool) or not isinstance(hf[key], int) or hf[key] <= 0:
+            raise UserError(f"config.json has {key}={str(hf[key])[:40]}; it must be a positive whole number")
+    cfg = GPTConfig(vocab_size=hf["vocab_size"], context_length=hf.get("max_position_embeddings", 2048),
+                    emb_dim=width, n_heads=heads, n_layers=hf["num_hidden_layers"], n_kv_heads=None if kv == heads else kv,
+                    position="rotary", norm="rmsnorm", mlp="swiglu", qk_norm=qk_norm, bias=bias, qkv_bias=bias,
+                    tie_embeddings=hf.get("tie_word_embeddings", False), drop_rate=0.0,
+                    parts={"rotary": {"base": base}, "rmsnorm": {"affine": True, "eps": hf.get("rms_norm_eps", 1e-6)},
+                           "swiglu": {"hidden": None}})
+    if _swiglu_hidden(cfg) != hf["intermediate_size"]:  # recorded as our own flags record it: None is the default
+        cfg.parts["swiglu"]["hidden"] = hf["intermediate_size"]
+    return cfg
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,25 +311,55 @@ def resolve_hf_dir(source: str, what: str = "source") -> Path:
                         f"failed ({msg}); without network, download it elsewhere and pass the local folder")
 
 
-def read_hf_state_dict(hf_dir: Path) -> dict[str, torch.Tensor]:
+def read_hf_state_dict(hf_dir: Path, shapes_only: bool = False) -> dict[str, torch.Tensor]:
+    """The folder's weights; with `shapes_only` as meta tensors of their shapes, read from the file's
+    header (a safetensors file) or memory-mapped (a pytorch_model.bin), without loading any data."""
+    import warnings
+
     for name in WEIGHT_FILES:
         path = hf_dir / name
         if not path.is_file():
             continue
         try:
-            if name.endswith(".safetensors"):
-                from safetensors.torch import load_file
-
-                return load_file(str(path))
-            return torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's notes on old formats: the refusal is the one line
+                warnings.simplefilter("ignore")
+                return _read_weights(path, shapes_only)
         except Exception as e:
-            raise UserError(f"{path} is corrupt or not a weights file ({str(e).strip()[:100]})")
+            raise UserError(f"{path} is corrupt or not a weights file ({str(e).strip().splitlines()[0][:100]})")
     raise UserError(f"{hf_dir} has no weights ({' or '.join(WEIGHT_FILES)})")
 
 
-def load_hf(source: str, what: str = "source") -> GPTModel:
-    """Our model from a Hugging Face GPT-2, Llama or Qwen3 folder (or hub id), with the same logits."""
+def _read_weights(path: Path, shapes_only: bool) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        if shapes_only:
+            with safe_open(str(path), "pt") as f:
+                return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    sd = torch.load(path, map_location="cpu", weights_only=True, mmap=shapes_only)
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError("it holds no state dict of tensors")
+    return {k: torch.empty(v.shape, device="meta") for k, v in sd.items()} if shapes_only else sd
+
+
+def hf_source_config(source: str, what: str = "source") -> GPTConfig:
+    """The config of a Hugging Face folder (or hub id), checked against its weight files' shapes and
+    against this machine's memory, before anything is allocated."""
     hf_dir = resolve_hf_dir(source, what)
+    cfg = _read_config(hf_dir)
+    with torch.device("meta"):
+        shell = GPTModel(cfg)  # shapes only: no memory
+    try:
+        load_into(shell, hf_to_ours(read_hf_state_dict(hf_dir, shapes_only=True), cfg), str(hf_dir), check_only=True)
+    except (UserError, RuntimeError) as e:
+        raise UserError(f"{hf_dir}: its config.json and its weights disagree ({str(e).splitlines()[0][:200]})")
+    return cfg
+
+
+def _read_config(hf_dir: Path) -> GPTConfig:
     cfg_path = hf_dir / "config.json"
     if not cfg_path.is_file():
         raise UserError(f"{hf_dir} has no config.json; it is not a Hugging Face model folder")
@@ -302,9 +370,22 @@ def load_hf(source: str, what: str = "source") -> GPTModel:
     if not isinstance(hf_cfg, dict):
         raise UserError(f"{cfg_path} holds {type(hf_cfg).__name__}, not a JSON object; it is not a model config")
     try:
-        cfg = config_from_hf(hf_cfg)
+        return config_from_hf(hf_cfg)
     except UserError as e:
         raise UserError(f"{cfg_path}: {e}")
+
+
+def load_hf(source: str, what: str = "source") -> GPTModel:
+    """Our model from a Hugging Face GPT-2, Llama or Qwen3 folder (or hub id), with the same logits.
+    The config is checked against the weights' shapes and the machine's memory before allocating."""
+    from gptkit.planner import machine_memory
+
+    hf_dir = resolve_hf_dir(source, what)
+    cfg = hf_source_config(str(hf_dir), what)
+    need = 2 * 4 * count_parameters_from_config(cfg)["total"]  # the model in fp32, and the weights read
+    if need > machine_memory():
+        raise UserError(f"{hf_dir}: reading this {count_parameters_from_config(cfg)['total'] / 1e9:,.1f}B-parameter model "
+                        f"takes about {need / 2**30:,.0f} GiB, more than this machine's {machine_memory() / 2**30:,.0f} GiB")
     model = GPTModel(cfg)
     load_into(model, hf_to_ours(read_hf_state_dict(hf_dir), cfg), str(hf_dir))
     return model.eval()
@@ -320,7 +401,9 @@ def tokenizer_files(folder: Path, context_length: int) -> None:
     bpe, enc = gpt2_bpe_files()
     shutil.copyfile(enc, folder / "vocab.json")
     shutil.copyfile(bpe, folder / "merges.txt")
-    special = {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN}
+    # GPT-2 has no padding token: end-of-text pads, as transformers' GPT-2 recipes do.
+    special = {"bos_token": EOT_TOKEN, "eos_token": EOT_TOKEN, "unk_token": EOT_TOKEN, "pad_token": EOT_TOKEN}
+    _gpt2_tokenizer_json(enc, bpe, folder / "tokenizer.json")  # what AutoTokenizer loads fast
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "GPT2Tokenizer", "model_max_length": context_length, "add_prefix_space": False,
@@ -330,6 +413,18 @@ def tokenizer_files(folder: Path, context_length: int) -> None:
     # GPT-2's tokenizer has no padding token: generation pads with end-of-text, as transformers does for GPT-2.
     (folder / "generation_config.json").write_text(json.dumps({
         "bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "pad_token_id": EOT_ID, "do_sample": False}, indent=2))
+
+
+def _gpt2_tokenizer_json(encoder_json: Path, vocab_bpe: Path, out: Path) -> None:
+    """GPT-2's BPE as a `tokenizers` file: byte-level, no prefix space, <|endoftext|> special."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    tok = Tokenizer(models.BPE.from_file(str(encoder_json), str(vocab_bpe)))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([AddedToken(EOT_TOKEN, special=True, normalized=False)])
+    tok.save(str(out))
 
 
 def _card_facts(ckpt: dict):
@@ -414,7 +509,7 @@ def export_hf(model: GPTModel, out_dir, ckpt: dict | None = None, source: str = 
     try:
         os.chmod(tmp, dir_mode())  # mkdtemp makes 0700: give the folder normal permissions
         (tmp / "config.json").write_text(json.dumps(hf_config(cfg), indent=2))
-        tokenizer_files(tmp, cfg.context_length)
+        tokenizer_files(tmp, hf_config(cfg).get("max_position_embeddings", cfg.context_length))
         (tmp / "README.md").write_text(model_card(cfg, ckpt, source))
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         os.chmod(tmp / "model.safetensors", file_mode())  # safetensors writes 0600

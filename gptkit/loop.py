@@ -252,11 +252,14 @@ class Reporter:
         self.runtime, self.tcfg, self.sinks = runtime, tcfg, sinks
         self.tokens_per_step, self.flops_tok, self.peak_flops = tokens_per_step, flops_tok, peak_flops
         self.steps, self.seconds = 0, 0.0  # since the last log line
-        self.bar = None
-        if tcfg.progress and runtime.is_main:
-            self.bar = progress_bar(total=tcfg.max_steps, initial=state.step, unit="step", desc="training",
+        self.bar = None  # made at the first step: a resumed run's bar starts at the step it resumed from
+
+    def _bar(self, step: int):
+        if self.bar is None and self.tcfg.progress and self.runtime.is_main:
+            self.bar = progress_bar(total=self.tcfg.max_steps, initial=step - 1, unit="step", desc="training",
                                     bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, "
                                                "{rate_fmt}]{postfix}")
+        return self.bar
 
     def step(self, state: TrainState, r: StepResult, lr: float, dt: float) -> dict:
         """This step's metrics (device and host); logged to the line and the sinks at a logging step."""
@@ -266,9 +269,10 @@ class Reporter:
             host.mfu = self.flops_tok * host.tokens_per_sec / self.runtime.world_size / self.peak_flops
         metrics = {"step": state.step, "max_steps": self.tcfg.max_steps, **r.metrics,
                    **{m.name: m.host(host) for m in host_metrics()}, "tokens_seen": state.tokens_seen}
-        if self.bar is not None:  # the postfix first: a plain progress line shows this step's values
-            self.bar.set_postfix(refresh=False, loss=f"{r.loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{host.tokens_per_sec:,.0f}")
-            self.bar.update(1)
+        bar = self._bar(state.step)
+        if bar is not None:  # the postfix first: a plain progress line shows this step's values
+            bar.set_postfix(refresh=False, loss=f"{r.loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{host.tokens_per_sec:,.0f}")
+            bar.update(1)
         last = state.step == self.tcfg.max_steps
         if self.runtime.is_main and (last or (self.tcfg.log_every > 0 and state.step % self.tcfg.log_every == 0)):
             progress_write(format_log_line(metrics))

@@ -20,14 +20,17 @@ from gptkit.model import GPTConfig, GPTModel
 VOCAB_ROWS = ("wte.weight", "lm_head.weight")  # the tensors whose rows are token ids
 
 
-def load_into(model: GPTModel, sd: dict[str, torch.Tensor], source: str) -> None:
+def load_into(model: GPTModel, sd: dict[str, torch.Tensor], source: str, check_only: bool = False) -> None:
     """Copy weights into the model, naming the first tensor that is missing or has the wrong shape.
     Token-row tensors may have the model's padded row count or the plain vocabulary's (then only the
-    real rows are copied; padded rows are never looked up nor returned as logits)."""
+    real rows are copied; padded rows are never looked up nor returned as logits). `check_only`: the
+    shapes only (meta tensors on either side)."""
     own = model.state_dict()
     if model.cfg.tie_embeddings:
         sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
     _check_tensors(model, own, sd, source)
+    if check_only:
+        return
     with torch.no_grad():
         for k, v in own.items():
             if k in sd:
@@ -125,12 +128,53 @@ def load_any(source: str, what: str = "source") -> GPTModel:
     return hf.load_hf(source, what)
 
 
+def source_config(source: str, what: str = "--init_from") -> dict:
+    """The model config (our form) of a weights source, read without its weights: a checkpoint's header,
+    an export's metadata, OpenAI's hparams.json, a Hugging Face folder's config.json (checked against
+    its weight files' shapes). What --check and a run check before anything is allocated."""
+    from gptkit import hf
+    from gptkit.checkpoint.store import peek_checkpoint
+
+    p = Path(source)
+    if is_ours(p):
+        if p.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            try:
+                with safe_open(str(p), "pt") as f:
+                    meta = f.metadata() or {}
+            except Exception as e:
+                raise CheckpointError(f"{p} is corrupt or not a safetensors file ({str(e).strip()[:100]})")
+            if "gpt_config" not in meta:
+                raise CheckpointError(f"{p} has no gpt_config metadata; it was not exported by wt_load.py")
+            return json.loads(meta["gpt_config"])
+        return peek_checkpoint(p)["config"]
+    if p.is_dir() and (p / "hparams.json").is_file():
+        hp = json.loads((p / "hparams.json").read_text())
+        return GPTConfig(vocab_size=hp["n_vocab"], context_length=hp["n_ctx"], emb_dim=hp["n_embd"],
+                         n_heads=hp["n_head"], n_layers=hp["n_layer"], qkv_bias=True).to_dict()
+    return hf.hf_source_config(source, what).to_dict()
+
+
+def check_init_from(cfg: GPTConfig, source: str) -> None:
+    """--init_from's model is this one (read from its config, nothing allocated): one line otherwise."""
+    check_config_matches(_as_start(source_config(source), cfg), cfg, source=f"--init_from {source}")
+
+
+def _as_start(src: dict, cfg: GPTConfig) -> dict:
+    """A source's config as a start for `cfg`: the padding of its token rows is ours to choose, and so
+    is the context where the positions allow it (rotary positions have no table of a fixed length)."""
+    out = {**src, "vocab_multiple": cfg.vocab_multiple}
+    if src.get("position") == "rotary" and cfg.position == "rotary":
+        out["context_length"] = cfg.context_length
+    return out
+
+
 def init_weights(model: GPTModel, source: str) -> None:
     """--init_from: copy pretrained weights (not optimizer or step) into a freshly built model."""
     src = load_any(source, "--init_from")
     # Padding of the token rows may differ: load_into copies the real rows either way.
-    check_config_matches({**src.cfg.to_dict(), "vocab_multiple": model.cfg.vocab_multiple}, model.cfg,
-                         source=f"--init_from {source}")
+    check_config_matches(_as_start(src.cfg.to_dict(), model.cfg), model.cfg, source=f"--init_from {source}")
     load_into(model, unpadded_state_dict(src)[0], source)
 
 

@@ -1,5 +1,5 @@
 """The common changes made from outside the toolkit, the way DESIGN.md says to make them: each is a
-file of the user's own (tests/plugins/), loaded with --plugin, and nothing in the toolkit names it.
+file of the user's own (examples/plugins/), loaded with --plugin, and nothing in the toolkit names it.
 Each trains through both scripts where its kind applies, resumes bit-identically, and runs under FSDP.
 Then the rules of loading plugins, and settings from a file."""
 
@@ -19,7 +19,7 @@ import token_cache
 import wt_load
 from gptkit.evals import scorer
 
-PLUGINS = Path(__file__).resolve().parent / "plugins"
+PLUGINS = ROOT / "examples" / "plugins"  # the examples DESIGN.md points to, one per kind
 
 
 @pytest.fixture(autouse=True)
@@ -138,6 +138,42 @@ def test_a_file_format_plugin_and_compressed_files_out_of_the_box(tmp_path, caps
     assert res["state"].step == 2
 
 
+def test_a_position_that_biases_the_scores_and_a_norm_of_ones_own(small_corpus, tmp_path):
+    """ALiBi (a position part with a score bias) and a bias-free LayerNorm with a setting of its own:
+    they train, resume bit-identically, are recorded in the model config, and ALiBi's bias is applied
+    alike with and without the KV cache and with the explicit softmax."""
+    import torch
+
+    flags = [*plugin("alibi", "bias_free_layernorm"), "--data_dir", str(small_corpus), *COMMON, "--position", "alibi",
+             "--norm", "layernorm_nobias", "--layernorm_nobias_eps", "1e-6"]
+    full = simple.main([*flags, "--max_steps", "6", "--run_dir", str(tmp_path / "full")])
+    resumed = simple.main([*flags, "--max_steps", "6", "--run_dir", str(tmp_path / "part"), "--resume",
+                           str(tmp_path / "full" / "ckpt_00000003.pt")])
+    assert resumed["history"]["train_loss"] == full["history"]["train_loss"]
+    model, ckpt = wt_load.load_ours(full["checkpoint"])
+    assert ckpt["config"]["position"] == "alibi" and ckpt["config"]["parts"]["layernorm_nobias"] == {"eps": 1e-6}
+    assert not any(n.endswith("ln_1.bias") for n in model.state_dict())
+    prompt = torch.tensor([[464, 3290, 318, 257, 1332]])
+    cached = gt.generate(model, prompt, 12, use_cache=True)
+    assert torch.equal(cached, gt.generate(model, prompt, 12, use_cache=False))
+    slow = GPTNoFlash(model)
+    assert torch.allclose(slow(prompt), model(prompt), atol=1e-5)  # the explicit softmax adds the same bias
+    # The bias is really there: without it the model computes something else.
+    for block in model.h:
+        block.attn.score_bias = None
+    assert not torch.allclose(model(prompt), slow(prompt), atol=1e-3)
+
+
+def GPTNoFlash(model):
+    import copy
+
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        if hasattr(m, "flash"):
+            m.flash = False
+    return twin
+
+
 def test_every_plugin_runs_under_fsdp_as_on_one_process(small_corpus, tmp_path, lambada_file):
     """Two FSDP ranks (gloo), all six plugins at once: the same losses, metric and evaluation as one
     process with the same global batch. The metric sees local shards (never a DTensor) and its
@@ -147,7 +183,8 @@ def test_every_plugin_runs_under_fsdp_as_on_one_process(small_corpus, tmp_path, 
     text = (small_corpus / "combined_1.txt").read_text()
     (d / "a.csv").write_text("text\n" + "".join(f'"{text[i:i + 3000].replace(chr(34), "")}"\n'
                                                 for i in range(0, 60000, 3000)))
-    flags = [*plugin("lion", "wsd", "layer_grad_max", "window_attention", "lambada", "csv_format"), "--data", str(d),
+    flags = [*plugin("lion", "wsd", "layer_grad_max", "window_attention", "lambada", "csv_format", "alibi",
+                     "bias_free_layernorm"), "--data", str(d), "--position", "alibi", "--norm", "layernorm_nobias",
              "--cache_dir", str(tmp_path / "cache"), "--val_fraction", "0.2", *COMMON, *USER_PARTS,
              "--lambada", str(lambada_file), "--max_steps", "4", "--lambada_every", "0"]
     one, two = fsdp_against_one_process(flags, tmp_path)

@@ -35,6 +35,9 @@ class PositionSpec:
     embedding: Callable[[object], object] | None = None
     # A module applied to each head's queries and keys: (q, k, positions) -> (q, k), q (B, T, heads, head_dim).
     rotary: Callable[[object], object] | None = None
+    # A module adding a bias to every head's attention scores by where the query and key are (ALiBi):
+    # (q_pos (T,), k_pos (S,)) -> (heads, T, S), added to q.k / sqrt(head_dim) before the softmax.
+    score_bias: Callable[[object], object] | None = None
     config: type | None = None
 
 
