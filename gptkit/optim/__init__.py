@@ -4,9 +4,9 @@ of an optimizer: its own settings (flags --NAME_FIELD), how to build it for a mo
 it keeps (for the memory planner and the checkpoint size), how its state is saved and loaded (plain
 data only: checkpoints load with weights_only=True), and whether it works on FSDP shards.
 
-How to add an optimizer: write gptkit/optim/NAME.py with a `build(model, args, config, device)` and a
-`register_optimizer(OptimizerSpec(...))` call, and add its module to BUILTIN below (or, from outside
-the toolkit, import your file before building the parser: tests/test_plugins.py does that).
+How to add an optimizer: copy examples/plugins/lion.py (a `build(model, args, config, device)` and a
+`register_optimizer(OptimizerSpec(...))` call) and load it with `--plugin FILE`; nothing in the
+toolkit changes (DESIGN.md has the recipe). One that ships with the toolkit is listed in BUILTIN.
 """
 
 from __future__ import annotations

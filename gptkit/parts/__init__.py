@@ -13,9 +13,10 @@ checkpoint's model config (`GPTConfig.parts`), so a resume or export with other 
 On/off choices (the head tied or not, biases, QK-norm, a norm after the embedding, the number of
 key/value heads) are GPTConfig fields of their own, set by an arch or one flag each.
 
-How to add a variant: write a file with its module and `register_norm(NormSpec("mine", build, ...))`
-(or register_position, register_mlp, register_init, register_arch), then load it with `--plugin
-FILE` (or, in the toolkit, add it to BUILTIN below).
+How to add a variant: copy an example (examples/plugins/alibi.py for a position,
+bias_free_layernorm.py for a norm): a file with its module and `register_norm(NormSpec("mine", build,
+...))` (or register_position, register_mlp, register_init, register_arch), loaded with `--plugin
+FILE`; nothing in the toolkit changes. One that ships with the toolkit is listed in BUILTIN.
 """
 
 from __future__ import annotations
