@@ -89,6 +89,16 @@ from gptkit.runtime import (
                                      setup_runtime,
 )
 from gptkit.schedules import SCHEDULES, ScheduleSpec, cosine_lr, register_schedule
-from gptkit.tokenizer import EOT_ID, EOT_TOKEN, encode_documents, get_tokenizer, gpt2_bpe_files, tokenizer_fingerprint
+from gptkit.tokenizer import (
+                                     EOT_ID,
+                                     EOT_TOKEN,
+                                     default_cache_name,
+                                     encode_documents,
+                                     get_tokenizer,
+                                     gpt2_bpe_files,
+                                     load_tokenizer,
+                                     tokenizer_fingerprint,
+                                     use_tokenizer,
+)
 from gptkit.trainer import Trainer
 from gptkit.weights import export_safetensors, init_weights, load_any, load_ours, new_model, save_from_model

@@ -203,7 +203,9 @@ class MemoryCheck:
 
 def default_cache_dir(d: DataArgs) -> Path:
     """data/token_cache/<hash of what the cache holds> (not the seed: mixing is deterministic)."""
-    key = json.dumps([d.data, d.text_column, d.data_mix, d.cache_max_tokens, d.val_fraction, d.smollm_dir])
+    tok = gt.get_tokenizer()
+    own = [] if tok.name == "gpt2" and tok.folder is None else [gt.tokenizer_fingerprint()]  # GPT-2's: as always
+    key = json.dumps([d.data, d.text_column, d.data_mix, d.cache_max_tokens, d.val_fraction, d.smollm_dir, *own])
     return Path("data/token_cache") / hashlib.sha256(key.encode()).hexdigest()[:12]
 
 

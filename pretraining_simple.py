@@ -47,7 +47,7 @@ class BookData:
     val_fraction: float = setting(0.1, "share of the token stream held out for validation (whole 4,096-token blocks)",
                                   check=(between(0, 1), "between 0 and 1"))
     cache_dir: Path | None = setting(None, "token cache of the text (default: .token_cache in --data_dir, made on the "
-                                           "first run)")
+                                           "first run; .token_cache-NAME-HASH for a --tokenizer other than gpt2)")
     n_epochs: int = setting(1, "passes over the training text (unless --max_steps)", check=(at_least(1), "at least 1"))
 
 
@@ -92,7 +92,7 @@ def load_corpus(data_dir: Path | None, val_fraction: float, context_length: int,
     on the first run, memory-mapped afterwards."""
     files = corpus_files(data_dir) if data_dir is not None else prepare_default_corpus()
     source = DataSource("local", [[str(f) for f in files]], None, "text", [f"{files[0].parent} ({len(files)} file(s))"])
-    cache_dir = cache_dir or files[0].parent / ".token_cache"
+    cache_dir = cache_dir or files[0].parent / gt.default_cache_name()
     token_cache.build_cache(source, cache_dir, val_fraction=val_fraction, progress=progress)
     cache = token_cache.load_cache(cache_dir, source)
     train = gt.TokenWindowDataset(cache.train, context_length)

@@ -40,6 +40,7 @@ from gptkit.weights import (  # noqa: F401  (the library of this command line, r
     load_ours,
     new_model,
     save_from_model,
+    source_tokenizer,
     unpadded_state_dict,
 )
 
@@ -153,9 +154,22 @@ def build_parser() -> argparse.ArgumentParser:
     for spec in plugin_evals():  # evaluations of plugins: their own flags, as in the training scripts
         gt.add_flags(s.add_argument_group(f"evaluation: {spec.name}"), spec.config, prefix=spec.name)
     s.add_argument("--json", action="store_true", help="print the result as JSON only")
+    for name in ("generate", "eval", "to-hf", "from-hf"):
+        sub.choices[name].add_argument("--tokenizer", default=None, help="the tokenizer the weights were trained with "
+                                       "(default and check: the one the source carries; refused if it differs)")
     for sub_parser in (p, *sub.choices.values()):  # before or after the command
         add_plugin_flag(sub_parser)
     return p
+
+
+def use_source_tokenizer(source: str, flag: str | None = None):
+    """The tokenizer a source carries (a checkpoint's, an export's, a Hugging Face folder's), made the
+    process's; --tokenizer naming another is refused in one line."""
+    tok = source_tokenizer(source, "source")
+    if flag is not None and gt.load_tokenizer(flag).fingerprint() != tok.fingerprint():
+        raise gt.UserError(f"--tokenizer {flag} is not the tokenizer {source} was trained with ({tok.name}, "
+                           f"{tok.n_vocab:,} ids); drop --tokenizer: the source's own is used")
+    return gt.use_tokenizer(tok)
 
 
 GENERATE_RULES = [
@@ -197,6 +211,8 @@ def _inspect(args) -> dict:
 
 def _convert_in(args) -> Path:
     fresh_file(Path(args.out))
+    if args.command == "from-hf":
+        use_source_tokenizer(args.source, args.tokenizer)  # the folder's own: the checkpoint carries it
     model = load_hf(args.source) if args.command == "from-hf" else load_openai(args.source)
     out = save_from_model(model, args.out, args.source)
     print(f"wrote {out} ({gt.count_parameters(model)['total'] / 1e6:.1f}M parameters)")
@@ -206,20 +222,21 @@ def _convert_in(args) -> Path:
 def _generate(args) -> str | list[str]:
     """Continuations of the prompts, with a KV cache; several prompts run as one batch."""
     device = gt.resolve_device(args.device)
+    tok = use_source_tokenizer(args.source, args.tokenizer)
     model = load_any(args.source).to(device).eval()
     prompts = args.prompt or ["Every effort moves you"]
-    tok = gt.get_tokenizer()
     gen = torch.Generator(device=device).manual_seed(args.seed) if args.temperature > 0 else None
     ids = [gt.text_to_token_ids(p, tok)[0].tolist() for p in prompts]
     rows = gt.generate_batch(model, ids, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
                              eos_id=tok.eot_token, generator=gen, pad_id=tok.eot_token)
-    texts = [tok.decode(p + r) for p, r in zip(ids, rows)]
+    texts = [gt.token_ids_to_text(p + r, tok) for p, r in zip(ids, rows)]
     for text in texts:
         print(text.replace("\n", " "))
     return texts[0] if len(texts) == 1 else texts
 
 
 def _export(args) -> Path:
+    use_source_tokenizer(args.checkpoint, getattr(args, "tokenizer", None))  # an export carries it
     model, ckpt = load_ours(args.checkpoint)
     if args.command == "to-hf":
         out = export_hf(model, args.out_dir, ckpt, args.checkpoint)
@@ -253,6 +270,7 @@ def _eval(args) -> dict:
         raise gt.UserError("eval needs --hellaswag FILE or --core BUNDLE (or both, or a plugin's evaluation)")
     if args.core is None and (args.tasks or args.max_per_task):
         raise gt.UserError(f"--{'tasks' if args.tasks else 'max_per_task'} is a setting of --core; add --core BUNDLE")
+    use_source_tokenizer(args.source, args.tokenizer)  # items are tokenized as the model was trained
     # The inputs first: a bad file fails before the model is loaded.
     items = hellaswag.read_items(args.hellaswag, args.limit) if args.hellaswag else None
     tasks = core.read_bundle(args.core, args.tasks, args.max_per_task) if args.core else None

@@ -50,6 +50,9 @@ class RunArgs:
 
 @dataclass
 class ModelArgs:
+    tokenizer: str | None = setting(None, "gpt2 (GPT-2's 50,257-token BPE), or a tokenizer folder (tokenizer.py train, "
+                                          "or a Hugging Face folder's tokenizer.json); the model's vocabulary follows it "
+                                          "(default: --init_from's own, else gpt2)")
     model: str = setting("124M", "size preset: " + ", ".join(PRESETS) + " (or gpt2, gpt2-medium, ...)")
     arch: str = setting("gpt2", "a named set of block parts (each part below can be set on top of it, for ablations)")
     depth: int | None = setting(None, "model size as one dial, as nanochat: depth blocks, 64 x depth wide, heads of 128 "
@@ -118,14 +121,34 @@ def model_config(m: ModelArgs, args: argparse.Namespace, given: set[str]) -> GPT
             parts[name] = _part_settings(spec, arch.parts.get(name, {}), args, given)
     sizes = depth_sizes(m.depth) if m.depth is not None else {}
     overrides = {**dict(n_layers=m.n_layers, n_heads=m.n_heads, emb_dim=m.emb_dim), **sizes}
+    from gptkit.tokenizer import get_tokenizer
+
     return get_config(m.model, **overrides, context_length=m.context_length, drop_rate=m.drop_rate, flash=m.flash,
-                      activation_checkpointing=m.activation_checkpointing, **fields, parts=parts)
+                      activation_checkpointing=m.activation_checkpointing, **fields, parts=parts,
+                      vocab_size=get_tokenizer().n_vocab)
 
 
 # The flags that set each architecture field, besides the field's own flag (--arch sets every part).
 SETTERS = {"n_layers": ("model", "depth"), "emb_dim": ("model", "depth"), "n_heads": ("model", "depth"),
            "context_length": ("model",), **{k: ("arch",) for k in PART_FLAGS}}
 NOT_WEIGHTS = ("init", "vocab_multiple")  # what --init_from's weights replace, or the run chooses itself
+
+
+def choose_tokenizer(flag: str | None, init_from: str | None):
+    """The tokenizer of this run, made the process's (gptkit.tokenizer.use_tokenizer): --tokenizer, else
+    the one --init_from's source carries, else GPT-2's. --tokenizer and a source's own must agree."""
+    from gptkit.tokenizer import use_tokenizer
+    from gptkit.weights import source_tokenizer
+
+    given = use_tokenizer(flag or "gpt2")
+    if init_from:
+        theirs = source_tokenizer(init_from)
+        if flag is None:
+            return use_tokenizer(theirs)
+        if theirs.fingerprint() != given.fingerprint():
+            raise UserError(f"--tokenizer {flag} is not the tokenizer of --init_from {init_from} ({theirs.name}, "
+                            f"{theirs.n_vocab:,} ids); drop --tokenizer: a model continues with its own")
+    return given
 
 
 def start_config(cfg: GPTConfig, source: str, given: set[str]) -> GPTConfig:
@@ -290,6 +313,7 @@ def shared_settings(args: argparse.Namespace, given: set[str], plugins: list | N
     schedule_config = settings(schedule_spec(schedule.schedule), args)
     resolve(schedule, optim.lr, 1, given, schedule_config)  # a setting the schedule ignores, --min_lr above --lr
     model, run = from_args(ModelArgs, args), from_args(RunArgs, args)
+    choose_tokenizer(model.tokenizer, run.init_from)
     cfg = model_config(model, args, given)
     if run.init_from:
         cfg = start_config(cfg, run.init_from, given)

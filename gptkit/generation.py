@@ -20,13 +20,22 @@ from gptkit.tokenizer import EOT_TOKEN
 
 
 def text_to_token_ids(text: str, tokenizer) -> torch.Tensor:
-    """(1, T) ids of a prompt; an empty prompt starts from <|endoftext|>, as GPT-2 does unconditionally."""
-    ids = tokenizer.encode(text, allowed_special={EOT_TOKEN}) or [tokenizer.eot_token]
-    return torch.tensor(ids).unsqueeze(0)
+    """(1, T) ids of a prompt, as documents were in training: after the document token for a tokenizer
+    that puts it before each document ("bos"); an empty prompt starts from the document token (GPT-2's
+    <|endoftext|>, as GPT-2 does unconditionally). The document token's text in a prompt is the token."""
+    doc = tokenizer.eot_token
+    ids = tokenizer.encode(text, allowed_special={EOT_TOKEN, tokenizer.decode([doc])})
+    if getattr(tokenizer, "documents", "eos") == "bos" and ids[:1] != [doc]:
+        ids = [doc, *ids]
+    return torch.tensor(ids or [doc]).unsqueeze(0)
 
 
-def token_ids_to_text(token_ids: torch.Tensor, tokenizer) -> str:
-    return tokenizer.decode(token_ids.squeeze(0).tolist())
+def token_ids_to_text(token_ids: torch.Tensor | list, tokenizer) -> str:
+    """The text of ids; the document token a "bos" tokenizer put before the prompt is not text."""
+    ids = token_ids.squeeze(0).tolist() if isinstance(token_ids, torch.Tensor) else list(token_ids)
+    if getattr(tokenizer, "documents", "eos") == "bos" and ids[:1] == [tokenizer.eot_token]:
+        ids = ids[1:]
+    return tokenizer.decode(ids)
 
 
 def next_token(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,

@@ -81,10 +81,12 @@ def _no_equivalent(part: str, why: str = "") -> None:
 
 
 def hf_config(cfg: GPTConfig) -> dict:
-    arch = hf_architecture(cfg)
+    from gptkit.tokenizer import get_tokenizer
+
+    arch, doc = hf_architecture(cfg), get_tokenizer().eot_token  # the document token: bos, eos and pad
     common = {"architectures": [ARCHITECTURES[arch]], "model_type": arch, "vocab_size": cfg.vocab_size,
-              "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": EOT_ID, "eos_token_id": EOT_ID,
-              "pad_token_id": EOT_ID, "initializer_range": 0.02, "dtype": "float32",
+              "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": doc, "eos_token_id": doc,
+              "pad_token_id": doc, "initializer_range": 0.02, "dtype": "float32",
               "transformers_version": _transformers_version()}
     if arch == "gpt2":
         return {**common, "activation_function": "gelu_new", "n_positions": cfg.context_length,
@@ -137,11 +139,25 @@ def config_from_hf(hf: dict) -> GPTConfig:
     else:
         raise UserError(f"config.json is a {str(kind)[:40]!r} model; this toolkit reads GPT-2, Llama, Qwen3 and Mistral "
                         "(without a sliding window) folders")
-    if cfg.vocab_size != GPT2_VOCAB:
-        raise UserError(f"config.json has a {cfg.vocab_size:,}-token vocabulary; this toolkit tokenizes with GPT-2's "
-                        f"{GPT2_VOCAB:,} tokens, so the model's token ids would stand for other text (a folder's own "
-                        "tokenizer is not supported yet)")
     return cfg
+
+
+def folder_tokenizer(hf_dir: Path, vocab_size: int):
+    """The tokenizer of a Hugging Face model folder: its tokenizer.json; without one, GPT-2's when the
+    model has GPT-2's vocabulary (OpenAI's GPT-2 folders ship only vocab.json and merges.txt). A
+    tokenizer with more ids than the model has rows is refused (its ids would index past the table)."""
+    from gptkit.tokenizer import gpt2, load_tokenizer
+
+    if (hf_dir / "tokenizer.json").is_file():
+        tok = load_tokenizer(hf_dir, "the model folder")
+    elif vocab_size == GPT2_VOCAB:
+        tok = gpt2()
+    else:
+        raise UserError(f"{hf_dir} has a {vocab_size:,}-token vocabulary and no tokenizer.json; its token ids cannot be "
+                        "read as text (copy the model's tokenizer.json into the folder)")
+    if tok.n_vocab > vocab_size:
+        raise UserError(f"{hf_dir}: its tokenizer has {tok.n_vocab:,} ids, more than the model's {vocab_size:,} rows")
+    return tok
 
 
 def _gpt2_config(hf: dict) -> GPTConfig:
@@ -304,7 +320,8 @@ def resolve_hf_dir(source: str, what: str = "source") -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(repo, allow_patterns=["config.json", "model.safetensors"]))
+        return Path(snapshot_download(repo, allow_patterns=["config.json", "model.safetensors", "tokenizer.json",
+                                                            "tokenizer_config.json", "special_tokens_map.json"]))
     except Exception as e:
         msg = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
         raise UserError(f"{what} {source} is not a file or folder here, and getting it from the Hugging Face hub "
@@ -396,8 +413,19 @@ def load_hf(source: str, what: str = "source") -> GPTModel:
 
 
 def tokenizer_files(folder: Path, context_length: int) -> None:
-    """GPT-2's tokenizer as transformers reads it: the same two files our tokenizer is built from
-    (vocab.json is encoder.json, merges.txt is vocab.bpe), its special token and its settings."""
+    """The model's tokenizer as transformers reads it: a trained or Hugging Face one's own files (its
+    tokenizer.json, tokenizer_config.json, ...), or GPT-2's: the same two files our tokenizer is built
+    from (vocab.json is encoder.json, merges.txt is vocab.bpe), its special token and its settings."""
+    from gptkit.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    if "tokenizer.json" in tok.files:
+        for name, text in tok.files.items():
+            (folder / name).write_text(text, encoding="utf-8")
+        doc = tok.eot_token
+        (folder / "generation_config.json").write_text(json.dumps({
+            "bos_token_id": doc, "eos_token_id": doc, "pad_token_id": doc, "do_sample": False}, indent=2))
+        return
     bpe, enc = gpt2_bpe_files()
     shutil.copyfile(enc, folder / "vocab.json")
     shutil.copyfile(bpe, folder / "merges.txt")
@@ -440,6 +468,13 @@ def _card_facts(ckpt: dict):
     return run, args, data, last
 
 
+def _tokenizer_line() -> str:
+    from gptkit.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    return "GPT-2's BPE tokenizer" if tok.name == "gpt2" else f"tokenizer {tok.name}, {tok.n_vocab:,} ids, in this folder"
+
+
 def model_card(cfg: GPTConfig, ckpt: dict | None, source: str) -> str:
     """README.md of an export: what the model is, what it was trained on, how far, and how it was made."""
     ckpt = ckpt or {}
@@ -456,7 +491,7 @@ tags: [{hf_architecture(cfg)}, causal-lm]
 # A {params / 1e6:.1f}M-parameter GPT pretrained with this toolkit ({arch})
 
 {cfg.n_layers} layers, {cfg.emb_dim} wide, {cfg.n_heads} heads ({cfg.kv_heads} key/value), context
-{cfg.context_length}, vocabulary {cfg.vocab_size} (GPT-2's BPE tokenizer); parts: {cfg.position} positions,
+{cfg.context_length}, vocabulary {cfg.vocab_size} ({_tokenizer_line()}); parts: {cfg.position} positions,
 {cfg.norm}, {cfg.mlp} MLP{", QK-norm" if cfg.qk_norm else ""}, head {"tied" if cfg.tie_embeddings else "untied"}.
 Trained from scratch.
 

@@ -9,12 +9,13 @@ import time
 class PlainProgress:
     """Progress as plain lines (to stderr): what the toolkit shows when tqdm is not installed or the
     output is not a terminal (a log file, a scheduler's output), where a redrawn bar would leave a
-    line per redraw. A line every ~10% of the total and at least every `every_s` seconds, with rate and ETA."""
+    line per redraw. A line every ~10% of the total (without a total: every `every_s` seconds only) and
+    at least every `every_s` seconds, with rate and ETA."""
 
     def __init__(self, iterable=None, total=None, initial=0, desc="progress", unit="it", every_s: float = 60.0, **_):
         self.iterable, self.total, self.n, self.desc, self.unit = iterable, total, initial, desc, unit
         self.start_n, self.t0 = initial, time.perf_counter()
-        self.every, self.every_s, self.t_last, self.postfix = max(1, (total or 1000) // 10), every_s, self.t0, ""
+        self.every, self.every_s, self.t_last, self.postfix = max(1, total // 10) if total else 0, every_s, self.t0, ""
 
     def __iter__(self):
         for item in self.iterable:
@@ -24,7 +25,8 @@ class PlainProgress:
     def update(self, k: int = 1) -> None:
         before, self.n = self.n, self.n + k
         now = time.perf_counter()
-        if self.n // self.every != before // self.every or self.n == self.total or now - self.t_last >= self.every_s:
+        crossed = self.every and self.n // self.every != before // self.every
+        if crossed or self.n == self.total or now - self.t_last >= self.every_s:
             self.t_last = now
             rate = (self.n - self.start_n) / max(now - self.t0, 1e-9)
             of = f"/{self.total} ({100 * self.n / self.total:.0f}%)" if self.total else ""
@@ -36,7 +38,9 @@ class PlainProgress:
         self.postfix = "".join(f" | {k} {v}" for k, v in kwargs.items())
 
     def close(self) -> None:
-        pass
+        if not self.total and self.n != self.start_n:  # without a total: say where it ended
+            self.every_s = 0.0
+            self.update(0)
 
     write = staticmethod(print)
 

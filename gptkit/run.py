@@ -21,6 +21,7 @@ from gptkit.checkpoint.state import (
 )
 from gptkit.checkpoint.store import peek_checkpoint
 from gptkit.data.batches import TokenWindowDataset
+from gptkit.errors import CheckpointError
 from gptkit.files import atomic_write
 from gptkit.loop import TrainConfig
 from gptkit.progress import progress_write
@@ -104,6 +105,12 @@ def check_run(run_dir, cfg, resume: str | None, overwrite: bool, optimizer_kind:
 def check_resume(ckpt: dict, cfg, optimizer_kind: str, pad_vocab: bool | None) -> None:
     """A checkpoint to resume is of this model (every part, the vocabulary padding --pad_vocab asks
     for, else its own) and of this optimizer's kind: one error line otherwise."""
+    from gptkit.tokenizer import from_record, get_tokenizer
+
+    theirs, ours = from_record((ckpt.get("run") or {}).get("tokenizer")), get_tokenizer()
+    if theirs.fingerprint() != ours.fingerprint():
+        raise CheckpointError(f"the checkpoint was trained with tokenizer {theirs.name} ({theirs.n_vocab:,} ids), this run "
+                              f"has {ours.name} ({ours.n_vocab:,} ids); resume with --tokenizer naming the same one")
     vm = (64 if pad_vocab else 1) if pad_vocab is not None else int(ckpt["config"].get("vocab_multiple", 1))
     check_config_matches(ckpt["config"], dataclasses.replace(cfg, vocab_multiple=vm))
     saved = (ckpt.get("optimizer") or {}).get("kind") or ckpt.get("optimizer_kind")

@@ -60,7 +60,8 @@ class Trainer:
         self.checkpoint = None if run is None else CheckpointState(
             self.raw.cfg, run.run_id, model=ModelPart(self.raw), optimizer=OptimizerPart(optimizer, self.raw, optimizer_spec),
             data=self.batches, scaler=ScalerPart(self.scaler), rng=RNGPart(runtime.rank, runtime.world_size, self.say),
-            progress=self.state, run=DictPart({"run_id": run.run_id, **(run_info or {})}))
+            progress=self.state, run=DictPart({"run_id": run.run_id, "tokenizer": get_tokenizer().record(),
+                                               **(run_info or {})}))
 
     # -- the loop -------------------------------------------------------------------------------
 
@@ -185,6 +186,8 @@ class Trainer:
         run's status in run.json (a failure's too). result["exit_code"]: 0, or 143/130 after a signal."""
         self.resume()
         self.run.started = True  # from here on the run's status tells what became of it
+        if self.runtime.is_main:
+            self.run.keep_tokenizer(get_tokenizer())
         try:
             self.train()
         except BaseException as e:

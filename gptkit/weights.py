@@ -156,6 +156,28 @@ def source_config(source: str, what: str = "--init_from") -> dict:
     return hf.hf_source_config(source, what).to_dict()
 
 
+def source_tokenizer(source: str, what: str = "--init_from"):
+    """The tokenizer a weights source carries: a checkpoint's or an export's record (GPT-2's when it
+    records none), a Hugging Face folder's tokenizer.json, OpenAI's GPT-2's."""
+    from gptkit import hf
+    from gptkit.checkpoint.store import peek_checkpoint
+    from gptkit.tokenizer import from_record, gpt2
+
+    p = Path(source)
+    if is_ours(p):
+        if p.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(p), "pt") as f:
+                record = (f.metadata() or {}).get("tokenizer")
+            return from_record(json.loads(record) if record else None, str(p))
+        return from_record((peek_checkpoint(p).get("run") or {}).get("tokenizer"), str(p))
+    if p.is_dir() and (p / "hparams.json").is_file():
+        return gpt2()
+    hf_dir = hf.resolve_hf_dir(source, what)
+    return hf.folder_tokenizer(hf_dir, hf.hf_source_config(str(hf_dir), what).vocab_size)
+
+
 def check_init_from(cfg: GPTConfig, source: str) -> None:
     """--init_from's model is this one (read from its config, nothing allocated): one line otherwise."""
     check_config_matches(_as_start(source_config(source), cfg), cfg, source=f"--init_from {source}")
@@ -190,9 +212,10 @@ def new_model(cfg: GPTConfig, init_from: str | None = None, log=print) -> GPTMod
 def save_from_model(model: GPTModel, out, source: str) -> Path:
     """A weights-only checkpoint (no optimizer or data position): for --init_from, inspect and exports."""
     from gptkit.loop import TrainState
+    from gptkit.tokenizer import get_tokenizer
 
     state = CheckpointState(model.cfg, None, model=ModelPart(model), progress=TrainState(),
-                            run=DictPart({"converted_from": source}))
+                            run=DictPart({"converted_from": source, "tokenizer": get_tokenizer().record()}))
     return save_checkpoint(out, state.state_dict())
 
 
@@ -214,8 +237,10 @@ def export_safetensors(model: GPTModel, out, ckpt: dict | None = None) -> Path:
     fresh_file(out)
     sd, cfg = unpadded_state_dict(model)
     sd = {k: v.contiguous() for k, v in sd.items() if not (k == "lm_head.weight" and cfg.tie_embeddings)}
+    from gptkit.tokenizer import get_tokenizer
+
     meta = {"gpt_config": json.dumps(cfg.to_dict()), "step": str((ckpt or {}).get("step", 0)),
-            "tokens_seen": str((ckpt or {}).get("tokens_seen", 0))}
+            "tokens_seen": str((ckpt or {}).get("tokens_seen", 0)), "tokenizer": json.dumps(get_tokenizer().record())}
     return atomic_write(out, lambda f: f.write(save(sd, metadata=meta)))
 
 

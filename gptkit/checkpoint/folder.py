@@ -360,6 +360,19 @@ class RunFolder:
         self.log(f"moved {what} aside to {dest}" + (" (with a copy of the run's records)" if copy_records else ""))
         return dest
 
+    def keep_tokenizer(self, tok) -> Path | None:
+        """A copy of the run's tokenizer in tokenizer/ (rank 0; not GPT-2's, which every install has), so
+        the folder says what its ids mean; checkpoints carry it too. Written once, atomically."""
+        folder = self.dir / "tokenizer"
+        if tok.name == "gpt2" and not tok.files.get("tokenizer.json") or folder.exists():
+            return None
+        from gptkit.files import atomic_write
+
+        folder.mkdir()
+        for name, text in tok.files.items():
+            atomic_write(folder / name, lambda f, t=text: f.write(t.encode("utf-8")))
+        return folder
+
     def undo_claim(self) -> None:
         """A run refused before its first step (rank 0): run.json back as it was before claim(), so a
         finished run stays finished and a requeue script is not told to resume a bad-input run. The

@@ -29,7 +29,7 @@ RUN_FORMAT = "gpt-train-run/1"
 RUN_FILE, LOCK_FILE = "run.json", "run.lock"
 # What a run writes into its folder. A folder holding any of these but no run.json is another
 # (older) run's and is refused; --overwrite moves these, and only these, aside.
-RUN_OUTPUTS = (RUN_FILE, "train.log", "losses.json", "loss_plot.png", "tensorboard", "wandb")
+RUN_OUTPUTS = (RUN_FILE, "train.log", "losses.json", "loss_plot.png", "tensorboard", "wandb", "tokenizer")
 # Of those, the records of a run's steps: kept (copied aside) when --overwrite resumes behind newer checkpoints.
 RUN_RECORDS = (RUN_FILE, "train.log", "losses.json", "loss_plot.png", "tensorboard", "wandb")
 STATES = ("running", "finished", "stopped", "crashed", "failed")

@@ -1,9 +1,9 @@
-"""The token cache: a source tokenized once into uint16 shards with a JSON manifest, then
+"""The token cache: a source tokenized once into uint16 (uint32 past 65,536 ids) shards with a JSON manifest, then
 memory-mapped for training.
 
     cache/manifest.json     source identity, tokenizer + hash, shards with token counts and sha256,
                             documents, the train/validation split, and how far the build got
-    cache/train_000000.bin  uint16 token ids, documents separated by <|endoftext|>
+    cache/train_000000.bin  token ids (the manifest's dtype), documents marked as the tokenizer declares
     cache/val_000000.bin    the held-out validation blocks (never overlapping train)
 
 The cache owns its folder: it builds only in an empty folder or one holding its own manifest, and it
@@ -41,8 +41,14 @@ FEED_TOKENS = 1 << 16  # documents are fed to the shard builder in chunks of abo
 # Building
 
 
-def _write_shard(path: Path, tokens: np.ndarray) -> None:
-    atomic_write(path, lambda f: f.write(tokens.astype(np.uint16).tobytes()), size_hint=2 * len(tokens))
+def _write_shard(path: Path, tokens: np.ndarray, dtype: str = "uint16") -> None:
+    dtype = np.dtype(dtype)
+    atomic_write(path, lambda f: f.write(tokens.astype(dtype).tobytes()), size_hint=dtype.itemsize * len(tokens))
+
+
+def _dtype(manifest: dict | None = None) -> np.dtype:
+    """The ids' type: what the manifest says (uint16 for every older cache), else the tokenizer's."""
+    return np.dtype((manifest or {}).get("dtype") or get_tokenizer().dtype)
 
 
 def _names(manifest: dict) -> dict:
@@ -85,9 +91,10 @@ class _Builder:
         while len(data) >= size or (final and len(data)):
             chunk, data = data[:size], data[size:]
             name = _names(self.manifest)[split]
-            _write_shard(self.cache_dir / name, chunk)
+            dtype = _dtype(self.manifest)
+            _write_shard(self.cache_dir / name, chunk, dtype.name)
             self.manifest["shards"][split].append({"name": name, "tokens": int(len(chunk)),
-                                                   "sha256": hashlib.sha256(chunk.astype(np.uint16).tobytes()).hexdigest()})
+                                                   "sha256": hashlib.sha256(chunk.astype(dtype).tobytes()).hexdigest()})
             self.bufs[split], self.buffered[split] = ([data] if len(data) else []), len(data)
             self.record()
 
@@ -145,9 +152,9 @@ def _new_manifest(source: DataSource, identity: dict, max_tokens, val_fraction, 
         "source_description": source.describe(),
         "max_tokens": max_tokens,
         "val_fraction": val_fraction,
-        "tokenizer": "gpt2",
+        "tokenizer": get_tokenizer().name,
         "tokenizer_hash": tokenizer_fingerprint(),
-        "dtype": "uint16",
+        "dtype": get_tokenizer().dtype,  # uint16 while the ids fit, else uint32
         "shard_tokens": shard_tokens,
         "val_block_tokens": VAL_BLOCK_TOKENS,
         "rows_read": 0,  # rows consumed from the source (all parts)
@@ -267,9 +274,10 @@ def check_manifest(m: dict, cache_dir: Path, source: DataSource | None = None, m
     if m.get("version") != CACHE_VERSION:
         raise UserError(f"the cache in {cache_dir} has format version {m.get('version')}, this toolkit "
                            f"reads {CACHE_VERSION}; rebuild it in a new --cache_dir")
-    if m.get("tokenizer") != "gpt2" or m.get("tokenizer_hash") != tokenizer_fingerprint():
-        raise UserError(f"the cache in {cache_dir} was tokenized with another tokenizer "
-                           f"({m.get('tokenizer')}, hash {m.get('tokenizer_hash')}); use a new --cache_dir")
+    if m.get("tokenizer_hash") != tokenizer_fingerprint():
+        raise UserError(f"the cache in {cache_dir} was tokenized with another tokenizer ({m.get('tokenizer')}, hash "
+                        f"{m.get('tokenizer_hash')}; this run's is {get_tokenizer().name}, hash {tokenizer_fingerprint()}); "
+                        "use a new --cache_dir")
     if source is not None:
         changes = identity_changes(m.get("source", {}), source.identity(m.get("source")))
         if changes:
@@ -451,17 +459,20 @@ class TokenCache:
     val: list[np.ndarray]
 
 
-def verify_shard(path: Path, entry: dict, vocab_size: int = 50257) -> None:
-    """A shard's size, sha256 and ids checked against its manifest entry: one error line naming it."""
+def verify_shard(path: Path, entry: dict, vocab_size: int | None = None, dtype: str = "uint16") -> None:
+    """A shard's size, sha256 and ids (below `vocab_size`, default the tokenizer's) checked against its
+    manifest entry: one error line naming it."""
+    vocab_size = vocab_size or get_tokenizer().n_vocab
+    width = np.dtype(dtype).itemsize
     size = path.stat().st_size if path.exists() else -1
-    if size != 2 * entry["tokens"]:
+    if size != width * entry["tokens"]:
         raise UserError(f"shard {path} is truncated or corrupt: {max(size, 0)} bytes on disk, the manifest "
-                           f"says {entry['tokens']} tokens ({2 * entry['tokens']} bytes); delete {path.parent} to rebuild")
+                        f"says {entry['tokens']} tokens ({width * entry['tokens']} bytes); delete {path.parent} to rebuild")
     h, top = hashlib.sha256(), 0
     with open(path, "rb") as f:
         while block := f.read(1 << 24):
             h.update(block)
-            top = max(top, int(np.frombuffer(block, dtype=np.uint16).max(initial=0)))
+            top = max(top, int(np.frombuffer(block, dtype=dtype).max(initial=0)))
     if top >= vocab_size:
         raise UserError(f"shard {path} holds token id {top}, beyond the vocabulary ({vocab_size}); the cache is "
                            f"damaged: delete {path.parent} to rebuild")
@@ -485,11 +496,11 @@ def load_cache(cache_dir, source: DataSource | None = None, verify: bool = True)
     for split in ("train", "val"):
         arrays = []
         for s in m["shards"][split]:
-            path = cache_dir / s["name"]
+            path, dtype = cache_dir / s["name"], _dtype(m)
             if verify:
-                verify_shard(path, s)
-            elif not path.exists() or path.stat().st_size != 2 * s["tokens"]:
-                verify_shard(path, s)  # names the problem
-            arrays.append(np.memmap(path, dtype=np.uint16, mode="r"))
+                verify_shard(path, s, dtype=dtype.name)
+            elif not path.exists() or path.stat().st_size != dtype.itemsize * s["tokens"]:
+                verify_shard(path, s, dtype=dtype.name)  # names the problem
+            arrays.append(np.memmap(path, dtype=dtype, mode="r"))
         out[split] = arrays
     return TokenCache(m, out["train"], out["val"])

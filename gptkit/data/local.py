@@ -35,7 +35,7 @@ from gptkit.data.sources import DataOptions, DataSource, SourceKind, first_line,
 from gptkit.errors import UserError
 from gptkit.files import no_such_path, sha256_file, walk_files
 from gptkit.registry import Registry
-from gptkit.tokenizer import Continued
+from gptkit.tokenizer import Piece
 
 # Local files up to this size are hashed whole for the cache's source identity; larger ones by their
 # size, first and last 4 MiB and 16 evenly spaced 64 KiB samples (an edit elsewhere that keeps the
@@ -235,9 +235,9 @@ register_source(SourceKind("local", claims, resolve, identity, rows, probe))
 
 def _txt_rows(stream: BinaryIO, path: str, column: str, batch_size: int) -> Iterator[list[str]]:
     """A .txt file is one row (prep_dataset output separates books with <|endoftext|> inside); one
-    larger than TEXT_PIECE characters is several `Continued` rows (each under 2 x TEXT_PIECE), cut
-    where tokens split anyway."""
-    decoder, text, searched = codecs.getincrementaldecoder("utf-8")(), "", 1
+    larger than TEXT_PIECE characters is several `Piece` rows (each under 2 x TEXT_PIECE), cut where
+    tokens split anyway."""
+    decoder, text, searched, opens = codecs.getincrementaldecoder("utf-8")(), "", 1, True
     while raw := stream.read(TEXT_PIECE):
         text += decoder.decode(raw)
         if len(text) <= TEXT_PIECE:
@@ -250,9 +250,10 @@ def _txt_rows(stream: BinaryIO, path: str, column: str, batch_size: int) -> Iter
                                 "learn from: remove it, or break it into lines")
             searched = max(1, len(text) - 2)
             continue
-        yield [Continued(text[:cut])]
-        text, searched = text[cut:], 1
-    yield [text + decoder.decode(b"", final=True)]
+        yield [Piece(text[:cut], opens=opens, closes=False)]
+        text, searched, opens = text[cut:], 1, False
+    last = text + decoder.decode(b"", final=True)
+    yield [last if opens else Piece(last, opens=False)]
 
 
 def last_safe_cut(text: str, lo: int = 1) -> int | None:

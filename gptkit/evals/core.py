@@ -11,7 +11,8 @@ speedrun figures published with it (GPT-2 1.5B: 0.2565):
 - prompts rendered as nanochat's templates render them: each example "query, delimiter, answer" then a
   blank line; for language modelling the contexts stripped, and the prompt without the continuation
   stripped too;
-- <|endoftext|> prepended, each prompt tokenized whole; the continuation of a multiple-choice item
+- the document token prepended (GPT-2's <|endoftext|>; a BOS tokenizer's BOS), each prompt tokenized
+  whole; the continuation of a multiple-choice item
   starts where its choices' tokens first differ, of a schema item where their common ending begins, of
   a language-modelling item after the prompt without it;
 - longer than the model's context: the last context_length tokens are kept;
@@ -34,7 +35,7 @@ from pathlib import Path
 from gptkit.config import at_least, read_settings_file, setting
 from gptkit.errors import UserError, excerpt
 from gptkit.evals import EvalSpec, register_eval, scorer
-from gptkit.tokenizer import EOT_ID, get_tokenizer
+from gptkit.tokenizer import get_tokenizer
 
 BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 TYPES = ("multiple_choice", "schema", "language_modeling")
@@ -256,7 +257,7 @@ def _common(seqs: list[list[int]], from_end: bool) -> int:
 
 def requests(task: Task, i: int, tokenizer, max_length: int) -> list[scorer.Request]:
     texts = scorer.tails(prompts(task, i), max_length)  # a huge field costs what the model will see only
-    tokens = [[EOT_ID] + tokenizer.encode_ordinary(t) for t in texts]
+    tokens = [[tokenizer.eot_token] + tokenizer.encode_ordinary(t) for t in texts]  # the document token first
     if task.kind == "multiple_choice":
         start = _common(tokens, from_end=False)
         return [scorer.Request(t, start) for t in tokens]

@@ -26,8 +26,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gptkit.tokenizer import EOT_ID
-
 
 @dataclass
 class Request:
@@ -140,7 +138,7 @@ def _passes(fitted: list, indices: list[int], tokens_per_pass: int, items_per_pa
 
 def _forward(model, fitted: list[tuple[list[int], int, list[int]]], device, autocast) -> list[Scored]:
     width = max(len(inp) for inp, _, _ in fitted)
-    x = torch.full((len(fitted), width), EOT_ID, dtype=torch.long)  # right-padded with <|endoftext|>
+    x = torch.zeros((len(fitted), width), dtype=torch.long)  # right-padded (a causal model never reads it)
     for i, (inp, _, _) in enumerate(fitted):
         x[i, : len(inp)] = torch.tensor(inp, dtype=torch.long)
     with autocast or contextlib.nullcontext():
