@@ -34,6 +34,7 @@ from gptkit.data.cache import (  # noqa: F401
 from gptkit.data.sources import SOURCES, DataSource, resolve_source  # noqa: F401
 from gptkit.errors import UserError
 from gptkit.plugins import add_plugin_flag, preload
+from gptkit.tokenizer import use_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--val_fraction", type=float, default=0.01, help="share of the stream held out for validation")
     b.add_argument("--shard_tokens", type=int, default=100_000_000, help="tokens per shard")
     b.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress")
+    b.add_argument("--tokenizer", default="gpt2", help="gpt2, or a tokenizer folder (tokenizer.py train, or a Hugging "
+                                                       "Face tokenizer.json): ids as uint16, or uint32 past 65,536 ids")
     add_component_flags(b, SOURCES)  # a data source kind's own settings (--NAME_FIELD)
     for name, what in (("inspect", "print what a cache holds"), ("verify", "check every shard's sha256 and ids")):
         s = sub.add_parser(name, help=what, formatter_class=HelpFormatter)
@@ -75,14 +78,16 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     if args.command == "build":
         _check_build(args)
+        use_tokenizer(args.tokenizer)
         source = resolve_source(args.data, args.text_column, args.data_mix, args.smollm_dir,
                                 {name: settings(spec, args) for name, spec in SOURCES.configured()})
         return build_cache(source, args.cache_dir, max_tokens=int(args.cache_max_tokens) if args.cache_max_tokens else None,
                            val_fraction=args.val_fraction, shard_tokens=args.shard_tokens, progress=args.progress)
-    cache = load_cache(args.cache_dir, verify=args.command == "verify")
+    cache = load_cache(args.cache_dir, verify=args.command == "verify", any_tokenizer=True)
     m = cache.manifest
     summary = {k: m[k] for k in ("source_description", "documents", "train_tokens", "val_tokens", "shards_written",
                                  "val_fraction", "max_tokens")}
+    summary.update(tokenizer=m.get("tokenizer"), dtype=m.get("dtype", "uint16"))
     summary["verified"] = args.command == "verify"
     print(json.dumps(summary, indent=2))
     return summary

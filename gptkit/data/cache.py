@@ -155,6 +155,7 @@ def _new_manifest(source: DataSource, identity: dict, max_tokens, val_fraction, 
         "tokenizer": get_tokenizer().name,
         "tokenizer_hash": tokenizer_fingerprint(),
         "dtype": get_tokenizer().dtype,  # uint16 while the ids fit, else uint32
+        "vocab_size": get_tokenizer().n_vocab,
         "shard_tokens": shard_tokens,
         "val_block_tokens": VAL_BLOCK_TOKENS,
         "rows_read": 0,  # rows consumed from the source (all parts)
@@ -481,14 +482,16 @@ def verify_shard(path: Path, entry: dict, vocab_size: int | None = None, dtype: 
                            "to rebuild")
 
 
-def load_cache(cache_dir, source: DataSource | None = None, verify: bool = True) -> TokenCache:
+def load_cache(cache_dir, source: DataSource | None = None, verify: bool = True, any_tokenizer: bool = False) -> TokenCache:
     """Memory-map a complete cache. Every shard's size is checked; with `verify` also its sha256 and
-    that its ids fit the vocabulary (one read of the cache)."""
+    that its ids fit the vocabulary (one read of the cache). `any_tokenizer`: a look at a cache of any
+    tokenizer (token_cache.py inspect and verify), not a run's."""
     cache_dir = Path(cache_dir)
     m = read_manifest(cache_dir)
     if m is None:
         raise UserError(f"no token cache in {cache_dir} (no {MANIFEST}); build one with --prepare_only")
-    check_manifest(m, cache_dir, source)
+    if not any_tokenizer:
+        check_manifest(m, cache_dir, source)
     if not m["complete"]:
         raise UserError(f"the token cache in {cache_dir} is incomplete (its build was interrupted); run the same "
                            "command again to resume building it")
@@ -497,10 +500,11 @@ def load_cache(cache_dir, source: DataSource | None = None, verify: bool = True)
         arrays = []
         for s in m["shards"][split]:
             path, dtype = cache_dir / s["name"], _dtype(m)
+            vocab = m.get("vocab_size", 50257)  # recorded since caches of other tokenizers exist; GPT-2's before
             if verify:
-                verify_shard(path, s, dtype=dtype.name)
+                verify_shard(path, s, vocab, dtype.name)
             elif not path.exists() or path.stat().st_size != dtype.itemsize * s["tokens"]:
-                verify_shard(path, s, dtype=dtype.name)  # names the problem
+                verify_shard(path, s, vocab, dtype.name)  # names the problem
             arrays.append(np.memmap(path, dtype=dtype, mode="r"))
         out[split] = arrays
     return TokenCache(m, out["train"], out["val"])
