@@ -18,8 +18,9 @@
 #
 # Settings come from environment variables so the same file works in both worlds:
 # `NOTEBOOK_CHECKPOINT` (a checkpoint to study; default: train a small model for about a minute on the
-# embedded Gutenberg books), `NOTEBOOK_OUT` (figure folder, default `runs/notebook`), and
-# `NOTEBOOK_QUICK=1` (tiny settings, for tests).
+# embedded Gutenberg books), `NOTEBOOK_OUT` (figure folder, default `runs/notebook`),
+# `NOTEBOOK_TOKENIZER` (gpt2 or a tokenizer folder to train that small model with; a checkpoint's own
+# tokenizer is always the one used to read it), and `NOTEBOOK_QUICK=1` (tiny settings, for tests).
 
 # %%
 import json
@@ -72,9 +73,10 @@ import torch.nn.functional as F  # noqa: E402
 import gpt_train as gt  # noqa: E402
 import pretraining_simple  # noqa: E402
 from gptkit.schedules import ScheduleConfig, lr_function, resolve  # noqa: E402
+from gptkit.weights import source_tokenizer  # noqa: E402
 
-tokenizer = gt.get_tokenizer()
 figures = []
+TOKENIZER = os.environ.get("NOTEBOOK_TOKENIZER") or None  # gpt2 or a tokenizer folder, to train the fresh model with
 
 
 def save(fig, name):
@@ -95,9 +97,14 @@ if CHECKPOINT is None:
     small_flags = ["--model", "small", "--max_steps", "40", "--batch_size", "8", "--lr", "1e-3"]
     run = pretraining_simple.main([*(quick_flags if QUICK else small_flags), "--output_dir", str(OUT / "train"),
                                    "--eval_freq", "10", "--eval_iter", "3", "--print_sample_iter", "0",
-                                   "--no-progress", "--log_every", "10", "--overwrite"])
+                                   "--no-progress", "--log_every", "10", "--overwrite",
+                                   *(["--tokenizer", TOKENIZER] if TOKENIZER else [])])
     CHECKPOINT = run["checkpoint"]
 model, ckpt = gt.load_ours(CHECKPOINT)  # a .pt file, a sharded checkpoint's folder or a .safetensors export
+tokenizer = gt.use_tokenizer(source_tokenizer(str(CHECKPOINT)))  # the checkpoint's own: its ids mean its text
+if TOKENIZER and gt.load_tokenizer(TOKENIZER).fingerprint() != tokenizer.fingerprint():
+    raise UserError(f"NOTEBOOK_TOKENIZER {TOKENIZER} is not the tokenizer {CHECKPOINT} was trained with "
+                    f"({tokenizer.name}); unset it: the checkpoint's own is used")
 print(f"{CHECKPOINT}: step {ckpt.get('step', 0)}, {gt.count_parameters(model)['total']:,} parameters")
 
 # %% [markdown]

@@ -168,6 +168,29 @@ def check_tokenizer() -> Check:
         return Check("GPT-2 tokenizer (offline)", "FAIL", f"{type(e).__name__}: {str(e)[:100]}", INSTALL_HINT)
 
 
+def check_tokenizer_training() -> Check:
+    """rustbpe trains, tokenizers writes the folder, tiktoken and tokenizers encode it alike: a 300-id BPE
+    of a few sentences, in a temp folder."""
+    import tempfile
+
+    try:
+        from gptkit.tokenizer import TOKENIZERS, load_tokenizer
+        from gptkit.tokenizer_train import SPLIT_PATTERN, train_ranks, write_folder
+
+        text = "the quick brown fox jumps over the lazy dog; 12345 dogs and foxes. " * 50
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = write_folder(Path(tmp) / "t", train_ranks([text], 299), ["<|bos|>"], "bos", SPLIT_PATTERN, {})
+            ours = load_tokenizer(folder)
+            theirs = TOKENIZERS["hf"].load(None, ours.files)
+            ok = ours.encode_ordinary(text) == theirs.encode_ordinary(text) and 257 < ours.n_vocab <= 300
+        return Check("tokenizer training (rustbpe, tokenizers)", "OK" if ok else "FAIL",
+                     f"a {ours.n_vocab}-id BPE trained and encoded alike by tiktoken and tokenizers",
+                     "" if ok else "reinstall rustbpe, tokenizers and tiktoken")
+    except Exception as e:
+        return Check("tokenizer training (rustbpe, tokenizers)", "FAIL", f"{type(e).__name__}: {str(e)[:100]}",
+                     INSTALL_HINT)
+
+
 def check_hub(timeout: float = 3.0) -> list[Check]:
     out = []
     if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
@@ -273,6 +296,7 @@ def run_checks(quick: bool = False, output_dir: Path = Path("runs")) -> list[Che
                                                           "run without --quick to check it"))
     checks.append(check_distributed())
     checks.append(check_tokenizer())
+    checks.append(check_tokenizer_training())
     checks += check_hub()
     checks.append(check_wandb())
     checks.append(check_disk(output_dir))
@@ -326,7 +350,7 @@ def test_torch_and_distributed():
 
 
 def test_tokenizer_offline():
-    _assert_no_fail([check_tokenizer()])
+    _assert_no_fail([check_tokenizer(), check_tokenizer_training()])
 
 
 def test_wandb_and_disk(tmp_path):

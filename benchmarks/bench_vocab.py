@@ -116,6 +116,22 @@ def run_arm(name: str, tok: str, a, work: Path) -> dict:
             "minutes": round((time.perf_counter() - t0) / 60, 1)}
 
 
+def cost(toks: dict[str, str], a, work: Path) -> dict[str, float]:
+    """ms per training step of each arm, timed alone with every core (steps 6-20 of a short run): the
+    time axis of the quality comparison, free of what else the machine did while the curves were made."""
+    out = {}
+    for name, tok in toks.items():
+        flags = ["--model", "small", "--batch_size", "16", "--max_steps", "20", "--lr", "1e-3", "--eval_every", "0",
+                 "--eval_iters", "1", "--sample_every", "0", "--save_every", "0", "--log_every", "5", "--no-progress",
+                 "--dtype", a.dtype, "--run_dir", str(work / "cost" / name), "--overwrite", "--tokenizer", tok, *RECIPE]
+        r = subprocess.run([sys.executable, str(ROOT / "pretraining_simple.py"), *flags], capture_output=True, text=True,
+                           cwd=work)
+        ms = [float(ln.split("ms/step")[1].split("|")[0]) for ln in r.stdout.splitlines() if "ms/step" in ln]
+        out[name] = round(sum(ms[1:]) / len(ms[1:]), 1) if len(ms) > 1 else None
+        print(f"{name}: {out[name]} ms/step alone", flush=True)
+    return out
+
+
 def quality(toks: dict[str, str], a, work: Path) -> list[dict]:
     done = {r["run"]: r for r in map(json.loads, a.out.read_text().splitlines())} if a.out.exists() else {}
     todo = [n for n in toks if not ("final_bpb" in done.get(n, {}) and done[n]["val_step"][-1] == a.steps)]
@@ -130,6 +146,9 @@ def quality(toks: dict[str, str], a, work: Path) -> list[dict]:
         for r in pool.map(one, todo):
             done[r["run"]] = r
     results = [done[n] for n in toks if n in done]
+    alone = cost(toks, a, work) if a.cost else {}
+    for r in results:
+        r["ms_per_step"] = alone.get(r["run"]) or r.get("ms_per_step")
     base = done.get("gpt2")
     rows = []
     for r in results:
@@ -153,6 +172,8 @@ def main(argv=None) -> dict:
     p.add_argument("--jobs", type=int, default=1, help="quality runs at once")
     p.add_argument("--threads", type=int, default=0, help="threads per run (default: cores / jobs)")
     p.add_argument("--dtype", default="auto", help="precision (auto: bf16 where the CPU computes it)")
+    p.add_argument("--cost", action=argparse.BooleanOptionalAction, default=True,
+                   help="time each arm's step alone for the time axis (else: the runs' own ms/step)")
     a = p.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
     a.work = a.work.resolve()
