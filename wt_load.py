@@ -270,10 +270,10 @@ def _eval(args) -> dict:
         raise gt.UserError("eval needs --hellaswag FILE or --core BUNDLE (or both, or a plugin's evaluation)")
     if args.core is None and (args.tasks or args.max_per_task):
         raise gt.UserError(f"--{'tasks' if args.tasks else 'max_per_task'} is a setting of --core; add --core BUNDLE")
-    use_source_tokenizer(args.source, args.tokenizer)  # items are tokenized as the model was trained
     # The inputs first: a bad file fails before the model is loaded.
     items = hellaswag.read_items(args.hellaswag, args.limit) if args.hellaswag else None
     tasks = core.read_bundle(args.core, args.tasks, args.max_per_task) if args.core else None
+    use_source_tokenizer(args.source, args.tokenizer)  # items are tokenized as the model was trained
     if tasks:
         core.check_tokenizable(tasks, 1 << 20)
     device = gt.resolve_device(args.device)

@@ -366,7 +366,7 @@ def hf_source_config(source: str, what: str = "source") -> GPTConfig:
     """The config of a Hugging Face folder (or hub id), checked against its weight files' shapes and
     against this machine's memory, before anything is allocated."""
     hf_dir = resolve_hf_dir(source, what)
-    cfg = _read_config(hf_dir)
+    cfg = read_config(hf_dir)
     with torch.device("meta"):
         shell = GPTModel(cfg)  # shapes only: no memory
     try:
@@ -376,7 +376,7 @@ def hf_source_config(source: str, what: str = "source") -> GPTConfig:
     return cfg
 
 
-def _read_config(hf_dir: Path) -> GPTConfig:
+def read_config(hf_dir: Path) -> GPTConfig:
     cfg_path = hf_dir / "config.json"
     if not cfg_path.is_file():
         raise UserError(f"{hf_dir} has no config.json; it is not a Hugging Face model folder")

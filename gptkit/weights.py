@@ -175,7 +175,7 @@ def source_tokenizer(source: str, what: str = "--init_from"):
     if p.is_dir() and (p / "hparams.json").is_file():
         return gpt2()
     hf_dir = hf.resolve_hf_dir(source, what)
-    return hf.folder_tokenizer(hf_dir, hf.hf_source_config(str(hf_dir), what).vocab_size)
+    return hf.folder_tokenizer(hf_dir, hf.read_config(hf_dir).vocab_size)  # the config only: no shapes yet
 
 
 def check_init_from(cfg: GPTConfig, source: str) -> None:

@@ -41,9 +41,9 @@ FEED_TOKENS = 1 << 16  # documents are fed to the shard builder in chunks of abo
 # Building
 
 
-def _write_shard(path: Path, tokens: np.ndarray, dtype: str = "uint16") -> None:
-    dtype = np.dtype(dtype)
-    atomic_write(path, lambda f: f.write(tokens.astype(dtype).tobytes()), size_hint=dtype.itemsize * len(tokens))
+def _write_shard(path: Path, tokens: np.ndarray) -> None:
+    """The ids as they are typed (the manifest's dtype: uint16, or uint32)."""
+    atomic_write(path, lambda f: f.write(tokens.tobytes()), size_hint=tokens.nbytes)
 
 
 def _dtype(manifest: dict | None = None) -> np.dtype:
@@ -91,10 +91,10 @@ class _Builder:
         while len(data) >= size or (final and len(data)):
             chunk, data = data[:size], data[size:]
             name = _names(self.manifest)[split]
-            dtype = _dtype(self.manifest)
-            _write_shard(self.cache_dir / name, chunk, dtype.name)
+            chunk = chunk.astype(_dtype(self.manifest))
+            _write_shard(self.cache_dir / name, chunk)
             self.manifest["shards"][split].append({"name": name, "tokens": int(len(chunk)),
-                                                   "sha256": hashlib.sha256(chunk.astype(dtype).tobytes()).hexdigest()})
+                                                   "sha256": hashlib.sha256(chunk.tobytes()).hexdigest()})
             self.bufs[split], self.buffered[split] = ([data] if len(data) else []), len(data)
             self.record()
 
