@@ -59,6 +59,8 @@ def fit_law(n: list[float], d: list[float], loss: list[float]) -> Law:
 
 
 def _grid_fit(N, D, L, alphas, betas) -> Law | None:
+    """The best law on a grid of exponents: for each (alpha, beta) the least-squares E, A, B (or, when
+    E would be negative, E = 0 and A, B), A and B positive."""
     import numpy as np
 
     w = 1.0 / L
@@ -66,19 +68,29 @@ def _grid_fit(N, D, L, alphas, betas) -> Law | None:
     Q = D[None, :] ** -betas[:, None] * w  # (b, k)
     one = np.broadcast_to(w, (len(alphas), len(betas), len(L)))
     X = np.stack([one, np.broadcast_to(P[:, None, :], one.shape), np.broadcast_to(Q[None, :, :], one.shape)], -1)
-    G = np.einsum("abki,abkj->abij", X, X)  # (a, b, 3, 3)
+    best = None
+    for cols in ((0, 1, 2), (1, 2)):  # with E, and with E = 0
+        coef, sse = _solve(X[..., cols])
+        if len(cols) == 2:
+            coef = np.concatenate([np.zeros_like(coef[..., :1]), coef], -1)
+        sse[(coef[..., 1:] <= 0).any(-1) | (coef[..., 0] < 0)] = np.inf
+        i, j = np.unravel_index(np.argmin(sse), sse.shape)
+        if np.isfinite(sse[i, j]) and (best is None or sse[i, j] < best[0]):
+            E, A, B = coef[i, j]
+            best = (sse[i, j], Law(float(E), float(A), float(alphas[i]), float(B), float(betas[j])))
+    return best[1] if best else None
+
+
+def _solve(X):
+    """Least squares of X c = 1 for every grid cell at once: (coefficients, squared error)."""
+    import numpy as np
+
+    G = np.einsum("abki,abkj->abij", X, X)
     rhs = X.sum(axis=2)  # the target is 1 in every row (L / L)
-    try:
-        coef = np.linalg.solve(G, rhs[..., None])[..., 0]  # (a, b, 3): E, A, B
-    except np.linalg.LinAlgError:
-        return None
+    G = G + 1e-12 * np.eye(G.shape[-1])  # a singular cell solves to something finite, not an error
+    coef = np.linalg.solve(G, rhs[..., None])[..., 0]
     sse = ((np.einsum("abki,abi->abk", X, coef) - 1.0) ** 2).sum(-1)
-    sse[(coef <= 0).any(-1)] = np.inf
-    i, j = np.unravel_index(np.argmin(sse), sse.shape)
-    if not np.isfinite(sse[i, j]):
-        return None
-    E, A, B = coef[i, j]
-    return Law(float(E), float(A), float(alphas[i]), float(B), float(betas[j]))
+    return coef, sse
 
 
 def bootstrap(n: list[float], d: list[float], loss: list[float], rounds: int = 100, seed: int = 0) -> list[Law]:
