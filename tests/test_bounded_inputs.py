@@ -238,3 +238,49 @@ def test_mistral_without_a_sliding_window_reads_as_llama(tmp_path, small_corpus)
     ids = torch.tensor([[464, 3290, 318, 257, 1332, 13]])
     with torch.no_grad():
         assert torch.allclose(ours(ids), theirs(ids).logits, atol=1e-5)
+
+
+def test_compressed_parquet_is_read_through_a_temp_file(tmp_path):
+    """.parquet.zst (zstd streams cannot seek) and .parquet.gz read like .parquet."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    import gptkit.data.sources  # noqa: F401
+    from gptkit.data import local
+
+    pq.write_table(pa.table({"text": ["first document", "second one"]}), tmp_path / "a.parquet")
+    raw = (tmp_path / "a.parquet").read_bytes()
+    (tmp_path / "b.parquet.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
+    (tmp_path / "c.parquet.gz").write_bytes(gzip.compress(raw))
+    for name in ("a.parquet", "b.parquet.zst", "c.parquet.gz"):
+        with local.open_data(str(tmp_path / name)) as stream:
+            assert list(local._parquet_rows(stream, name, "text", 8)) == [["first document", "second one"]], name
+
+
+def test_a_refused_pytorch_model_bin_is_one_line(tmp_path, capsys):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "vocab_size": 50257, "n_embd": 32, "n_head": 2,
+                                                "n_layer": 1}))
+    import pickle
+
+    (hf / "pytorch_model.bin").write_bytes(pickle.dumps({"not": "tensors"}))
+    code, _, err = run_cli(wt_load.main, ["from-hf", hf, tmp_path / "o.pt"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "pytorch_model.bin is corrupt or not a weights file" in err
+
+
+def test_the_progress_bar_of_a_resumed_run_shows_the_true_step():
+    from types import SimpleNamespace
+
+    from gptkit.loop import Reporter, TrainConfig, TrainState
+
+    state, tcfg = TrainState(), TrainConfig(max_steps=200, progress=True, log_every=0)
+    runtime = SimpleNamespace(is_main=True, world_size=1)
+    rep = Reporter(runtime, tcfg, state, [], 64, 1.0, None)  # made before the resume, as the Trainer makes it
+    state.step = 197  # resumed at 196, this is the first step after it
+    rep.step(state, SimpleNamespace(metrics={}, loss=1.0), 1e-3, 0.1)
+    assert rep.bar.n == 197
+    rep.close()
