@@ -290,14 +290,17 @@ def main(argv=None) -> dict:
     return result
 
 
-def inputs_ok(s: Settings) -> None:
-    """The device, the data source (resolved with its settings and probed), the model's size against the
-    machine, --init_from's config and the batch plan, all read and planned, nothing allocated: what a
-    run checks before it touches its run folder, and --check too. One error line for the first wrong."""
+def inputs_ok(s: Settings, probe: bool = False) -> None:
+    """The device, the data source (resolved with its settings; with `probe` also opened and read a
+    little), the model's size against the machine, --init_from's config and the batch plan, all read and
+    planned, nothing allocated: what a run checks before it touches its run folder (a run does not
+    probe: a complete cache of a hub source trains offline), and --check too. One line for the first wrong."""
     sh, d = s.shared, s.data
     device = gt.resolve_device(sh.runtime.device)
     if d.data != "gutenberg":
-        resolve_source(d.data, d.text_column, d.data_mix, d.smollm_dir, s.sources, sh.given).probe()
+        source = resolve_source(d.data, d.text_column, d.data_mix, d.smollm_dir, s.sources, sh.given)
+        if probe:
+            source.probe()
     cfg = sh.model_config
     world = int(os.environ.get("WORLD_SIZE", "1"))
     setup = train_setup(s, world if s.scale.fsdp else 1, cuda=device.type == "cuda")
@@ -317,7 +320,7 @@ def check(s: Settings) -> dict:
     """--check: the data source, --init_from and the run folder, as the run would see them (in this one
     process, before any worker starts); no cache is built, nothing is trained or written."""
     sh, d = s.shared, s.data
-    inputs_ok(s)
+    inputs_ok(s, probe=True)
     cfg = sh.model_config
     run_dir = sh.run.run_dir or gt.default_run_dir(SCRIPT, s.args, build_parser())
     what = (f"model {sh.model.model} ({gt.count_parameters_from_config(cfg)['total'] / 1e6:.1f}M parameters) | "

@@ -20,6 +20,16 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+@pytest.fixture(autouse=True)
+def gpt2_tokenizer_after():
+    """A test that made another tokenizer the process's (--tokenizer, a checkpoint's own) gives GPT-2's
+    back: the next test starts as a new process would."""
+    yield
+    from gptkit import tokenizer
+
+    tokenizer.use_tokenizer(None)
+
+
 @pytest.fixture
 def tiny_cfg():
     import gpt_train as gt
