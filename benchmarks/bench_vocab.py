@@ -35,10 +35,10 @@ RECIPE = ["--arch", "modern", "--optimizer", "muon", "--muon_lr", "0.01", "--muo
           "0.004"]
 
 
-def tokenizers(work: Path) -> dict[str, str]:
+def tokenizers(work: Path, sizes=SIZES) -> dict[str, str]:
     """gpt2 and a trained tokenizer per size (trained once, kept in `work`)."""
     out = {"gpt2": "gpt2"}
-    for n in SIZES:
+    for n in sizes:
         folder = work / f"gutenberg-{n}"
         if not folder.is_dir():
             subprocess.run([sys.executable, str(ROOT / "tokenizer.py"), "train", "--data", "gutenberg", "--vocab_size",
@@ -169,6 +169,7 @@ def main(argv=None) -> dict:
     p.add_argument("--work", type=Path, default=Path("bench_vocab"), help="tokenizers, runs and results go here")
     p.add_argument("--out", type=Path, default=None, help="quality results, one run per line (default: WORK/quality.jsonl)")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps per quality run")
+    p.add_argument("--quality_sizes", default="4096,8192,32768", help="the trained vocabularies of the quality arms")
     p.add_argument("--jobs", type=int, default=1, help="quality runs at once")
     p.add_argument("--threads", type=int, default=0, help="threads per run (default: cores / jobs)")
     p.add_argument("--dtype", default="auto", help="precision (auto: bf16 where the CPU computes it)")
@@ -181,8 +182,9 @@ def main(argv=None) -> dict:
     a.threads = a.threads or max(1, (os.cpu_count() or 1) // a.jobs)
     parts, out = a.only.split(","), {}
     toks = tokenizers(a.work)
+    arms = tokenizers(a.work, [int(v) for v in a.quality_sizes.split(",")])
     for part, fn in (("compression", lambda: compression(toks, a.work)), ("speed", lambda: speed(a.work)),
-                     ("quality", lambda: quality(toks, a, a.work))):
+                     ("quality", lambda: quality(arms, a, a.work))):
         if part in parts:
             out[part] = fn()
             print_table(out[part])
