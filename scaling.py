@@ -133,7 +133,19 @@ def plan(args, recipe: list[str]) -> dict:
     if (out / PLAN).exists() or (out.exists() and any(out.iterdir())):
         raise UserError(f"{out} already holds a sweep or other files; plan into a new --out folder")
     base = simple.parse_args(recipe)  # bad recipe flags: one line, before anything is written
+    _grid(recipe, depths, budgets, args, None, out)  # a grid of runs too short: refused before the data is read
     train_tokens = _train_tokens(base)
+    runs, dropped = _grid(recipe, depths, budgets, args, train_tokens, out)
+    make_folder(out, "--out", "pick another folder")
+    record = {"format": FORMAT, "recipe": recipe, "ref_width": args.ref_width, "train_tokens": train_tokens,
+              "tokenizer": gt.get_tokenizer().name, "runs": runs, "dropped": dropped}
+    write_json(out / PLAN, record)
+    _print_plan(record)
+    return record
+
+
+def _grid(recipe, depths, budgets, args, train_tokens, out) -> tuple[list, list]:
+    """(runs, dropped) of the grid; one line when every run is dropped."""
     runs, dropped = [], []
     for depth in depths:
         for budget in budgets:
@@ -142,12 +154,7 @@ def plan(args, recipe: list[str]) -> dict:
     if not runs:
         raise UserError("every run of the grid was dropped (" + "; ".join(f"depth {d['depth']} at {d['budget']:.2g}: "
                         f"{d['reason']}" for d in dropped[:3]) + "); raise the budgets or lower the depths")
-    make_folder(out, "--out", "pick another folder")
-    record = {"format": FORMAT, "recipe": recipe, "ref_width": args.ref_width, "train_tokens": train_tokens,
-              "tokenizer": gt.get_tokenizer().name, "runs": runs, "dropped": dropped}
-    write_json(out / PLAN, record)
-    _print_plan(record)
-    return record
+    return runs, dropped
 
 
 def _train_tokens(s) -> int:
@@ -171,7 +178,7 @@ def _entry(recipe, depth, budget, args, train_tokens, out) -> dict:
              "params": gt.count_parameters_from_config(cfg)["total"], "flops_per_token": fpt}
     if steps < args.min_steps:
         return {**entry, "reason": f"{steps} steps, fewer than --min_steps {args.min_steps}"}
-    if steps * tokens_per_step > train_tokens:
+    if train_tokens is not None and steps * tokens_per_step > train_tokens:
         return {**entry, "reason": f"{steps * tokens_per_step:,} tokens, more than one pass over the {train_tokens:,} "
                                    "training tokens"}
     entry["flags"] = recipe_at(recipe, depth, args.ref_width, steps, out / "runs" / name, args.eval_iters)[0]
@@ -297,8 +304,8 @@ def results(sweep: Path) -> tuple[dict, list[dict]]:
         if done is None:
             continue
         expected = {k: v for k, v in vars(simple.parse_args(r["flags"]).args).items()}
-        got = done["settings"]
-        diff = sorted(k for k in expected if k not in NOT_RECIPE and str(got.get(k)) != str(expected[k]))
+        got = done["settings"]  # the settings both know (a plugin loaded here adds flags the run did not have)
+        diff = sorted(k for k in expected if k in got and k not in NOT_RECIPE and str(got[k]) != str(expected[k]))
         if diff:
             raise UserError(f"run {r['name']} in {sweep} was trained with other settings than the plan's ({diff[0]}="
                             f"{str(got.get(diff[0]))[:40]}, the plan says {str(expected[diff[0]])[:40]}); a fit never "

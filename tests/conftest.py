@@ -21,6 +21,21 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(autouse=True)
+def registries_as_they_were():
+    """What a test's plugins registered is taken back after it (a worker runs many tests in one process)."""
+    from gptkit import plugins
+    from gptkit.registry import ALL
+
+    before, loaded = [(r, dict(r)) for r in ALL], dict(plugins._LOADED)
+    yield
+    for registry, items in before:
+        registry.clear()
+        registry.update(items)
+    plugins._LOADED.clear()
+    plugins._LOADED.update(loaded)
+
+
+@pytest.fixture(autouse=True)
 def gpt2_tokenizer_after():
     """A test that made another tokenizer the process's (--tokenizer, a checkpoint's own) gives GPT-2's
     back: the next test starts as a new process would."""

@@ -22,21 +22,6 @@ from gptkit.evals import scorer
 PLUGINS = ROOT / "examples" / "plugins"  # the examples DESIGN.md points to, one per kind
 
 
-@pytest.fixture(autouse=True)
-def registries_as_they_were():
-    """What a test's plugins registered is taken back after it (the suite shares one process)."""
-    from gptkit import plugins
-    from gptkit.registry import ALL
-
-    before, loaded = [(r, dict(r)) for r in ALL], dict(plugins._LOADED)
-    yield
-    for registry, items in before:
-        registry.clear()
-        registry.update(items)
-    plugins._LOADED.clear()
-    plugins._LOADED.update(loaded)
-
-
 def plugin(*names: str) -> list[str]:
     return [a for n in names for a in ("--plugin", str(PLUGINS / f"{n}.py"))]
 
