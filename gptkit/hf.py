@@ -142,6 +142,13 @@ def config_from_hf(hf: dict) -> GPTConfig:
     return cfg
 
 
+def _is_gpt2(tok) -> bool:
+    """Whether a folder's tokenizer is GPT-2's: the same 50,257 tokens with the same ids."""
+    if tok.n_vocab != GPT2_VOCAB or not hasattr(tok, "tok"):
+        return False
+    return tok.tok.get_vocab(with_added_tokens=True) == json.loads(gpt2_bpe_files()[1].read_text(encoding="utf-8"))
+
+
 def folder_tokenizer(hf_dir: Path, vocab_size: int):
     """The tokenizer of a Hugging Face model folder: its tokenizer.json; without one, GPT-2's when the
     model has GPT-2's vocabulary (OpenAI's GPT-2 folders ship only vocab.json and merges.txt). A
@@ -150,6 +157,8 @@ def folder_tokenizer(hf_dir: Path, vocab_size: int):
 
     if (hf_dir / "tokenizer.json").is_file():
         tok = load_tokenizer(hf_dir, "the model folder")
+        if _is_gpt2(tok):
+            tok = gpt2()  # GPT-2's own (an export of this toolkit, OpenAI's folders): the same ids, the same caches
     elif vocab_size == GPT2_VOCAB:
         tok = gpt2()
     else:
