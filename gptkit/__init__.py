@@ -5,7 +5,8 @@ the map).
     errors, files, progress, cli                   no torch: the data tools load fast
     registry, components, plugins, config          one registry per kind of component; their settings as
                                                    flags; --plugin; --config files
-    tokenizer, gutenberg/                          GPT-2 BPE, offline; Project Gutenberg's books
+    tokenizer (registry), tokenizer_train,         the process's tokenizer (GPT-2's BPE offline, one trained
+      hf_tokenizer, gutenberg/                     here, any tokenizer.json); training one; the books
     data/  sources (registry), local (formats), smollm, hf_disk, cache (the token cache), batches
     model, attention (registry), parts/            GPTConfig, presets, GPTModel; attention kinds and the
                                                    KV cache; position, norm, MLP, init, archs
@@ -19,4 +20,5 @@ the map).
     checkpoint/ state, store, folder, runinfo      what a checkpoint holds; its files; the run folder;
                                                    run.json and the run's status
     weights, hf                                    weights in and out; Hugging Face both ways
+    scaling                                        the fits behind scaling.py (isoFLOP, L(N, D), bootstrap)
 """
