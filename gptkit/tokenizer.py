@@ -109,7 +109,9 @@ class Described:
         return f"{self.name}{where}: {self.n_vocab:,} ids, documents marked by {self.documents} id {self.eot_token}"
 
 
+@functools.lru_cache(maxsize=1)
 def _tiktoken_class():
+    """The class, made once (tiktoken is imported only when a tokenizer is)."""
     import tiktoken
 
     class TiktokenTokenizer(Described, tiktoken.Encoding):
