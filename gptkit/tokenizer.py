@@ -91,7 +91,7 @@ class Described:
     def record(self) -> dict:
         """What a checkpoint carries: the name, the fingerprint and (not for GPT-2's) the files."""
         return {"name": self.name, "fingerprint": self.fingerprint(), "documents": self.documents,
-                "files": {} if self.name == "gpt2" else dict(self.files)}
+                "backend": getattr(self, "backend", None), "files": {} if self.name == "gpt2" else dict(self.files)}
 
     @functools.cached_property
     def byte_lengths(self) -> np.ndarray:
@@ -144,6 +144,7 @@ class TokenizerSpec:
     claims: Callable[[Path], bool]  # whether this backend reads the folder
     load: Callable[[Path | None, dict[str, str]], object]  # (folder or None, its files as text) -> a tokenizer
     help: str = ""
+    files: tuple[str, ...] = ()  # the files it reads besides FOLDER_FILES: read, fingerprinted and carried too
 
 
 TOKENIZERS: Registry[TokenizerSpec] = Registry("tokenizer backend")
@@ -191,10 +192,11 @@ register_tokenizer(TokenizerSpec("hf", lambda folder: (folder / "tokenizer.json"
                                  "any Hugging Face tokenizer.json (encoded by the tokenizers library)"))
 
 
-def folder_files(folder: Path) -> dict[str, str]:
-    """The tokenizer files of a folder, as text (each at most MAX_TOKENIZER_FILE bytes)."""
+def folder_files(folder: Path, extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """The tokenizer files of a folder (FOLDER_FILES and a backend's own), as text (each at most
+    MAX_TOKENIZER_FILE bytes)."""
     out = {}
-    for name in FOLDER_FILES:
+    for name in (*FOLDER_FILES, *extra):
         path = folder / name
         if path.is_file():
             if path.stat().st_size > MAX_TOKENIZER_FILE:
@@ -214,14 +216,16 @@ def load_tokenizer(spec: str | os.PathLike, what: str = "--tokenizer"):
                         "a Hugging Face tokenizer.json")
     for backend in reversed(list(TOKENIZERS.values())):  # own BPE before plain tokenizer.json; plugins first
         if backend.claims(folder):
-            return _load(backend, folder, folder_files(folder), f"{what} {spec}")
+            return _load(backend, folder, folder_files(folder, backend.files), f"{what} {spec}")
     raise UserError(f"{what} {spec} is not a tokenizer folder (no tokenizer.json); make one with tokenizer.py train, "
                     "or give a Hugging Face model folder")
 
 
 def _load(backend: TokenizerSpec, folder: Path | None, files: dict[str, str], what: str):
     try:
-        return backend.load(folder, files)
+        tok = backend.load(folder, files)
+        tok.backend = backend.name  # recorded, so a checkpoint's tokenizer is read by the same backend
+        return tok
     except UserError:
         raise
     except Exception as e:  # a damaged or foreign file: one line
@@ -233,7 +237,7 @@ def from_record(record: dict | None, what: str = "checkpoint"):
     if not record or record.get("name") == "gpt2" and not record.get("files"):
         return gpt2()
     files = record.get("files") or {}
-    backend = TOKENIZERS.spec("bpe" if OWN_FILE in files else "hf")
+    backend = TOKENIZERS.spec(record.get("backend") or ("bpe" if OWN_FILE in files else "hf"))  # older records: by files
     tok = _load(backend, None, files, what)
     if record.get("fingerprint") and tok.fingerprint() != record["fingerprint"]:
         raise UserError(f"{what}: the tokenizer files it carries do not match the fingerprint it records (damaged?)")

@@ -193,3 +193,20 @@ def test_documents_are_marked_as_the_tokenizer_declares(trained):
     task = core.Task("t", "language_modeling", 0, " ", 0.0, [{"context": "It was", "continuation": "cold"}], None)
     assert core.requests(task, 0, bos, 64)[0].tokens[0] == 511  # CORE as nanochat: BOS first
     assert gt.text_to_token_ids("It was", bos)[0, 0].item() == 511
+
+
+def test_a_tokenizer_backend_from_a_plugin_is_carried_by_its_checkpoints(small_corpus, tmp_path, capsys):
+    """examples/plugins/bytes_tokenizer.py, written from DESIGN.md alone: it trains, its checkpoint
+    carries it (its own file and its backend's name), and reading that checkpoint needs the plugin."""
+    from conftest import ROOT
+
+    plugin = ["--plugin", str(ROOT / "examples" / "plugins" / "bytes_tokenizer.py")]
+    folder = tmp_path / "bytes"
+    folder.mkdir()
+    (folder / "bytes_tokenizer.json").write_text('{"name": "bytes"}')
+    res = simple.main([*plugin, "--tokenizer", str(folder), "--data_dir", str(small_corpus), *DEBUG, "--max_steps", "2",
+                       "--run_dir", str(tmp_path / "r"), "--cache_dir", str(tmp_path / "c")])
+    record = gt.load_checkpoint(res["checkpoint"])["run"]["tokenizer"]
+    assert record["backend"] == "bytes" and record["files"] == {"bytes_tokenizer.json": '{"name": "bytes"}'}
+    assert gt.load_checkpoint(res["checkpoint"])["config"]["vocab_size"] == 257
+    assert wt_load.main([*plugin, "generate", str(res["checkpoint"]), "--prompt", "It", "--max_new_tokens", "3"]).startswith("It")
