@@ -45,7 +45,7 @@ from gptkit.planner import TrainSetup, machine_memory, memory_report, refuse_unf
 from gptkit.plugins import preload
 from gptkit.schedules import lr_function, resolve
 from gptkit.sinks import SinkConfig, git_hash, library_versions, start_sinks
-from gptkit.weights import check_init_from, new_model
+from gptkit.weights import new_model
 
 SCRIPT = "pretraining_advanced"
 DEFAULTS = dict(model="124M", batch_size=32, seed=1337, eval_every=500, eval_iters=20, sample_every=1000,
@@ -292,8 +292,8 @@ def main(argv=None) -> dict:
 
 def inputs_ok(s: Settings, probe: bool = False) -> None:
     """The device, the data source (resolved with its settings; with `probe` also opened and read a
-    little), the model's size against the machine, --init_from's config and the batch plan, all read and
-    planned, nothing allocated: what a run checks before it touches its run folder (a run does not
+    little), the model's size against the machine and the batch plan (--init_from's config was read
+    with the settings), all read and planned, nothing allocated: what a run checks before it touches its run folder (a run does not
     probe: a complete cache of a hub source trains offline), and --check too. One line for the first wrong."""
     sh, d = s.shared, s.data
     device = gt.resolve_device(sh.runtime.device)
@@ -311,8 +311,6 @@ def inputs_ok(s: Settings, probe: bool = False) -> None:
         setup = dataclasses.replace(setup, cpu_offload=False, fsdp=False, world_size=1)
         memory, where = machine_memory("cpu"), "the host's memory"
     refuse_unfittable(cfg, setup, memory, where)
-    if sh.run.init_from:
-        check_init_from(cfg, sh.run.init_from)
     plan_batch(s, cfg, world)
 
 

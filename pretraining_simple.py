@@ -33,7 +33,7 @@ from gptkit.optim import build_optimizer, optimizer_spec
 from gptkit.planner import TrainSetup, machine_memory, refuse_unfittable
 from gptkit.plugins import preload
 from gptkit.schedules import lr_function, resolve
-from gptkit.weights import check_init_from, new_model
+from gptkit.weights import new_model
 
 SCRIPT = "pretraining_simple"
 DEFAULTS = dict(model="small", batch_size=16, seed=123, eval_every=50, eval_iters=10, sample_every=200, save_every=500,
@@ -122,16 +122,14 @@ def main(argv=None) -> dict:
 
 
 def inputs_ok(s: Settings, cfg: gt.GPTConfig) -> list[Path] | None:
-    """The device, the data folder, the model's size against the machine and --init_from's config, read
-    and planned, nothing allocated: one error line for the first that is wrong."""
+    """The device, the data folder and the model's size against the machine, planned, nothing allocated
+    (--init_from's config was read and checked with the settings): one error line for the first wrong."""
     sh = s.shared
     device = gt.resolve_device(sh.runtime.device)
     files = corpus_files(s.data.data_dir) if s.data.data_dir is not None else None
     setup = TrainSetup(batch_size=sh.batch.batch_size, dtype="fp32", optimizer=sh.optim.optimizer,
                        optimizer_config=sh.optimizer_config, cuda=device.type == "cuda")
     refuse_unfittable(cfg, setup, machine_memory(device.type), f"this machine's {device.type} memory")
-    if sh.run.init_from:
-        check_init_from(cfg, sh.run.init_from)
     return files
 
 

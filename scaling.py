@@ -181,7 +181,8 @@ def _entry(recipe, depth, budget, args, train_tokens, out) -> dict:
     if train_tokens is not None and steps * tokens_per_step > train_tokens:
         return {**entry, "reason": f"{steps * tokens_per_step:,} tokens, more than one pass over the {train_tokens:,} "
                                    "training tokens"}
-    entry["flags"] = recipe_at(recipe, depth, args.ref_width, steps, out / "runs" / name, args.eval_iters)[0]
+    flags[flags.index("--max_steps") + 1] = str(steps)  # the same run, its steps now known: no second parse
+    entry["flags"] = flags
     return entry
 
 

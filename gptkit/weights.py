@@ -178,11 +178,6 @@ def source_tokenizer(source: str, what: str = "--init_from"):
     return hf.folder_tokenizer(hf_dir, hf.read_config(hf_dir).vocab_size)  # the config only: no shapes yet
 
 
-def check_init_from(cfg: GPTConfig, source: str) -> None:
-    """--init_from's model is this one (read from its config, nothing allocated): one line otherwise."""
-    check_config_matches(_as_start(source_config(source), cfg), cfg, source=f"--init_from {source}")
-
-
 def _as_start(src: dict, cfg: GPTConfig) -> dict:
     """A source's config as a start for `cfg`: the padding of its token rows is ours to choose, and so
     is the context where the positions allow it (rotary positions have no table of a fixed length)."""
