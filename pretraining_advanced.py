@@ -293,8 +293,9 @@ def main(argv=None) -> dict:
 def inputs_ok(s: Settings, probe: bool = False) -> None:
     """The device, the data source (resolved with its settings; with `probe` also opened and read a
     little), the model's size against the machine and the batch plan (--init_from's config was read
-    with the settings), all read and planned, nothing allocated: what a run checks before it touches its run folder (a run does not
-    probe: a complete cache of a hub source trains offline), and --check too. One line for the first wrong."""
+    with the settings), all read and planned, nothing allocated: what a run checks before it touches
+    its run folder (a run does not probe: a complete cache of a hub source trains offline), and --check
+    too. One line for the first wrong."""
     sh, d = s.shared, s.data
     device = gt.resolve_device(sh.runtime.device)
     if d.data != "gutenberg":
