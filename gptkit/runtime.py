@@ -153,6 +153,11 @@ def setup_runtime(device: str = "auto", dtype: str = "fp32", compile: bool = Fal
     return Runtime(dev, dtype, compile, rank, world_size, reason, fsdp, cpu_offload)
 
 
+def native_bf16(dev: torch.device) -> bool:
+    """Whether this device computes bf16 natively (else bf16 is emulated, slower than fp32)."""
+    return auto_dtype(dev)[0] == "bf16"
+
+
 def auto_dtype(dev: torch.device) -> tuple[str, str]:
     """What --dtype auto means on this device, and why: bf16 autocast where the hardware computes bf16
     natively (a bf16-capable GPU; a CPU with AMX-BF16, AVX512-BF16 or Arm BF16; Apple silicon's GPU

@@ -58,7 +58,41 @@ def test_muon_takes_the_block_matrices_and_the_head_and_embedding_their_own_lrs(
     groups = {tuple(names[id(p)] for p in g["params"]): g for g in opt.optimizers["adamw"].param_groups}
     assert groups[("wte.weight",)]["lr_scale"] == pytest.approx(50) and groups[("lm_head.weight",)]["lr_scale"] == 4
     assert not any("q_norm" in n or "ln_" in n for n in muon)  # modern's norms have no weights; QK-norm's neither
+    from gptkit.runtime import native_bf16
 
+    auto = torch.bfloat16 if native_bf16(torch.device("cpu")) else torch.float32
+    assert opt.optimizers["muon"].ns_dtype == auto  # emulated bf16 would be 20x slower than fp32
+    for chosen, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        built = build_optimizer(model, OptimArgs(optimizer="muon", lr=1e-3), MuonConfig(ns_dtype=chosen), torch.device("cpu"))
+        assert built.optimizers["muon"].ns_dtype == dtype
+
+
+
+@pytest.mark.parametrize("adjust", ["original", "match_rms_adamw"])
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_muon_written_out_is_torchs_step_and_fp32_iterations_stay_close(adjust, nesterov):
+    """The fp32 path (CPUs without native bf16) is torch.optim.Muon's step: bit-identical when run in
+    bf16, and within bf16's rounding of it in fp32; state dicts are torch's."""
+    from gptkit.optim.muon import Muon
+
+    torch.manual_seed(0)
+    shapes = [(48, 16), (16, 40), (24, 24)]
+    start = [torch.randn(s) for s in shapes]
+    kw = dict(lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=nesterov, adjust_lr_fn=adjust)
+    runs = {"torch": None, "bf16": torch.bfloat16, "fp32": torch.float32}
+    params = {name: [torch.nn.Parameter(t.clone()) for t in start] for name in runs}
+    opts = {name: torch.optim.Muon(params[name], **kw) if dt is None else Muon(params[name], dt, **kw)
+            for name, dt in runs.items()}
+    for _ in range(3):
+        grads = [torch.randn(s) for s in shapes]
+        for name, opt in opts.items():
+            for p, g in zip(params[name], grads):
+                p.grad = g.clone()
+            opt.step_in(torch.bfloat16) if name == "bf16" else opt.step()
+    for t, b, f in zip(*params.values()):
+        assert torch.equal(t, b) and not torch.equal(t, f)
+        assert (t - f).abs().max() < 2e-3
+    assert opts["fp32"].state_dict()["state"][0].keys() == opts["torch"].state_dict()["state"][0].keys()
 
 @pytest.mark.parametrize("arch", ["llama", "modern"])
 def test_new_archs_train_with_muon_and_resume_bit_identically(arch, small_corpus, tmp_path):

@@ -1,7 +1,9 @@
 """Muon for the transformer blocks' matrices, AdamW for the rest (embeddings, the tied head, biases
 and LayerNorms): the recipe behind the fastest public GPT-2 training runs. Muon is PyTorch's own
-torch.optim.Muon (momentum, then the update orthogonalised by Newton-Schulz iterations). Both parts
-follow the LR schedule: Muon's groups run at --muon_lr / --lr times the scheduled LR."""
+torch.optim.Muon (momentum, then the update orthogonalised by Newton-Schulz iterations), with the
+iterations in fp32 where the device has no native bf16 (torch's always cast to bf16: emulated on most
+CPUs, 20x slower than fp32 and most of a small model's step). Both parts follow the LR schedule: Muon's
+groups run at --muon_lr / --lr times the scheduled LR."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from gptkit.config import above, at_least, setting
 from gptkit.errors import CheckpointError, UserError
 from gptkit.model import block_matrices
 from gptkit.optim import OptimArgs, OptimizerSpec, adamw_state_bytes, decay_groups, register_optimizer, trainable
+from gptkit.runtime import native_bf16
 
 
 @dataclass
@@ -28,10 +31,68 @@ class MuonConfig:
     adjust_lr: str = setting("original", "how Muon scales its LR by matrix shape: original (Keller Jordan's, "
                                          "sqrt(max(1, rows/cols))) or match_rms_adamw (Moonshot's)",
                              choices=("original", "match_rms_adamw"))
+    ns_dtype: str = setting("auto", "precision of the Newton-Schulz iterations: bf16 (torch.optim.Muon's), fp32, "
+                                    "or auto (bf16 where the device computes bf16 natively, fp32 elsewhere)",
+                            choices=("auto", "bf16", "fp32"))
     embed_lr: float | None = setting(None, "peak LR of the token (and position) embedding, in Muon's AdamW part "
                                            "(default: --lr)", check=(above(0), "a number > 0"))
     head_lr: float | None = setting(None, "peak LR of an untied output head, in Muon's AdamW part (default: --lr)",
                                     check=(above(0), "a number > 0"))
+
+
+def orthogonalise(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Newton-Schulz's quintic iteration towards the nearest semi-orthogonal matrix of g (rows, cols),
+    as torch.optim.Muon computes it, in `dtype`: X <- aX + (bA + cA^2)X with A = XX^T, on the wide side."""
+    a, b, c = coefficients
+    x = g.to(dtype)
+    wide = x.T if g.size(0) > g.size(1) else x  # (short, long): A is short x short
+    wide = wide / wide.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = wide @ wide.T
+        wide = torch.addmm(wide, torch.addmm(gram, gram, gram, beta=b, alpha=c), wide, beta=a)
+    return wide.T if g.size(0) > g.size(1) else wide
+
+
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon (same groups, state and update) whose Newton-Schulz iterations run in `ns_dtype`;
+    with bf16 it is torch's own step."""
+
+    def __init__(self, params, ns_dtype: torch.dtype, **kwargs):
+        super().__init__(params, **kwargs)
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.ns_dtype == torch.bfloat16:
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.step_in(self.ns_dtype)
+        return loss
+
+    @torch.no_grad()
+    def step_in(self, ns_dtype: torch.dtype) -> None:
+        """One update with the iterations in ns_dtype (torch's step, written out)."""
+        for group in self.param_groups:
+            for p in (p for p in group["params"] if p.grad is not None):
+                grad = p.grad
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(grad))
+                buf.lerp_(grad, 1 - group["momentum"])
+                update = grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                update = orthogonalise(update, group["ns_coefficients"], group["ns_steps"], group["eps"], ns_dtype)
+                lr = float(group["lr"])
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-lr * shape_ratio(group["adjust_lr_fn"], p.shape))
+
+
+def shape_ratio(adjust: str | None, shape) -> float:
+    """torch.optim.Muon's LR factor for a (rows, cols) matrix: Keller Jordan's sqrt(max(1, rows/cols)) or
+    Moonshot's 0.2 sqrt(max(rows, cols))."""
+    rows, cols = shape[:2]
+    return 0.2 * math.sqrt(max(rows, cols)) if adjust == "match_rms_adamw" else math.sqrt(max(1, rows / cols))
 
 
 class OptimizerChain:
@@ -84,7 +145,9 @@ def build(model: torch.nn.Module, args: OptimArgs, config: MuonConfig, device: t
     ids = {id(p) for _, p in matrices}
     if not matrices:
         raise UserError("--optimizer muon found no matrices in the transformer blocks to optimise")
-    muon = torch.optim.Muon([p for _, p in matrices], lr=config.lr, weight_decay=config.weight_decay,
+    native = native_bf16(device)
+    ns_dtype = torch.bfloat16 if config.ns_dtype == "bf16" or (config.ns_dtype == "auto" and native) else torch.float32
+    muon = Muon([p for _, p in matrices], ns_dtype, lr=config.lr, weight_decay=config.weight_decay,
                             momentum=config.momentum, nesterov=config.nesterov, ns_steps=config.ns_steps,
                             adjust_lr_fn=config.adjust_lr)
     for g in muon.param_groups:
