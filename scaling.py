@@ -191,7 +191,7 @@ def _print_plan(record: dict) -> None:
           f"({record['train_tokens']:,} training tokens, tokenizer {record['tokenizer']}):")
     for r in record["runs"]:
         print(f"  {r['name']:<14} depth {r['depth']:>2} | {r['params'] / 1e6:7.2f}M params | {r['steps']:>6} steps | "
-              f"{r['tokens'] / r['params']:6.1f} tokens/param")
+              f"{r['tokens'] / r['params']:6.2g} tokens/param")
     for d in record["dropped"]:
         print(f"  dropped depth {d['depth']} at {d['budget']:.3g} FLOPs: {d['reason']}")
 
@@ -420,39 +420,54 @@ def _plot(runs, law, kappa, out, path: Path) -> Path:
 
 
 def predict(args) -> dict:
-    """The depth whose run at this budget the law says is best (the toolkit's own counts of parameters,
-    FLOPs per token and steps at each depth), its steps and predicted bits per byte; with --run, trained."""
-    import gpt_train as gt
-
+    """The depth whose run at this budget the law says is best among those that stay within one pass over
+    the training tokens (the regime the sweep measured; the toolkit's own counts of parameters, FLOPs
+    per token and steps at each depth), its steps and predicted bits per byte; with --run, trained."""
     record, runs = results(args.sweep)
     if len(runs) < 5:
         raise UserError(f"{len(runs)} finished runs in {args.sweep}: fit at least 5 before predicting")
-    law, best = fitted(runs), None
-    for depth in range(1, args.max_depth + 1):
-        flags, s = recipe_at(record["recipe"], depth, record["ref_width"], 1, Path("x"), 1)
-        cfg, b = s.shared.model_config, s.shared.batch
-        tps = b.batch_size * cfg.context_length * b.grad_accum
-        steps = int(args.budget // (gt.flops_per_token(cfg, cfg.context_length) * tps))
-        if steps < 1:
-            break
-        n = gt.count_parameters_from_config(cfg)["total"]
-        pred = law(n, steps * tps)
-        if best is None or pred < best["predicted_bpb"]:
-            best = {"depth": depth, "steps": steps, "params": n, "tokens": steps * tps, "predicted_bpb": pred}
-    if best is None:
+    law = fitted(runs)
+    options = _depth_options(record, args.budget, args.max_depth, law)
+    if not options:
         raise UserError(f"a budget of {args.budget:.3g} FLOPs is less than one step of the smallest model")
+    fits = [o for o in options if o["tokens"] <= record["train_tokens"]]
+    if not fits:
+        raise UserError(f"at {args.budget:.3g} FLOPs every depth up to {args.max_depth} needs more than one pass over the "
+                        f"{record['train_tokens']:,} training tokens; predict a smaller budget, or raise --max_depth")
+    best, free = min(fits, key=lambda o: o["predicted_bpb"]), min(options, key=lambda o: o["predicted_bpb"])
     print(f"at {args.budget:.3g} FLOPs: depth {best['depth']} ({best['params'] / 1e6:.2f}M params), {best['steps']} steps "
-          f"({best['tokens'] / best['params']:.1f} tokens/param), predicted bpb {best['predicted_bpb']:.4f}")
-    if best["tokens"] > record["train_tokens"]:
-        print(f"warning: {best['tokens']:,} tokens is more than one pass over the {record['train_tokens']:,} training tokens")
+          f"({best['tokens'] / best['params']:.2g} tokens/param), predicted bpb {best['predicted_bpb']:.4f}")
+    if free is not best:
+        print(f"  (the law prefers depth {free['depth']}, {free['predicted_bpb']:.4f} bpb, but its {free['tokens']:,} tokens "
+              f"are more than one pass over the {record['train_tokens']:,} training tokens: repeated data is outside the "
+              "law)")
     if args.run:
         best.update(_check_prediction(record, best, args))
     return best
 
 
+def _depth_options(record: dict, budget: float, max_depth: int, law) -> list[dict]:
+    """Each depth's run at this budget (while one step fits it): size, steps, tokens, predicted bpb."""
+    import gpt_train as gt
+
+    options = []
+    for depth in range(1, max_depth + 1):
+        s = recipe_at(record["recipe"], depth, record["ref_width"], 1, Path("x"), 1)[1]
+        cfg, b = s.shared.model_config, s.shared.batch
+        tps = b.batch_size * cfg.context_length * b.grad_accum
+        steps = int(budget // (gt.flops_per_token(cfg, cfg.context_length) * tps))
+        if steps < 1:
+            break
+        n = gt.count_parameters_from_config(cfg)["total"]
+        options.append({"depth": depth, "steps": steps, "params": n, "tokens": steps * tps,
+                        "predicted_bpb": law(n, steps * tps)})
+    return options
+
+
 def _check_prediction(record, best, args) -> dict:
     name = f"predict-d{best['depth']}-c{args.budget:.3g}".replace("+", "")
-    flags = recipe_at(record["recipe"], best["depth"], record["ref_width"], best["steps"], args.sweep / name, 200)[0]
+    eval_iters = int(_flag(record["runs"][0]["flags"], "eval_iters"))  # measured as the sweep's runs were
+    flags = recipe_at(record["recipe"], best["depth"], record["ref_width"], best["steps"], args.sweep / name, eval_iters)[0]
     if finished(args.sweep / name) is None and train_one(flags) != 0:
         raise UserError(f"the predicted run failed; see {args.sweep / (name + '.log')}")
     measured = finished(args.sweep / name)["bpb"]

@@ -84,8 +84,16 @@ def test_a_tiny_sweep_is_planned_run_fitted_and_checked(small_corpus, tiny_tok, 
     out = scaling.main(["fit", str(sweep), "--bootstrap", "20", "--json"])
     assert out["runs"] == 6 and (sweep / "scaling.png").is_file() and (sweep / "fit.json").is_file()
     assert len(out["approach3"]["per_budget"]) == 2 and 0 < out["approach3"]["a"] < 1
-    best = scaling.main(["predict", str(sweep), "2.4e10"])
-    assert best["steps"] >= 1 and best["predicted_bpb"] > 0
+    best = scaling.main(["predict", str(sweep), "2.4e10", "--run"])
+    assert best["steps"] >= 1 and best["predicted_bpb"] > 0 and best["measured_bpb"] > 0
+    checked = json.loads((sweep / f"predict-d{best['depth']}-c2.4e10" / "run.json").read_text())["settings"]
+    assert checked["eval_iters"] == 3  # measured as the sweep's runs were
+    # A budget where depth 1 would repeat its data: the best depth that stays within one pass
+    past = d1["flops_per_token"] * plan["train_tokens"] * 1.5
+    best = scaling.main(["predict", str(sweep), repr(past)])
+    assert best["depth"] > 1 and best["tokens"] <= plan["train_tokens"]
+    code, _, err = run_cli(scaling.main, ["predict", sweep, repr(past * 100), "--max_depth", "3"], capsys)
+    assert code == 2 and "more than one pass" in err
     # Too few steps of any model: one line
     code, _, err = run_cli(scaling.main, ["predict", sweep, "10"], capsys)
     assert code == 2 and "less than one step" in err
