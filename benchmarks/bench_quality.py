@@ -5,6 +5,7 @@ validation batches, 600 cosine steps. An arm is an architecture, an optimizer an
 - GPT-2 + AdamW at its best LR, GPT-2 + Muon (the toolkit's earlier results);
 - `modern` + Muon and `llama` + Muon, each with its learning rates swept;
 - ablations: each part of the modern block added alone to GPT-2 + Muon.
+- (trained vocabularies on modern + Muon, in bits per byte: benchmarks/bench_vocab.py --only quality, the same job).
 
 Prints each run's final validation loss, its parameter counts (all and non-embedding) and FLOPs per
 token, its cost per step, and how many steps the best modern run needs to reach GPT-2 + AdamW's and
