@@ -364,7 +364,7 @@ def train_in(run: gt.RunFolder, s: Settings, cfg: gt.GPTConfig, runtime: gt.Runt
     if val_data is not None and len(val_data) == 0:
         val_data = None
     plan = plan_steps(s, plan, runtime.world_size, len(train_data))
-    say(f"model: {sh.model.model} {gt.count_parameters(gt.unwrap_model(model))['total'] / 1e6:.1f}M parameters | "
+    say(f"model: {sh.model.label} {gt.count_parameters(gt.unwrap_model(model))['total'] / 1e6:.1f}M parameters | "
         f"{train_data.num_tokens():,} train tokens | {plan.tokens_per_step:,} tokens/step ({sh.batch.batch_size} x "
         f"{cfg.context_length} x {plan.grad_accum} accum x {runtime.world_size} devices) | {plan.max_steps} steps | "
         f"{runtime.device} {runtime.dtype} ({runtime.dtype_reason}){' compiled' if sh.runtime.compile else ''} | "

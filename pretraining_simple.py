@@ -156,7 +156,7 @@ def train(s: Settings, cfg: gt.GPTConfig, runtime: gt.Runtime, run: gt.RunFolder
     print(f"data: {len(files)} file(s), {train_data.num_tokens():,} train / {val_data.num_tokens():,} val tokens; "
           f"{steps_per_epoch} steps per epoch, {max_steps} steps")
     counts = gt.count_parameters(model)
-    print(f"model: {sh.model.model} ({counts['total'] / 1e6:.1f}M parameters, {counts['non_embedding'] / 1e6:.1f}M "
+    print(f"model: {sh.model.label} ({counts['total'] / 1e6:.1f}M parameters, {counts['non_embedding'] / 1e6:.1f}M "
           f"non-embedding) | {runtime.device} {runtime.dtype} ({runtime.dtype_reason}) | {sh.optim.optimizer}, "
           f"{sh.schedule.schedule} LR | run folder {run.dir}")
     model = runtime.prepare(model)

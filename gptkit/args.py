@@ -84,6 +84,11 @@ class ModelArgs:
     activation_checkpointing: bool = setting(False, "recompute each block's activations in the backward pass: less "
                                                     "memory, ~1/3 more compute")
 
+    @property
+    def label(self) -> str:
+        """The size as the user chose it: the preset, or the depth dial."""
+        return f"depth {self.depth}" if self.depth is not None else self.model
+
 
 PART_FLAGS = ("attention", "position", "norm", "mlp", "init", "qk_norm", "embed_norm", "bias", "qkv_bias",
               "tie_embeddings", "n_kv_heads")  # GPTConfig fields an arch sets and a flag may override

@@ -139,6 +139,8 @@ def test_depth_is_one_dial_and_tokens_per_param_sets_the_steps(small_corpus, tmp
     assert depth_sizes(3) == {"n_layers": 3, "emb_dim": 192, "n_heads": 3}  # odd: heads of 64
     cfg = simple.parse_args(["--depth", "2", "--model", "debug"]).shared.model_config
     assert (cfg.n_layers, cfg.emb_dim, cfg.n_heads, cfg.context_length) == (2, 128, 1, 32)
+    assert simple.parse_args(["--depth", "2", "--model", "debug"]).shared.model.label == "depth 2"  # the log's "model:"
+    assert simple.parse_args(["--model", "debug"]).shared.model.label == "debug"
     with pytest.raises(gt.UserError, match="--depth and --n_layers cannot be used together"):
         simple.parse_args(["--depth", "2", "--n_layers", "3"])
     assert simple.parse_args(["--tokens_per_param"]).shared.batch.tokens_per_param == 20  # Chinchilla's, given alone
