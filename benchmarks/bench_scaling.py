@@ -6,8 +6,9 @@ the largest budget predicted and then trained, and whether the depth rules keep 
    than one pass over the training tokens dropped) and `scaling.py run`, timed;
 2. fit: `scaling.py fit` (exponents and tokens per parameter with bootstrap intervals);
 3. prediction: `scaling.py predict SWEEP 1.2e13 --run`: predicted against measured bits per byte;
-4. LR transfer: the recipe's four learning rates times 0.5, 1, 2 (and 4) at depths 1 and 3 at 1e12 FLOPs,
-   each a sweep of its own: is the best multiplier the same at both depths?
+4. LR transfer: the recipe's four learning rates times 0.5, 1, 2 and 4 at depths 1 and 3 at 1e12 FLOPs,
+   each a sweep of its own, and depth 1 again at depth 3's steps: is the best multiplier the same at
+   both depths, at equal budgets and at equal steps?
 
     python benchmarks/bench_scaling.py --work /tmp/scaling          # about an hour on 2 CPU cores
     python benchmarks/bench_scaling.py --work /tmp/scaling --only lr
@@ -46,14 +47,25 @@ def plan_and_run(scaling, folder: Path, depths: str, budgets: str, rec: list[str
 
 
 def lr_transfer(scaling, a, tok: str) -> list[dict]:
+    """Per LR multiplier: each depth's bpb at the budget, and the smallest depth's at the largest depth's
+    steps (equal steps: the width rule alone, without the run-length difference a budget brings)."""
     rows = []
     for mult in a.lr_mults:
         folder = a.work / f"lr-x{mult:g}"
         plan_and_run(scaling, folder, a.lr_depths, a.lr_budget, recipe(tok, mult), a.jobs)
         _, runs = scaling.results(folder)
-        rows.append({"LR x": mult, **{f"depth {r['depth']} bpb": round(r["bpb"], 4) for r in runs}})
+        small, big = min(runs, key=lambda r: r["depth"]), max(runs, key=lambda r: r["depth"])
+        flags = list(small["flags"])
+        flags[flags.index("--max_steps") + 1] = str(big["steps"])
+        flags[flags.index("--run_dir") + 1] = str(folder / "equal-steps" / f"d{small['depth']}-{big['steps']}steps")
+        (folder / "equal-steps").mkdir(exist_ok=True)
+        done = scaling.finished(Path(flags[flags.index("--run_dir") + 1]))
+        if done is None and scaling.train_one(flags) == 0:
+            done = scaling.finished(Path(flags[flags.index("--run_dir") + 1]))
+        rows.append({"LR x": mult, **{f"depth {r['depth']} bpb": round(r["bpb"], 4) for r in runs},
+                     f"depth {small['depth']} at {big['steps']} steps": round(done["bpb"], 4) if done else None})
     for col in [k for k in rows[0] if k.startswith("depth")]:
-        best = min(rows, key=lambda r: r[col])
+        best = min(rows, key=lambda r: r[col] if r[col] is not None else float("inf"))
         best[col] = f"{best[col]} *"
     return rows
 
