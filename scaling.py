@@ -323,29 +323,41 @@ def fit(args) -> dict:
         raise UserError(f"{len(runs)} finished runs in {args.sweep}: a fit of L(N, D) needs at least 5 (run "
                         "`scaling.py run` first)")
     n, d, loss = [r["params"] for r in runs], [r["tokens"] for r in runs], [r["bpb"] for r in runs]
-    law, laws = fitted(runs), S.bootstrap(n, d, loss, args.bootstrap)
     kappa = sum(r["flops_per_token"] / r["params"] for r in runs) / len(runs)
     budgets = sorted({r["budget"] for r in runs})
-    out = {"law": vars(law), "kappa": kappa, "runs": len(runs), **_approach3(law, laws, budgets, kappa),
+    chosen, laws, loo = chosen_law(runs)
+    out = {"law": vars(laws["chinchilla"]), "kappa": kappa, "runs": len(runs), "loo_error": loo, "chosen": chosen,
+           "approach3": _parametric(laws["chinchilla"], S.bootstrap(n, d, loss, args.bootstrap), budgets, kappa),
            **_approach2(runs, budgets, kappa)}
+    if "kaplan" in laws:
+        out["kaplan"] = {"law": vars(laws["kaplan"]), **_parametric(
+            laws["kaplan"], S.bootstrap(n, d, loss, args.bootstrap, fit=S.fit_kaplan), budgets, kappa)}
     _print_fit(out, args.json)
-    out["plot"] = str(_plot(runs, law, kappa, out, args.sweep / "scaling.png"))
+    out["plot"] = str(_plot(runs, laws[chosen], kappa, out, args.sweep / "scaling.png"))
     write_json(args.sweep / "fit.json", out)
     return out
 
 
-def fitted(runs: list[dict]):
-    """L(N, D) of the runs, or one line saying they do not make one."""
+def chosen_law(runs: list[dict]) -> tuple[str, dict, dict]:
+    """Both parametric forms fitted to the runs, and the one that predicts a left-out run better (its
+    leave-one-out error): (its name, {form: law}, {form: error}). One line when neither makes a law."""
     from gptkit import scaling as S
 
-    try:
-        return S.fit_law([r["params"] for r in runs], [r["tokens"] for r in runs], [r["bpb"] for r in runs])
-    except ValueError:
+    n, d, loss = [r["params"] for r in runs], [r["tokens"] for r in runs], [r["bpb"] for r in runs]
+    laws, loo = {}, {}
+    for name, fit_form in S.FORMS.items():
+        try:
+            laws[name] = fit_form(n, d, loss)
+        except ValueError:
+            continue
+        loo[name] = S.loo_error(fit_form, n, d, loss)
+    if "chinchilla" not in laws:
         raise UserError(f"the {len(runs)} finished runs do not make a law L(N, D) = E + A/N^alpha + B/D^beta with "
                         "positive A and B (too few sizes and budgets, or too noisy); add depths or budgets")
+    return min(loo, key=loo.get), laws, loo
 
 
-def _approach3(law, laws, budgets, kappa) -> dict:
+def _parametric(law, laws, budgets, kappa) -> dict:
     from gptkit import scaling as S
 
     a, b = law.exponents
@@ -356,9 +368,12 @@ def _approach3(law, laws, budgets, kappa) -> dict:
         ratios = [x.optimum(c, kappa)[1] / x.optimum(c, kappa)[0] for x in laws]
         per_budget.append({"budget": c, "N_opt": n_opt, "D_opt": d_opt, "tokens_per_param": d_opt / n_opt,
                            "tokens_per_param_90": S.interval(ratios), "bpb": law(n_opt, d_opt)})
-    return {"approach3": {"a": a, "b": b, "a_90": S.interval([x[0] for x in ab]), "b_90": S.interval([x[1] for x in ab]),
-                          "alpha_90": S.interval([x.alpha for x in laws]), "beta_90": S.interval([x.beta for x in laws]),
-                          "per_budget": per_budget}}
+    out = {"a": a, "b": b, "a_90": S.interval([x[0] for x in ab]), "b_90": S.interval([x[1] for x in ab]),
+           "per_budget": per_budget}
+    for exponent in ("alpha", "beta", "alpha_d"):
+        if hasattr(law, exponent):
+            out[f"{exponent}_90"] = S.interval([getattr(x, exponent) for x in laws])
+    return out
 
 
 def _approach2(runs, budgets, kappa) -> dict:
@@ -377,19 +392,29 @@ def _print_fit(out: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(out, indent=2, default=str))
         return
-    law, a3, a2 = out["law"], out["approach3"], out["approach2"]
-    print(f"L(N, D) = {law['E']:.3f} + {law['A']:.4g} / N^{law['alpha']:.3f} + {law['B']:.4g} / D^{law['beta']:.3f} "
-          f"({out['runs']} runs; bits per byte)")
-    print(f"approach 3: N_opt ~ C^{a3['a']:.3f} (90%: {a3['a_90'][0]:.3f}-{a3['a_90'][1]:.3f}), D_opt ~ C^{a3['b']:.3f} "
-          f"(90%: {a3['b_90'][0]:.3f}-{a3['b_90'][1]:.3f})")
+    law, a2, loo = out["law"], out["approach2"], out["loo_error"]
+    print(f"approach 3: L(N, D) = {law['E']:.3f} + {law['A']:.4g} / N^{law['alpha']:.3f} + {law['B']:.4g} / "
+          f"D^{law['beta']:.3f} ({out['runs']} runs; bits per byte; leave-one-out error {100 * loo['chinchilla']:.2f}%)")
+    _print_parametric(out["approach3"])
+    if "kaplan" in out:
+        k = out["kaplan"]["law"]
+        print(f"Kaplan: L(N, D) = ({k['P']:.4g} / N^{k['a']:.3f} + {k['Q']:.4g} / D)^{k['alpha_d']:.3f} (leave-one-out error "
+              f"{100 * loo['kaplan']:.2f}%)")
+        _print_parametric(out["kaplan"])
     if a2["a"] is not None:
         print(f"approach 2: N_opt ~ C^{a2['a']:.3f}, D_opt ~ C^{a2['b']:.3f} (isoFLOP vertices of {len(a2['per_budget'])} "
               "budgets)")
-    for p in a3["per_budget"]:
-        lo, hi = p["tokens_per_param_90"]
-        print(f"  C {p['budget']:.3g}: N_opt {p['N_opt'] / 1e6:.2f}M, D_opt {p['D_opt'] / 1e6:.1f}M tokens, "
-              f"{p['tokens_per_param']:.1f} tokens/param (90%: {lo:.1f}-{hi:.1f}), bpb {p['bpb']:.4f}")
+    print(f"predict uses the {out['chosen']} form (the lower leave-one-out error)")
     print("Chinchilla: a = b = 0.5, 20 tokens/param; nanochat: a 0.54, b 0.49, ~10.5 tokens/param")
+
+
+def _print_parametric(fit: dict) -> None:
+    print(f"  N_opt ~ C^{fit['a']:.3f} (90%: {fit['a_90'][0]:.3f}-{fit['a_90'][1]:.3f}), D_opt ~ C^{fit['b']:.3f} "
+          f"(90%: {fit['b_90'][0]:.3f}-{fit['b_90'][1]:.3f})")
+    for p in fit["per_budget"]:
+        lo, hi = p["tokens_per_param_90"]
+        print(f"  C {p['budget']:.3g}: N_opt {p['N_opt'] / 1e6:.2f}M, D_opt {p['D_opt'] / 1e6:.2f}M tokens, "
+              f"{p['tokens_per_param']:.2g} tokens/param (90%: {lo:.2g}-{hi:.2g}), bpb {p['bpb']:.4f}")
 
 
 def _plot(runs, law, kappa, out, path: Path) -> Path:
@@ -426,8 +451,8 @@ def predict(args) -> dict:
     record, runs = results(args.sweep)
     if len(runs) < 5:
         raise UserError(f"{len(runs)} finished runs in {args.sweep}: fit at least 5 before predicting")
-    law = fitted(runs)
-    options = _depth_options(record, args.budget, args.max_depth, law)
+    chosen, laws, _ = chosen_law(runs)
+    options = _depth_options(record, args.budget, args.max_depth, laws[chosen])
     if not options:
         raise UserError(f"a budget of {args.budget:.3g} FLOPs is less than one step of the smallest model")
     fits = [o for o in options if o["tokens"] <= record["train_tokens"]]
@@ -435,8 +460,9 @@ def predict(args) -> dict:
         raise UserError(f"at {args.budget:.3g} FLOPs every depth up to {args.max_depth} needs more than one pass over the "
                         f"{record['train_tokens']:,} training tokens; predict a smaller budget, or raise --max_depth")
     best, free = min(fits, key=lambda o: o["predicted_bpb"]), min(options, key=lambda o: o["predicted_bpb"])
+    best["law"] = chosen
     print(f"at {args.budget:.3g} FLOPs: depth {best['depth']} ({best['params'] / 1e6:.2f}M params), {best['steps']} steps "
-          f"({best['tokens'] / best['params']:.2g} tokens/param), predicted bpb {best['predicted_bpb']:.4f}")
+          f"({best['tokens'] / best['params']:.2g} tokens/param), predicted bpb {best['predicted_bpb']:.4f} ({chosen} law)")
     if free is not best:
         print(f"  (the law prefers depth {free['depth']}, {free['predicted_bpb']:.4f} bpb, but its {free['tokens']:,} tokens "
               f"are more than one pass over the {record['train_tokens']:,} training tokens: repeated data is outside the "

@@ -4,9 +4,11 @@
    Gutenberg books' training pieces, in bytes per token on the held-out pieces, against GPT-2's;
 2. training speed: MB of text per second of the two trainers (rustbpe, Hugging Face's tokenizers) on the
    same text at 32,768 ids, and the encoders' speed (tiktoken, tokenizers) on the same tokenizer;
-3. quality per second: the README main job (`small` preset, 16 x 128 tokens a step, 600 cosine steps) with
+3. quality per second: the README main job (`small` preset, 16 x 128 tokens a step, cosine steps) with
    the modern + Muon recipe, once per vocabulary, compared in validation bits per byte against training
-   time (steps x ms/step, evaluations excluded): how soon each reaches the GPT-2-vocabulary arm's final.
+   time (steps x ms/step timed alone, evaluations excluded): the GPT-2-vocabulary arm for --steps, each
+   trained vocabulary for as many steps as fit in that arm's time (its cosine schedule as long), and how
+   soon each reaches the GPT-2 arm's final.
 
     python benchmarks/bench_vocab.py                      # all three: about an hour on 2 CPU cores
     python benchmarks/bench_vocab.py --only compression,speed
@@ -96,31 +98,33 @@ def speed(work: Path) -> list[dict]:
             {"library": "tokenizers", "train MB/s": round(mb / t_hf, 2), "encode MB/s": round(enc["tokenizers"], 2)}]
 
 
-def run_arm(name: str, tok: str, a, work: Path) -> dict:
-    flags = ["--model", "small", "--batch_size", "16", "--max_steps", str(a.steps), "--schedule", "cosine",
+def run_arm(name: str, tok: str, steps: int, a, work: Path) -> dict:
+    run_dir = work / "runs" / f"{name}-{steps}"
+    flags = ["--model", "small", "--batch_size", "16", "--max_steps", str(steps), "--schedule", "cosine",
              "--warmup_steps", "30", "--lr", "1e-3", "--eval_every", "25", "--eval_iters", "10", "--sample_every", "0",
              "--save_every", "0", "--log_every", "100", "--no-progress", "--dtype", a.dtype, "--seed", "123",
-             "--run_dir", str(work / "runs" / name), "--overwrite", "--tokenizer", tok, *RECIPE]
+             "--run_dir", str(run_dir), "--overwrite", "--tokenizer", tok, *RECIPE]
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, str(ROOT / "pretraining_simple.py"), *flags], capture_output=True, text=True,
                        cwd=work, env=env)
     if r.returncode != 0:
         return {"run": name, "error": (r.stderr.strip().splitlines() or [f"rc {r.returncode}"])[-1]}
-    h = json.loads((work / "runs" / name / "losses.json").read_text())
-    ms = [float(ln.split("ms/step")[1].split("|")[0]) for ln in r.stdout.splitlines() if "ms/step" in ln]
-    ms_step = sum(ms[1:]) / max(1, len(ms[1:])) if ms else None
+    h = json.loads((run_dir / "losses.json").read_text())
     model = next((ln for ln in r.stdout.splitlines() if ln.startswith("model:")), "")
     return {"run": name, "tokenizer": tok, "val_step": h["val_step"], "val_bpb": h["val_bpb"], "final_bpb": h["val_bpb"][-1],
-            "ms_per_step": round(ms_step, 1) if ms_step else None, "model": model.split("|")[0].strip(),
-            "minutes": round((time.perf_counter() - t0) / 60, 1)}
+            "model": model.split("|")[0].strip(), "minutes": round((time.perf_counter() - t0) / 60, 1)}
 
 
 def cost(toks: dict[str, str], a, work: Path) -> dict[str, float]:
-    """ms per training step of each arm, timed alone with every core (steps 6-20 of a short run): the
-    time axis of the quality comparison, free of what else the machine did while the curves were made."""
-    out = {}
+    """ms per training step of each arm, timed alone with every core (steps 6-20 of a short run; kept in
+    WORK/cost.json): the time axis of the quality comparison, free of what else the machine did while
+    the curves were made."""
+    path = work / "cost.json"
+    out = json.loads(path.read_text()) if path.exists() else {}
     for name, tok in toks.items():
+        if out.get(name):
+            continue
         flags = ["--model", "small", "--batch_size", "16", "--max_steps", "20", "--lr", "1e-3", "--eval_every", "0",
                  "--eval_iters", "1", "--sample_every", "0", "--save_every", "0", "--log_every", "5", "--no-progress",
                  "--dtype", a.dtype, "--run_dir", str(work / "cost" / name), "--overwrite", "--tokenizer", tok, *RECIPE]
@@ -129,36 +133,42 @@ def cost(toks: dict[str, str], a, work: Path) -> dict[str, float]:
         ms = [float(ln.split("ms/step")[1].split("|")[0]) for ln in r.stdout.splitlines() if "ms/step" in ln]
         out[name] = round(sum(ms[1:]) / len(ms[1:]), 1) if len(ms) > 1 else None
         print(f"{name}: {out[name]} ms/step alone", flush=True)
+        path.write_text(json.dumps(out, indent=1))
     return out
 
 
 def quality(toks: dict[str, str], a, work: Path) -> list[dict]:
-    done = {r["run"]: r for r in map(json.loads, a.out.read_text().splitlines())} if a.out.exists() else {}
-    todo = [n for n in toks if not ("final_bpb" in done.get(n, {}) and done[n]["val_step"][-1] == a.steps)]
+    """Each arm trained (GPT-2's for --steps; with --equal_time each trained vocabulary for as many steps as
+    fit in the GPT-2 arm's training time), then: when each reaches the GPT-2 arm's final bits per byte."""
+    alone = cost(toks, a, work)
+    steps = {n: a.steps if n == "gpt2" or not a.equal_time else round(a.steps * alone["gpt2"] / alone[n]) for n in toks}
+    done = {}
+    for r in map(json.loads, a.out.read_text().splitlines() if a.out.exists() else []):
+        if "final_bpb" in r:
+            done[(r["run"], r["val_step"][-1])] = r
+    todo = [n for n in toks if (n, steps[n]) not in done]
 
     def one(name):
-        r = run_arm(name, toks[name], a, work)
+        r = run_arm(name, toks[name], steps[name], a, work)
         with open(a.out, "a") as f:
             f.write(json.dumps(r) + "\n")
         print(f"{name}: final val bpb {r.get('final_bpb')} ({r.get('minutes')} min) {r.get('error', '')}", flush=True)
         return r
     with ThreadPoolExecutor(a.jobs) as pool:
-        for r in pool.map(one, todo):
-            done[r["run"]] = r
-    results = [done[n] for n in toks if n in done]
-    alone = cost(toks, a, work) if a.cost else {}
-    for r in results:
-        r["ms_per_step"] = alone.get(r["run"]) or r.get("ms_per_step")
-    base = done.get("gpt2")
-    rows = []
-    for r in results:
-        if "final_bpb" not in r:
-            rows.append({"arm": r["run"], "error": r.get("error")})
+        errors = [r for r in pool.map(one, todo) if "final_bpb" not in r]
+    for r in map(json.loads, a.out.read_text().splitlines()):
+        if "final_bpb" in r:
+            done[(r["run"], r["val_step"][-1])] = r
+    base = done.get(("gpt2", steps["gpt2"]))
+    rows = [{"arm": r["run"], "error": r.get("error")} for r in errors]
+    for n in toks:
+        r = done.get((n, steps[n]))
+        if r is None:
             continue
-        seconds = lambda s, r=r: s * r["ms_per_step"] / 1000  # noqa: E731
+        seconds = lambda s, n=n: s * alone[n] / 1000  # noqa: E731
         reach = next((s for s, v in zip(r["val_step"], r["val_bpb"]) if base and v <= base["final_bpb"]), None)
-        rows.append({"arm": r["run"], "model": r["model"], "ms/step": r["ms_per_step"], "final val bpb": round(r["final_bpb"], 4),
-                     "step to gpt2's final": reach,
+        rows.append({"arm": n, "model": r["model"], "ms/step": alone[n], "steps": steps[n],
+                     "final val bpb": round(r["final_bpb"], 4), "step to gpt2's final": reach,
                      "time to gpt2's final": f"{seconds(reach) / seconds(base['val_step'][-1]):.0%}" if reach and base else None})
     return rows
 
@@ -173,8 +183,8 @@ def main(argv=None) -> dict:
     p.add_argument("--jobs", type=int, default=1, help="quality runs at once")
     p.add_argument("--threads", type=int, default=0, help="threads per run (default: cores / jobs)")
     p.add_argument("--dtype", default="auto", help="precision (auto: bf16 where the CPU computes it)")
-    p.add_argument("--cost", action=argparse.BooleanOptionalAction, default=True,
-                   help="time each arm's step alone for the time axis (else: the runs' own ms/step)")
+    p.add_argument("--equal_time", action=argparse.BooleanOptionalAction, default=True,
+                   help="train each trained vocabulary for the GPT-2 arm's time (else: for --steps, as GPT-2's)")
     a = p.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
     a.work = a.work.resolve()

@@ -85,15 +85,91 @@ def _solve(X):
     """Least squares of X c = 1 for every grid cell at once: (coefficients, squared error)."""
     import numpy as np
 
-    G = np.einsum("abki,abkj->abij", X, X)
-    rhs = X.sum(axis=2)  # the target is 1 in every row (L / L)
+    scale = np.sqrt((X ** 2).sum(axis=2, keepdims=True)) + 1e-300  # columns of unit norm: N^-alpha is tiny
+    Xn = X / scale
+    G = np.einsum("abki,abkj->abij", Xn, Xn)
+    rhs = Xn.sum(axis=2)  # the target is 1 in every row (L / L)
     G = G + 1e-12 * np.eye(G.shape[-1])  # a singular cell solves to something finite, not an error
-    coef = np.linalg.solve(G, rhs[..., None])[..., 0]
+    coef = np.linalg.solve(G, rhs[..., None])[..., 0] / scale[:, :, 0, :]
     sse = ((np.einsum("abki,abi->abk", X, coef) - 1.0) ** 2).sum(-1)
     return coef, sse
 
 
-def bootstrap(n: list[float], d: list[float], loss: list[float], rounds: int = 100, seed: int = 0) -> list[Law]:
+@dataclass
+class KaplanLaw:
+    """Kaplan et al. (2020), eq. 1.5: L(N, D) = (P / N^a + Q / D)^alpha_d, with P = Nc^a, Q = Dc and
+    a = alpha_N / alpha_D. Unlike E + A/N^alpha + B/D^beta its terms interact: the data a model can use
+    grows with its size, so a small model stops gaining from more tokens sooner."""
+    P: float
+    a: float
+    Q: float
+    alpha_d: float
+
+    def __call__(self, n: float, d: float) -> float:
+        return (self.P / n ** self.a + self.Q / d) ** self.alpha_d
+
+    def optimum(self, c: float, kappa: float) -> tuple[float, float]:
+        """(N_opt, D_opt) at C = kappa N D: the minimum of P N^-a + Q kappa N / C."""
+        n = (self.a * self.P * c / (self.Q * kappa)) ** (1 / (1 + self.a))
+        return n, c / (kappa * n)
+
+    @property
+    def exponents(self) -> tuple[float, float]:
+        return 1 / (1 + self.a), self.a / (1 + self.a)
+
+
+def fit_kaplan(n: list[float], d: list[float], loss: list[float]) -> KaplanLaw:
+    """Kaplan's law by least squares on the relative error: for fixed (a, alpha_d), L^(1/alpha_d) is linear
+    in P and Q, solved exactly for every cell of a grid of exponents (weighted so that its error is
+    L's relative error to first order), then finer grids around the best."""
+    import numpy as np
+
+    N, D, L = (np.asarray(v, dtype=np.float64) for v in (n, d, loss))
+    best = _kaplan_grid(N, D, L, np.arange(0.05, 3.0, 0.02), np.arange(0.02, 1.5, 0.01))
+    if best is None:
+        raise ValueError("no exponents give a Kaplan law with positive P and Q")
+    for step in (0.002, 0.0005):  # a and alpha_d trade off along a ridge: finer grids, each re-centred
+        best = _kaplan_grid(N, D, L, np.arange(max(0.01, best.a - 30 * step), best.a + 30 * step, step),
+                            np.arange(max(0.005, best.alpha_d - 8 * step), best.alpha_d + 8 * step, step / 4)) or best
+    return best
+
+
+def _kaplan_grid(N, D, L, As, alphas) -> KaplanLaw | None:
+    import numpy as np
+
+    Y = L[None, :] ** (1 / alphas[:, None])  # (g, k): L^(1/alpha_d)
+    P = N[None, :] ** -As[:, None]  # (h, k)
+    shape = (len(alphas), len(As), len(L))
+    X = np.stack([np.broadcast_to(P[None] / Y[:, None], shape), np.broadcast_to((1 / D)[None, None] / Y[:, None], shape)], -1)
+    coef, _ = _solve(X)
+    pred = np.einsum("abki,abi->abk", X * Y[:, None, :, None], coef).clip(min=1e-12) ** alphas[:, None, None]
+    sse = (((pred - L) / L) ** 2).sum(-1)
+    sse[(coef <= 0).any(-1)] = np.inf
+    i, j = np.unravel_index(np.argmin(sse), sse.shape)
+    if not np.isfinite(sse[i, j]):
+        return None
+    return KaplanLaw(float(coef[i, j, 0]), float(As[j]), float(coef[i, j, 1]), float(alphas[i]))
+
+
+FORMS = {"chinchilla": fit_law, "kaplan": fit_kaplan}  # L(N, D) = E + A/N^alpha + B/D^beta; Kaplan's eq. 1.5
+
+
+def loo_error(fit, n: list[float], d: list[float], loss: list[float]) -> float:
+    """Leave-one-out: the mean |relative error| of each run's loss predicted by the law fitted on the others
+    (how well a form predicts a run it has not seen; inf when a fit fails)."""
+    errors = []
+    for i in range(len(n)):
+        keep = [j for j in range(len(n)) if j != i]
+        try:
+            law = fit([n[j] for j in keep], [d[j] for j in keep], [loss[j] for j in keep])
+        except ValueError:
+            return math.inf
+        errors.append(abs(law(n[i], d[i]) - loss[i]) / loss[i])
+    return sum(errors) / len(errors)
+
+
+def bootstrap(n: list[float], d: list[float], loss: list[float], rounds: int = 100, seed: int = 0,
+              fit=None) -> list:
     """Fits of the runs resampled with replacement (a sample with fewer than 5 distinct runs is drawn again)."""
     rng, laws, k = random.Random(seed), [], len(n)
     while len(laws) < rounds:
@@ -101,7 +177,7 @@ def bootstrap(n: list[float], d: list[float], loss: list[float], rounds: int = 1
         if len(set(idx)) < min(5, k):
             continue
         try:
-            laws.append(fit_law([n[i] for i in idx], [d[i] for i in idx], [loss[i] for i in idx]))
+            laws.append((fit or fit_law)([n[i] for i in idx], [d[i] for i in idx], [loss[i] for i in idx]))
         except ValueError:
             continue
     return laws

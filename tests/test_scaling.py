@@ -45,6 +45,34 @@ def test_the_fits_recover_a_known_law():
     assert S.power_fit([1e10, 1e11, 1e12], [2e3 * c ** 0.5 for c in (1e10, 1e11, 1e12)])[1] == pytest.approx(0.5)
 
 
+def grid(law, noise=0.001, seed=0):
+    rng = random.Random(seed)
+    n, d, loss = [], [], []
+    for N in (1e6, 3e6, 1e7, 3e7, 1e8):
+        for D in (1e7, 3e7, 1e8, 3e8, 1e9):
+            n.append(N)
+            d.append(D)
+            loss.append(law(N, D) * (1 + rng.gauss(0, noise)))
+    return n, d, loss
+
+
+def test_kaplans_form_is_recovered_and_the_form_that_predicts_left_out_runs_is_chosen():
+    true = S.KaplanLaw(P=(8.8e13) ** 0.74, a=0.076 / 0.103, Q=5.4e13, alpha_d=0.103)  # Kaplan et al.'s fit
+    n, d, loss = grid(true)
+    law = S.fit_kaplan(n, d, loss)
+    assert law.a == pytest.approx(true.a, abs=0.02) and law.alpha_d == pytest.approx(0.103, abs=0.005)
+    assert law(3e8, 3e9) == pytest.approx(true(3e8, 3e9), rel=0.005)  # extrapolated past every run
+    n_opt, d_opt = true.optimum(1e19, 6.0)
+    assert n_opt * d_opt * 6.0 == pytest.approx(1e19)
+    assert all(true(n_opt, d_opt) <= true(n_opt * f, d_opt / f) for f in (0.8, 0.9, 1.1, 1.25))
+    assert true.exponents[0] == pytest.approx(1 / (1 + true.a))
+    chinchilla = S.Law(E=1.69, A=406.4, alpha=0.34, B=410.7, beta=0.28)
+    for data_from, other in ((true, "chinchilla"), (chinchilla, "kaplan")):
+        n, d, loss = grid(data_from, noise=0.002)
+        errors = {name: S.loo_error(fit, n, d, loss) for name, fit in S.FORMS.items()}
+        assert min(errors, key=errors.get) != other, errors
+
+
 @pytest.fixture(scope="module")
 def tiny_tok(small_corpus, tmp_path_factory):
     import tokenizer as tokcli
@@ -84,6 +112,7 @@ def test_a_tiny_sweep_is_planned_run_fitted_and_checked(small_corpus, tiny_tok, 
     out = scaling.main(["fit", str(sweep), "--bootstrap", "20", "--json"])
     assert out["runs"] == 6 and (sweep / "scaling.png").is_file() and (sweep / "fit.json").is_file()
     assert len(out["approach3"]["per_budget"]) == 2 and 0 < out["approach3"]["a"] < 1
+    assert out["chosen"] in out["loo_error"] and set(out["loo_error"]) <= {"chinchilla", "kaplan"}
     best = scaling.main(["predict", str(sweep), "2.4e10", "--run"])
     assert best["steps"] >= 1 and best["predicted_bpb"] > 0 and best["measured_bpb"] > 0
     checked = json.loads((sweep / f"predict-d{best['depth']}-c2.4e10" / "run.json").read_text())["settings"]
