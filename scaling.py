@@ -436,7 +436,7 @@ def _plot(runs, law, kappa, out, path: Path) -> Path:
         n_opt, d_opt = law.optimum(c, kappa)
         ax.plot([n_opt], [law(n_opt, d_opt)], "*", ms=12, color=line.get_color())
     ax.set(xscale="log", xlabel="parameters", ylabel="validation bits per byte",
-           title="isoFLOP curves: runs (o), L(N, D) (--), optimum (*)")
+           title=f"isoFLOP curves: runs (o), the {out['chosen']} law (--), its optimum (*)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     buf = io.BytesIO()
