@@ -52,12 +52,12 @@ def timed(fn, warmup: int, iters: int, device: torch.device) -> float:
 def print_table(rows: list[dict]) -> None:
     if not rows:
         return
-    cols = list(rows[0])
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
+    cols = list(dict.fromkeys(c for r in rows for c in r))  # every row's columns (an error row has its own)
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
     print(" | ".join(c.ljust(widths[c]) for c in cols))
     print("-+-".join("-" * widths[c] for c in cols))
     for r in rows:
-        print(" | ".join(str(r[c]).ljust(widths[c]) for c in cols))
+        print(" | ".join(str(r.get(c, "")).ljust(widths[c]) for c in cols))
 
 
 def random_batches(cfg, batch_size: int, steps: int, device, seed: int = 0) -> "gt.BatchSampler":
