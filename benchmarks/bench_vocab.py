@@ -10,7 +10,7 @@
    trained vocabulary for as many steps as fit in that arm's time (its cosine schedule as long), and how
    soon each reaches the GPT-2 arm's final.
 
-    python benchmarks/bench_vocab.py                      # all three: about an hour on 2 CPU cores
+    python benchmarks/bench_vocab.py --steps 200          # all three: about 2 hours on 2 CPU cores (Zen 1)
     python benchmarks/bench_vocab.py --only compression,speed
     python benchmarks/bench_vocab.py --jobs 2             # quality arms two at a time, one thread each
 
@@ -161,15 +161,15 @@ def quality(toks: dict[str, str], a, work: Path) -> list[dict]:
             done[(r["run"], r["val_step"][-1])] = r
     base = done.get(("gpt2", steps["gpt2"]))
     rows = [{"arm": r["run"], "error": r.get("error")} for r in errors]
+    base_ms = base["val_step"][-1] * alone["gpt2"] if base else None  # the GPT-2 arm's training time
     for n in toks:
         r = done.get((n, steps[n]))
         if r is None:
             continue
-        seconds = lambda s, n=n: s * alone[n] / 1000  # noqa: E731
         reach = next((s for s, v in zip(r["val_step"], r["val_bpb"]) if base and v <= base["final_bpb"]), None)
-        rows.append({"arm": n, "model": r["model"], "ms/step": alone[n], "steps": steps[n],
+        rows.append({"arm": n, "model": r["model"].removeprefix("model: "), "ms/step": alone[n], "steps": steps[n],
                      "final val bpb": round(r["final_bpb"], 4), "step to gpt2's final": reach,
-                     "time to gpt2's final": f"{seconds(reach) / seconds(base['val_step'][-1]):.0%}" if reach and base else None})
+                     "time to gpt2's final": f"{reach * alone[n] / base_ms:.0%}" if reach and base else None})
     return rows
 
 
