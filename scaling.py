@@ -4,7 +4,7 @@ check the prediction.
 
     python scaling.py plan --depths 2,3,4,5,6 --budgets 3e12,1e13,3e13 --out sweeps/gut [training flags]
     python scaling.py run sweeps/gut                      # a killed sweep continues where it stopped
-    python scaling.py fit sweeps/gut [--json]             # isoFLOP parabolas and L(N, D) = E + A/N^a + B/D^b
+    python scaling.py fit sweeps/gut [--json]             # isoFLOP parabolas, E + A/N^a + B/D^b and Kaplan's law
     python scaling.py predict sweeps/gut 1.2e14 [--run]   # the compute-optimal depth, steps and bits per byte
 
 The training flags after --out are the recipe, the same for every run (the Gutenberg books and the
@@ -18,7 +18,9 @@ than --min_steps steps, or more than one pass over the training tokens, is dropp
 
 `run` executes the plan here, one run after another (--jobs N: N at once, the cores or the GPUs shared
 out), or submits each run through submitit (--executor slurm, or local: submitit's local executor).
-`fit` refuses runs of another recipe in one line: a fit never mixes recipes.
+`fit` refuses runs of another recipe in one line: a fit never mixes recipes. It fits two parametric
+forms (Chinchilla's approach 3 and Kaplan's (P/N^a + Q/D)^alpha_D), each with bootstrap intervals and a
+leave-one-out error; `predict` uses the form that predicts left-out runs better.
 """
 
 from gptkit.cli import quiet_interrupt_while_importing

@@ -9,6 +9,8 @@ final validation bits per byte L); two fits of them:
   sweep of tens of runs the exact grid solve finds the same minimum without its local ones. Minimising
   L at fixed C = kappa N D (kappa: the recipe's FLOPs per token per parameter, as the toolkit counts
   them, attention included) gives N_opt = G C^(beta / (alpha + beta)) and D_opt = C / (kappa N_opt).
+- Kaplan et al.'s form L(N, D) = (P / N^a + Q / D)^alpha_D (its terms interact), fitted the same way;
+  `loo_error` says which form predicts a left-out run better.
 
 numpy only."""
 
