@@ -55,13 +55,14 @@ def lr_transfer(scaling, a, tok: str) -> list[dict]:
         plan_and_run(scaling, folder, a.lr_depths, a.lr_budget, recipe(tok, mult), a.jobs)
         _, runs = scaling.results(folder)
         small, big = min(runs, key=lambda r: r["depth"]), max(runs, key=lambda r: r["depth"])
+        run_dir = folder / "equal-steps" / f"d{small['depth']}-{big['steps']}steps"
         flags = list(small["flags"])
         flags[flags.index("--max_steps") + 1] = str(big["steps"])
-        flags[flags.index("--run_dir") + 1] = str(folder / "equal-steps" / f"d{small['depth']}-{big['steps']}steps")
-        (folder / "equal-steps").mkdir(exist_ok=True)
-        done = scaling.finished(Path(flags[flags.index("--run_dir") + 1]))
+        flags[flags.index("--run_dir") + 1] = str(run_dir)
+        run_dir.parent.mkdir(exist_ok=True)
+        done = scaling.finished(run_dir)
         if done is None and scaling.train_one(flags) == 0:
-            done = scaling.finished(Path(flags[flags.index("--run_dir") + 1]))
+            done = scaling.finished(run_dir)
         rows.append({"LR x": mult, **{f"depth {r['depth']} bpb": round(r["bpb"], 4) for r in runs},
                      f"depth {small['depth']} at {big['steps']} steps": round(done["bpb"], 4) if done else None})
     for col in [k for k in rows[0] if k.startswith("depth")]:
